@@ -1,0 +1,14 @@
+"""jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``."""
+
+from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
+from jlocalmap.local_map import local_map
+from jlocalmap.layouts import distribute_tensor, full_tensor, placements_of, redistribute
+from jlocalmap.placements import Partial, Placement, Replicate, Shard
+from jlocalmap.specs import placements_to_spec, spec_to_placements
+
+__all__ = [
+    "LocalMapError", "PlacementTypeError", "PlacementValueError",
+    "Placement", "Shard", "Replicate", "Partial",
+    "placements_to_spec", "spec_to_placements",
+    "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
+]

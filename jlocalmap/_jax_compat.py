@@ -1,0 +1,20 @@
+"""The few JAX internals jlocalmap reads, in one place, for jax 0.10 and 0.11."""
+
+from __future__ import annotations
+
+import jax
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (its vma type)."""
+    aval = jax.typeof(x)
+    mat = getattr(aval, "mat", None)
+    if mat is not None:
+        return frozenset(mat.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def manual_axes() -> frozenset:
+    """Mesh axes that are manual at this point of tracing (inside ``shard_map``)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return frozenset(() if mesh.empty else mesh.manual_axes)

@@ -1,0 +1,44 @@
+"""jlocalmap's error classes: every error the library raises on bad input is one
+of these, so callers can catch them and tests can tell them from JAX's own.
+
+Example:
+    >>> import jlocalmap as jlm
+    >>> issubclass(jlm.PlacementValueError, ValueError)
+    True
+"""
+
+
+class LocalMapError(Exception):
+    """Base class of every jlocalmap error.
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> issubclass(jlm.PlacementTypeError, jlm.LocalMapError)
+        True
+    """
+
+
+class PlacementValueError(LocalMapError, ValueError):
+    """A value is of the right kind but wrong: a count, a dim, a mesh, a layout.
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> try:
+        ...     jlm.Partial("mean")
+        ... except jlm.PlacementValueError as e:
+        ...     print("Partial(reduce_op)" in str(e))
+        True
+    """
+
+
+class PlacementTypeError(LocalMapError, TypeError):
+    """An argument is of the wrong kind (a string where a placement belongs...).
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> try:
+        ...     jlm.Shard("0")
+        ... except jlm.PlacementTypeError as e:
+        ...     print("Shard(dim)" in str(e))
+        True
+    """

@@ -1,0 +1,243 @@
+"""Where a value lives: reading a value's mesh and placements, and moving it
+between layouts (``distribute_tensor``, ``redistribute``, ``full_tensor``).
+
+Partial values are stored the way JAX stores them: as *unreduced* arrays whose
+true value is the sum of the per-device values. ``Partial('avg')`` is a view of
+the same storage (see docs/placements.md), so sum and avg convert for free.
+
+Example:
+    >>> import jax, numpy as np, jlocalmap as jlm
+    >>> mesh = jax.make_mesh((1,), ("dp",))
+    >>> x = jlm.distribute_tensor(np.arange(4.0), mesh, [jlm.Shard(0)])
+    >>> jlm.placements_of(x)
+    (Shard(dim=0),)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
+
+from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
+from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
+                             is_explicit, local_shape, placements_to_spec,
+                             spec_entries, spec_to_placements)
+
+
+def abstract(mesh: AnyMesh) -> AbstractMesh:
+    """The abstract mesh (names, sizes, axis types) of a Mesh or AbstractMesh."""
+    return mesh.abstract_mesh if isinstance(mesh, Mesh) else mesh
+
+
+def same_mesh(a: AnyMesh, b: AnyMesh) -> bool:
+    """Meshes are the same when their axes match and, where both are concrete,
+    their devices too."""
+    if isinstance(a, Mesh) and isinstance(b, Mesh):
+        return a == b
+    return abstract(a) == abstract(b)
+
+
+def mesh_context(mesh: AnyMesh):
+    """Enter ``mesh`` for an eager call: jitted code that reshards host values
+    onto Explicit axes needs the concrete mesh in context."""
+    return jax.set_mesh(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext()
+
+
+def mesh_of(x: Any) -> Optional[AnyMesh]:
+    """The mesh a distributed value lives on, or None for a host or single-device
+    value. Tracers report the abstract mesh of their type."""
+    if isinstance(x, jax.core.Tracer):
+        sharding = getattr(jax.typeof(x), "sharding", None)
+        mesh = getattr(sharding, "mesh", None)
+        return None if mesh is None or mesh.empty else mesh
+    if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
+        return x.sharding.mesh
+    return None
+
+
+def known_placements(x: Any, mesh: AnyMesh) -> Optional[PlacementList]:
+    """The placements of distributed ``x`` where JAX knows them: committed arrays,
+    and tracers on Explicit axes. None on Auto axes under ``jax.jit``."""
+    if isinstance(x, jax.core.Tracer):
+        if not all(is_explicit(mesh, a) for a in mesh.axis_names):
+            return None
+        return spec_to_placements(jax.typeof(x).sharding.spec, mesh)
+    return spec_to_placements(x.sharding.spec, mesh)
+
+
+def placements_of(x: Any, device_mesh: Optional[AnyMesh] = None) -> PlacementList:
+    """The placement list of a distributed value (one entry per mesh axis).
+
+    Unreduced axes read as ``Partial('sum')``. Raises for host values, for values
+    on another mesh than ``device_mesh``, and under ``jax.jit`` on Auto axes
+    (where JAX does not track shardings in types).
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> mesh = jax.make_mesh((1, 1), ("dp", "tp"))
+        >>> x = jlm.distribute_tensor(np.ones((2, 2)), mesh, [jlm.Replicate(), jlm.Shard(1)])
+        >>> jlm.placements_of(x)
+        (Replicate(), Shard(dim=1))
+    """
+    mesh = mesh_of(x)
+    if mesh is None:
+        raise PlacementValueError(
+            f"x: expected a value distributed on a mesh (a jax.Array with a "
+            f"NamedSharding), found {type(x).__name__} with no mesh; place it "
+            f"first with jlocalmap.distribute_tensor(x, mesh, placements).")
+    if device_mesh is not None and not same_mesh(mesh, check_mesh(device_mesh)):
+        raise PlacementValueError(
+            f"device_mesh: x lives on {mesh}, not on the given {device_mesh}; "
+            f"pass x's own mesh or move x with jax.device_put.")
+    placements = known_placements(x, mesh)
+    if placements is None:
+        raise PlacementValueError(
+            f"x: its placements on Auto-axis mesh {mesh} are not known under "
+            f"jax.jit; use a mesh with Explicit axes (the default of jax.make_mesh).")
+    return placements
+
+
+def canonical(placements: Sequence[Placement]) -> PlacementList:
+    """Placements as stored: ``Partial('avg')`` is stored as ``Partial('sum')``."""
+    return tuple(Partial("sum") if p == Partial("avg") else p for p in placements)
+
+
+def partial_axes(placements: Sequence[Placement], mesh: AnyMesh) -> tuple[str, ...]:
+    """The mesh axes on which ``placements`` is Partial, in mesh order."""
+    return tuple(a for a, p in zip(mesh.axis_names, placements) if p.is_partial())
+
+
+def avg_scale(placements: Sequence[Placement], mesh: AnyMesh) -> int:
+    """How many devices an avg-partial value is averaged over: its stored sums
+    times this number are the per-device values of the avg view."""
+    sizes = axis_sizes(mesh)
+    return math.prod(sizes[a] for a, p in zip(mesh.axis_names, placements)
+                     if p == Partial("avg"))
+
+
+def _constrain(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec) -> jax.Array:
+    sharding = NamedSharding(mesh, spec)
+    if any(is_explicit(mesh, a) for a in mesh.axis_names):
+        return jax.reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
+               axes: tuple[str, ...]) -> jax.Array:
+    """Replicate -> Partial('sum') on ``axes``: each device keeps value / n, so the
+    sum is the value (DTensor's ``_partition_value``)."""
+    n = math.prod(axis_sizes(mesh)[a] for a in axes)
+    replicated = PartitionSpec(*spec_entries(spec), unreduced=frozenset(spec.unreduced) - set(axes))
+
+    def split(v):
+        return jax.lax.pcast(v, axes, to="varying") / jnp.asarray(n, v.dtype)
+
+    return jax.shard_map(split, mesh=mesh, in_specs=replicated, out_specs=spec)(x)
+
+
+def relayout(x: Any, mesh: AnyMesh, src: Optional[Sequence[Placement]],
+             dst: Sequence[Placement], *, what: str = "placements") -> jax.Array:
+    """Move ``x`` from placements ``src`` (None: a global host value) to ``dst``;
+    traceable. Reductions of Partial axes are done by JAX (all-reduce or
+    reduce-scatter); Partial targets are reached through Replicate."""
+    x = jnp.asarray(x)
+    dst = as_placement_list(dst, mesh, what)
+    local_shape(x.shape, dst, mesh, what=what)
+    src = None if src is None else canonical(src)
+    target = canonical(dst)
+    if src == target:
+        return x
+    new_partials = tuple(a for a, p, q in zip(
+        mesh.axis_names, target, src or [Replicate()] * len(target))
+        if p.is_partial() and not q.is_partial())
+    staged = tuple(Replicate() if a in new_partials else p
+                   for a, p in zip(mesh.axis_names, target))
+    staged_spec = placements_to_spec(staged, mesh, x.ndim, what=what)
+    x = _constrain(x, mesh, staged_spec)
+    if new_partials:
+        x = _partition(x, mesh, placements_to_spec(dst, mesh, x.ndim, what=what),
+                       new_partials)
+    return x
+
+
+@functools.lru_cache(maxsize=256)
+def _jitted_relayout(mesh: AnyMesh, src: Optional[PlacementList],
+                     dst: PlacementList, what: str):
+    return jax.jit(functools.partial(relayout, mesh=mesh, src=src, dst=dst, what=what))
+
+
+def _run_relayout(x, mesh, src, dst, what):
+    if isinstance(x, jax.core.Tracer):
+        return relayout(x, mesh, src, dst, what=what)
+    with mesh_context(mesh):
+        return _jitted_relayout(mesh, src, tuple(dst), what)(x)
+
+
+def distribute_tensor(x: Any, device_mesh: AnyMesh,
+                      placements: Sequence[Placement]) -> jax.Array:
+    """Lay the global value ``x`` (host array, number or jax.Array) out on
+    ``device_mesh`` with ``placements``; works eagerly and under ``jax.jit``.
+
+    ``Partial('sum')`` splits the value (each device holds ``x / n``), as DTensor does.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> mesh = jax.make_mesh((1,), ("dp",))
+        >>> x = jlm.distribute_tensor(np.arange(6.0).reshape(3, 2), mesh, [jlm.Shard(1)])
+        >>> x.shape, x.sharding.spec
+        ((3, 2), PartitionSpec(None, 'dp'))
+    """
+    mesh = check_mesh(device_mesh)
+    dst = as_placement_list(placements, mesh, "placements")
+    if mesh_of(x) is not None:
+        x = full_tensor(x)
+    return _run_relayout(x, mesh, None, dst, "placements")
+
+
+def redistribute(x: Any, device_mesh: Optional[AnyMesh],
+                 placements: Sequence[Placement]) -> jax.Array:
+    """Change the layout of distributed ``x`` to ``placements`` on its mesh:
+    Partial -> Replicate is an all-reduce, Partial -> Shard a reduce-scatter,
+    Shard -> Replicate an all-gather, Replicate -> Shard a local slice.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> mesh = jax.make_mesh((1,), ("dp",))
+        >>> x = jlm.distribute_tensor(np.ones((2, 2)), mesh, [jlm.Shard(0)])
+        >>> jlm.placements_of(jlm.redistribute(x, mesh, [jlm.Replicate()]))
+        (Replicate(),)
+    """
+    src = placements_of(x, device_mesh)
+    mesh = mesh_of(x) if device_mesh is None else device_mesh
+    dst = as_placement_list(placements, mesh, "placements")
+    return _run_relayout(x, mesh, src, dst, "placements")
+
+
+def full_tensor(x: Any) -> jax.Array:
+    """The global value of ``x``, replicated on its mesh: Partial axes are reduced,
+    shards gathered. Host values are returned as jax arrays unchanged.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> mesh = jax.make_mesh((1,), ("dp",))
+        >>> x = jlm.distribute_tensor(np.arange(4.0), mesh, [jlm.Partial()])
+        >>> np.asarray(jlm.full_tensor(x)).tolist()
+        [0.0, 1.0, 2.0, 3.0]
+    """
+    mesh = mesh_of(x)
+    if mesh is None:
+        if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)):
+            raise PlacementTypeError(
+                f"x: expected an array, found {type(x).__name__}; full_tensor takes "
+                f"what local_map or distribute_tensor returned.")
+        return jnp.asarray(x)
+    return redistribute(x, mesh, [Replicate()] * len(mesh.axis_names))

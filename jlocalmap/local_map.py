@@ -1,0 +1,388 @@
+"""``local_map``: run a function written for local shards on distributed values.
+
+The layering follows ``jax/_src/shard_map.py``: the public wrapper flattens the
+arguments and assigns placements (this module), ``layouts`` checks and moves
+inputs, ``specs`` translates placements to ``PartitionSpec``\\ s, ``gradients``
+adapts cotangents, and ``jax.shard_map`` runs the body. Eager calls compile once
+per (settings, argument structure, shapes, dtypes, shardings) and are reused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec
+
+from jlocalmap import layouts
+from jlocalmap._jax_compat import manual_axes, varying_axes
+from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.gradients import grad_reductions, with_grad_reductions
+from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
+from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
+                             placements_to_spec, spec_entries)
+
+_CACHE_SIZE = 64
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _is_entry(x: Any) -> bool:
+    """One leaf's placement entry: None, a Placement, or a list of them."""
+    return x is None or isinstance(x, Placement) or (
+        isinstance(x, (list, tuple)) and len(x) > 0
+        and all(isinstance(p, Placement) for p in x))
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, complex)) and not isinstance(x, bool)
+
+
+def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
+                      what: str, kind: str) -> list:
+    """One entry per flattened leaf of ``tree``, from ``placements`` given as a
+    single placement list (one leaf), one entry per leaf, or a pytree prefix of
+    ``tree`` (a dict keyed like the argument, say)."""
+    if _is_entry(placements) and not (placements is None or isinstance(placements, Placement)) \
+            and len(placements) == len(mesh.axis_names):
+        placements = (placements,)
+    if isinstance(placements, (list, tuple)) and len(placements) == n_leaves and all(
+            _is_entry(p) for p in placements):
+        return list(placements)
+    prefix, prefix_tree = jax.tree_util.tree_flatten(placements, is_leaf=_is_entry)
+    try:
+        subtrees = prefix_tree.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        found = len(placements) if isinstance(placements, (list, tuple)) else 1
+        raise PlacementValueError(
+            f"{what}: Expecting {found} {kind} to local_map function based on "
+            f"placements, but found {n_leaves}. Give one entry (a placement list "
+            f"or None) per flattened {kind[:-1]} leaf, or a pytree prefix of the "
+            f"{'arguments' if kind == 'inputs' else 'outputs'}.") from None
+    return [entry for entry, sub in zip(prefix, subtrees)
+            for _ in jax.tree_util.tree_leaves(sub, is_leaf=_is_none)]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Input:
+    """How one dynamic leaf reaches the body (all static, hashable)."""
+    index: int
+    src: Optional[PlacementList]      # None: a global value to lay out
+    dst: PlacementList                # the layout the body's local value has
+    relayout: bool
+    grad: tuple                       # (axis, op) cotangent reductions
+
+    def stacked_axes(self, mesh: AnyMesh) -> tuple[str, ...]:
+        return layouts.partial_axes(self.dst, mesh)
+
+
+@dataclasses.dataclass
+class _Trace:
+    """What tracing the body found out about its outputs."""
+    out_tree: Any = None
+    statics: dict = dataclasses.field(default_factory=dict)
+    array_positions: list = dataclasses.field(default_factory=list)
+    out_specs: list = dataclasses.field(default_factory=list)
+
+
+class _LocalMapped:
+    """The callable that ``local_map`` returns."""
+
+    def __init__(self, func: Callable, out_placements, in_placements,
+                 in_grad_placements, device_mesh, redistribute_inputs: bool):
+        if not callable(func):
+            raise PlacementTypeError(
+                f"func: expected a callable to run on local shards, found "
+                f"{type(func).__name__}; pass a function, or call local_map without "
+                f"func to get a decorator.")
+        if device_mesh is not None:
+            check_mesh(device_mesh)
+        self.func = func
+        self.out_placements = out_placements
+        self.in_placements = in_placements
+        self.in_grad_placements = in_grad_placements
+        self.device_mesh = device_mesh
+        self.redistribute_inputs = bool(redistribute_inputs)
+        self._cache: OrderedDict = OrderedDict()
+        functools.update_wrapper(self, func)
+
+    def __repr__(self) -> str:
+        return (f"local_map({getattr(self.func, '__name__', self.func)!r}, "
+                f"out_placements={self.out_placements!r}, "
+                f"in_placements={self.in_placements!r})")
+
+    # -- the call -----------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=_is_none)
+        mesh = self._mesh(leaves)
+        if mesh is None or set(mesh.axis_names) <= manual_axes():
+            # No distributed input, or already inside a shard_map over these axes:
+            # the values are local already (DTensor's plain-tensor rule).
+            return self.func(*args, **kwargs)
+        entries = (assign_placements(self.in_placements, args, len(leaves), mesh,
+                                     "in_placements", "inputs")
+                   if self.in_placements is not None else [None] * len(leaves))
+        grads = (assign_placements(self.in_grad_placements, args, len(leaves), mesh,
+                                   "in_grad_placements", "inputs")
+                 if self.in_grad_placements is not None else [None] * len(leaves))
+        leaves = list(leaves)
+        inputs, statics = [], {}
+        for i, (leaf, entry, grad) in enumerate(zip(leaves, entries, grads)):
+            plan = self._plan_input(i, leaf, entry, grad, mesh, leaves)
+            if plan is None:
+                statics[i] = leaf
+            else:
+                inputs.append(plan)
+        dyn = [leaves[p.index] for p in inputs]
+        traced = any(isinstance(x, jax.core.Tracer) for x in dyn)
+        if traced:
+            trace = _Trace()
+            arrays = self._impl(mesh, in_tree, tuple(inputs), statics, kwargs, trace, *dyn)
+        else:
+            key = self._key(in_tree, inputs, statics, kwargs, dyn)
+            hit = self._cache.get(key)
+            if hit is None:
+                trace = _Trace()
+                fn = jax.jit(functools.partial(
+                    self._impl, mesh, in_tree, tuple(inputs), statics, kwargs, trace))
+                hit = self._cache[key] = (fn, trace, (statics, kwargs))
+                while len(self._cache) > _CACHE_SIZE:
+                    self._cache.popitem(last=False)
+            self._cache.move_to_end(key)
+            fn, trace, _ = hit
+            with layouts.mesh_context(mesh):
+                arrays = fn(*dyn)
+        out_leaves = dict(trace.statics)
+        out_leaves.update(zip(trace.array_positions, arrays))
+        return jax.tree_util.tree_unflatten(
+            trace.out_tree, [out_leaves[j] for j in range(len(out_leaves))])
+
+    def _mesh(self, leaves: Sequence[Any]) -> Optional[AnyMesh]:
+        if self.device_mesh is not None:
+            return self.device_mesh
+        for leaf in leaves:
+            mesh = layouts.mesh_of(leaf)
+            if mesh is not None:
+                return mesh
+        return None
+
+    def _plan_input(self, i, leaf, entry, grad, mesh, leaves) -> Optional[_Input]:
+        """Check leaf ``i`` against its entry; None when it passes through as is."""
+        what = f"in_placements[{i}]"
+        leaf_mesh = layouts.mesh_of(leaf)
+        if leaf_mesh is not None:
+            if self.in_placements is not None and entry is None:
+                raise PlacementValueError(
+                    f"{what}: input {i} is distributed on {leaf_mesh}, so local_map "
+                    f"expects placements for it, found None; give its placement "
+                    f"list, e.g. {[Replicate()] * len(mesh.axis_names)}.")
+            if not layouts.same_mesh(leaf_mesh, mesh):
+                if not (self.redistribute_inputs and not isinstance(leaf, jax.core.Tracer)):
+                    raise PlacementValueError(
+                        f"{what}: input {i} lives on {leaf_mesh}, but this local_map "
+                        f"runs on {mesh}; move it with jlocalmap.distribute_tensor(x, "
+                        f"mesh, placements) or set redistribute_inputs=True.")
+                leaves[i] = leaf = layouts.full_tensor(leaf)
+                src = None
+            else:
+                src = layouts.known_placements(leaf, mesh)
+            dst = (src if entry is None else as_placement_list(entry, mesh, what))
+            if dst is None:
+                raise PlacementValueError(
+                    f"{what}: input {i} is on Auto-axis mesh {mesh}, whose placements "
+                    f"JAX does not track under jax.jit; give in_placements explicitly.")
+            if src is not None and layouts.canonical(src) != layouts.canonical(dst) \
+                    and not self.redistribute_inputs:
+                raise PlacementValueError(
+                    f"{what}: input {i} has placements {list(src)}, but the local_map "
+                    f"requires {list(dst)}; set redistribute_inputs=True to "
+                    f"redistribute it, or call jlocalmap.redistribute(x, mesh, "
+                    f"{list(dst)}) first.")
+        elif _is_array(leaf) or (_is_number(leaf) and entry is not None):
+            src = None
+            dst = (tuple([Replicate()] * len(mesh.axis_names)) if entry is None
+                   else as_placement_list(entry, mesh, what))
+        else:
+            if entry is not None:
+                raise PlacementValueError(
+                    f"{what}: input {i} is a {type(leaf).__name__}, not an array, so "
+                    f"its entry must be None (it is passed to func unchanged); found "
+                    f"{entry!r}.")
+            if grad is not None:
+                raise PlacementValueError(
+                    f"in_grad_placements[{i}]: input {i} is a {type(leaf).__name__}, "
+                    f"which has no gradient; its entry must be None.")
+            return None
+        relayout = src is None or layouts.canonical(src) != layouts.canonical(dst)
+        reductions = () if grad is None else grad_reductions(
+            dst, as_placement_list(grad, mesh, f"in_grad_placements[{i}]"), mesh,
+            f"in_grad_placements[{i}]")
+        return _Input(i, src, tuple(dst), relayout, reductions)
+
+    @staticmethod
+    def _key(in_tree, inputs, statics, kwargs, dyn):
+        def hashable(x):
+            try:
+                hash(x)
+                return (type(x), x)
+            except TypeError:
+                return ("id", id(x))  # the cache entry holds x, so the id stays unique
+        kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=_is_none)
+        avals = tuple((np.shape(x), np.result_type(x),
+                       getattr(x, "sharding", None) if isinstance(x, jax.Array) else None)
+                      for x in dyn)
+        return (in_tree, tuple(inputs), tuple((i, hashable(v)) for i, v in statics.items()),
+                kw_tree, tuple(hashable(v) for v in kw_leaves), avals)
+
+    # -- the traced implementation -------------------------------------------
+    def _impl(self, mesh, in_tree, inputs, statics, kwargs, trace, *dyn):
+        in_specs, laid_out = [], []
+        for plan, x in zip(inputs, dyn):
+            x = jnp.asarray(x)
+            if plan.relayout:
+                x = layouts.relayout(x, mesh, plan.src, plan.dst,
+                                     what=f"in_placements[{plan.index}]")
+            spec = placements_to_spec(plan.dst, mesh, x.ndim,
+                                      what=f"in_placements[{plan.index}]")
+            stacked = plan.stacked_axes(mesh)
+            if stacked:
+                x, spec = _stack_partials(x, mesh, spec, stacked)
+            in_specs.append(spec)
+            laid_out.append(x)
+
+        def body(*local):
+            leaves = dict(statics)
+            for plan, v in zip(inputs, local):
+                if plan.stacked_axes(mesh):
+                    v = v[0] * layouts.avg_scale(plan.dst, mesh)
+                leaves[plan.index] = with_grad_reductions(v, plan.grad)
+            args = jax.tree_util.tree_unflatten(in_tree, [leaves[i] for i in range(len(leaves))])
+            return self._finish_outputs(self.func(*args, **kwargs), mesh, trace)
+
+        body.__name__ = f"local_map[{getattr(self.func, '__name__', 'func')}]"
+        probe = jax.shard_map(lambda *a: (body(*a), ())[1], mesh=mesh,
+                              in_specs=tuple(in_specs), out_specs=())
+        jax.eval_shape(probe, *laid_out)
+        region = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
+                               out_specs=tuple(trace.out_specs))
+        return region(*laid_out)
+
+    def _finish_outputs(self, out, mesh, trace: _Trace):
+        leaves, trace.out_tree = jax.tree_util.tree_flatten(out, is_leaf=_is_none)
+        if self.out_placements is None:
+            entries = [None] * len(leaves)
+        else:
+            entries = assign_placements(self.out_placements, out, len(leaves), mesh,
+                                        "out_placements", "outputs")
+        trace.statics, trace.array_positions, trace.out_specs = {}, [], []
+        arrays = []
+        for j, (leaf, entry) in enumerate(zip(leaves, entries)):
+            what = f"out_placements[{j}]"
+            if entry is None:
+                if isinstance(leaf, jax.Array):
+                    raise PlacementValueError(
+                        f"{what}: output {j} is an array, so it needs placements to "
+                        f"become a distributed value, found None; give e.g. "
+                        f"{[Replicate()] * len(mesh.axis_names)}.")
+                trace.statics[j] = leaf
+                continue
+            if not _is_array(leaf):
+                raise PlacementValueError(
+                    f"{what}: output {j} is a {type(leaf).__name__}, not an array, so "
+                    f"its entry must be None; found {entry!r}.")
+            placements = as_placement_list(entry, mesh, what)
+            value, placements = _to_out_layout(jnp.asarray(leaf), placements, mesh, j)
+            trace.array_positions.append(j)
+            trace.out_specs.append(placements_to_spec(placements, mesh, value.ndim, what=what))
+            arrays.append(value)
+        return tuple(arrays)
+
+
+def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
+                   j: int) -> tuple[jax.Array, PlacementList]:
+    """The local output ``v`` as the storage of its declared placements:
+    avg-partials are stored as sums, max/min partials are reduced here."""
+    varying = varying_axes(v)
+    sizes = axis_sizes(mesh)
+    stored = []
+    for axis, p in zip(mesh.axis_names, placements):
+        if p.is_replicate() and axis in varying:
+            raise PlacementValueError(
+                f"out_placements[{j}]: output {j} is declared Replicate() on mesh axis "
+                f"{axis!r}, but its value varies over {axis!r} (devices hold different "
+                f"values). Reduce it in the body (jax.lax.psum(y, {axis!r})) or "
+                f"declare Partial() so that a later redistribute reduces it.")
+        if p.is_partial():
+            if axis not in varying:
+                v = jax.lax.pcast(v, axis, to="varying")
+            if p.reduce_op in ("max", "min"):
+                v = (jax.lax.pmax if p.reduce_op == "max" else jax.lax.pmin)(v, axis)
+                stored.append(Replicate())
+                continue
+            if p.reduce_op == "avg":
+                v = v / jnp.asarray(sizes[axis], v.dtype)
+            stored.append(Partial("sum"))
+        else:
+            stored.append(p)
+    return v, tuple(stored)
+
+
+def _stack_partials(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
+                    axes: tuple[str, ...]) -> tuple[jax.Array, PartitionSpec]:
+    """Re-express an unreduced value as its per-device summands, stacked on a new
+    leading dim over the Partial axes (no data moves), so a body can take them."""
+    entries = spec_entries(spec)
+    stacked_spec = PartitionSpec(axes if len(axes) > 1 else axes[0], *entries)
+    stack = jax.shard_map(lambda u: u[None], mesh=mesh, in_specs=spec,
+                          out_specs=stacked_spec, check_vma=False)
+    return stack(x), stacked_spec
+
+
+def local_map(func: Optional[Callable] = None, out_placements: Any = None,
+              in_placements: Any = None, in_grad_placements: Any = None,
+              device_mesh: Optional[AnyMesh] = None, *,
+              redistribute_inputs: bool = False) -> Callable:
+    """Run ``func``, written for local shards, on values distributed over a mesh.
+
+    Each input leaf with placements is checked (or, with
+    ``redistribute_inputs=True``, moved) to ``in_placements``, ``func`` receives
+    its local shard inside ``jax.shard_map`` (so ``jax.lax`` collectives over the
+    mesh axis names work), and each output becomes a distributed ``jax.Array``
+    laid out by ``out_placements``. Placement arguments take one entry per
+    flattened leaf (a placement list, or None for non-array leaves), a single
+    placement list for a single output, or a pytree prefix of the arguments or
+    outputs. ``in_grad_placements`` declares each input's gradient layout (see
+    docs/gradients.md). Called with ``func=None`` it returns a decorator.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> mesh = jax.make_mesh((1,), ("tp",))
+        >>> @jlm.local_map(out_placements=[jlm.Replicate()],
+        ...                in_placements=([jlm.Shard(1)], [jlm.Shard(0)]), device_mesh=mesh)
+        ... def matmul(x, w):
+        ...     return jax.lax.psum(x @ w, "tp")
+        >>> y = matmul(np.ones((2, 4), np.float32), np.ones((4, 3), np.float32))
+        >>> np.asarray(y).tolist()
+        [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
+    """
+    if func is None:
+        return functools.partial(local_map, out_placements=out_placements,
+                                 in_placements=in_placements,
+                                 in_grad_placements=in_grad_placements,
+                                 device_mesh=device_mesh,
+                                 redistribute_inputs=redistribute_inputs)
+    return _LocalMapped(func, out_placements, in_placements, in_grad_placements,
+                        device_mesh, redistribute_inputs)
