@@ -106,14 +106,19 @@ def placements_of(x: Any, device_mesh: Optional[AnyMesh] = None) -> PlacementLis
     return placements
 
 
-def canonical(placements: Sequence[Placement]) -> PlacementList:
-    """Placements as stored: ``Partial('avg')`` is stored as ``Partial('sum')``."""
-    return tuple(Partial("sum") if p == Partial("avg") else p for p in placements)
+def canonical(placements: Sequence[Placement], mesh: AnyMesh) -> PlacementList:
+    """Placements as stored: ``Partial('avg')`` is stored as ``Partial('sum')``,
+    and a Partial on an axis of size 1 is the replicated value."""
+    sizes = axis_sizes(mesh)
+    return tuple(Replicate() if p.is_partial() and sizes[a] == 1
+                 else Partial("sum") if p.is_partial() else p
+                 for a, p in zip(mesh.axis_names, placements))
 
 
 def partial_axes(placements: Sequence[Placement], mesh: AnyMesh) -> tuple[str, ...]:
-    """The mesh axes on which ``placements`` is Partial, in mesh order."""
-    return tuple(a for a, p in zip(mesh.axis_names, placements) if p.is_partial())
+    """The mesh axes on which ``placements`` is stored as Partial, in mesh order."""
+    return tuple(a for a, p in zip(mesh.axis_names, canonical(placements, mesh))
+                 if p.is_partial())
 
 
 def avg_scale(placements: Sequence[Placement], mesh: AnyMesh) -> int:
@@ -152,8 +157,8 @@ def relayout(x: Any, mesh: AnyMesh, src: Optional[Sequence[Placement]],
     x = jnp.asarray(x)
     dst = as_placement_list(dst, mesh, what)
     local_shape(x.shape, dst, mesh, what=what)
-    src = None if src is None else canonical(src)
-    target = canonical(dst)
+    src = None if src is None else canonical(src, mesh)
+    target = canonical(dst, mesh)
     if src == target:
         return x
     new_partials = tuple(a for a, p, q in zip(
@@ -194,7 +199,7 @@ def distribute_tensor(x: Any, device_mesh: AnyMesh,
         >>> mesh = jax.make_mesh((1,), ("dp",))
         >>> x = jlm.distribute_tensor(np.arange(6.0).reshape(3, 2), mesh, [jlm.Shard(1)])
         >>> x.shape, x.sharding.spec
-        ((3, 2), PartitionSpec(None, 'dp'))
+        ((3, 2), P(None, 'dp'))
     """
     mesh = check_mesh(device_mesh)
     dst = as_placement_list(placements, mesh, "placements")

@@ -204,7 +204,7 @@ class _LocalMapped:
                 raise PlacementValueError(
                     f"{what}: input {i} is on Auto-axis mesh {mesh}, whose placements "
                     f"JAX does not track under jax.jit; give in_placements explicitly.")
-            if src is not None and layouts.canonical(src) != layouts.canonical(dst) \
+            if src is not None and layouts.canonical(src, mesh) != layouts.canonical(dst, mesh) \
                     and not self.redistribute_inputs:
                 raise PlacementValueError(
                     f"{what}: input {i} has placements {list(src)}, but the local_map "
@@ -226,7 +226,7 @@ class _LocalMapped:
                     f"in_grad_placements[{i}]: input {i} is a {type(leaf).__name__}, "
                     f"which has no gradient; its entry must be None.")
             return None
-        relayout = src is None or layouts.canonical(src) != layouts.canonical(dst)
+        relayout = src is None or layouts.canonical(src, mesh) != layouts.canonical(dst, mesh)
         reductions = () if grad is None else grad_reductions(
             dst, as_placement_list(grad, mesh, f"in_grad_placements[{i}]"), mesh,
             f"in_grad_placements[{i}]")
@@ -241,7 +241,7 @@ class _LocalMapped:
             except TypeError:
                 return ("id", id(x))  # the cache entry holds x, so the id stays unique
         kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=_is_none)
-        avals = tuple((np.shape(x), np.result_type(x),
+        avals = tuple((np.shape(x), getattr(x, "dtype", type(x)),
                        getattr(x, "sharding", None) if isinstance(x, jax.Array) else None)
                       for x in dyn)
         return (in_tree, tuple(inputs), tuple((i, hashable(v)) for i, v in statics.items()),
@@ -325,7 +325,11 @@ def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
                 f"{axis!r}, but its value varies over {axis!r} (devices hold different "
                 f"values). Reduce it in the body (jax.lax.psum(y, {axis!r})) or "
                 f"declare Partial() so that a later redistribute reduces it.")
-        if p.is_partial():
+        if p.is_partial() and sizes[axis] == 1:
+            # One summand is the value: stored as Replicate (see specs.placements_to_spec).
+            v = jax.lax.psum(v, axis) if axis in varying else v
+            stored.append(Replicate())
+        elif p.is_partial():
             if axis not in varying:
                 v = jax.lax.pcast(v, axis, to="varying")
             if p.reduce_op in ("max", "min"):

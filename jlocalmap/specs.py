@@ -9,7 +9,7 @@ Example:
     >>> import jax, jlocalmap as jlm
     >>> mesh = jax.sharding.AbstractMesh((2, 4), ("a", "b"))
     >>> jlm.placements_to_spec([jlm.Shard(1), jlm.Shard(0)], mesh, ndim=2)
-    PartitionSpec('b', 'a')
+    P('b', 'a')
 """
 
 from __future__ import annotations
@@ -88,13 +88,14 @@ def placements_to_spec(placements: Sequence[Placement], device_mesh: AnyMesh,
 
     ``Partial('sum')`` and ``Partial('avg')`` become unreduced axes (both store the
     partial *sums*; see docs/placements.md); ``Partial('max'|'min')`` has no JAX
-    layout and is refused here.
+    layout and is refused here. On a mesh axis of size 1 every Partial is the
+    replicated value.
 
     Example:
         >>> import jax, jlocalmap as jlm
         >>> mesh = jax.sharding.AbstractMesh((2, 2), ("a", "b"))
         >>> jlm.placements_to_spec([jlm.Shard(0), jlm.Shard(0)], mesh, ndim=1)
-        PartitionSpec(('a', 'b'),)
+        P(('a', 'b'),)
     """
     mesh = check_mesh(device_mesh)
     placements = as_placement_list(placements, mesh, what)
@@ -103,7 +104,8 @@ def placements_to_spec(placements: Sequence[Placement], device_mesh: AnyMesh,
     for axis, p in zip(mesh.axis_names, placements):
         if isinstance(p, Shard):
             per_dim[normalize_dim(p.dim, ndim, what)].append(axis)
-        elif isinstance(p, Partial):
+        elif isinstance(p, Partial) and axis_sizes(mesh)[axis] > 1:
+            # On an axis of size 1 the one partial value is the value: Replicate.
             if p.reduce_op not in ("sum", "avg"):
                 raise PlacementValueError(
                     f"{what}: Partial({p.reduce_op}) on mesh axis {axis!r} has no JAX "

@@ -1,0 +1,6 @@
+# Simulate 8 devices before anything imports jax (tests, doctests and docs alike).
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

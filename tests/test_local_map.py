@@ -1,0 +1,333 @@
+"""REFERENCE section 3 (DTensor's test_local_map.py) and the core issue's cases,
+each checked against the unsharded computation on random data."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import jlocalmap as jlm
+from helpers import assert_close, count_collectives, randn
+from jlocalmap import Partial, Replicate, Shard
+
+
+def tp_matmul(x, w):
+    return jax.lax.psum(x @ w, "tp")
+
+
+@pytest.fixture(params=[2, 4], ids=["2dev", "4dev"])
+def tp_mesh(request):
+    return jax.make_mesh((request.param,), ("tp",))
+
+
+# -- correctness ---------------------------------------------------------------
+def test_correctness_one_all_reduce(tp_mesh, rng):
+    X, W = randn(rng, 8, 16), randn(rng, 16, 12)
+    x = jlm.distribute_tensor(X, tp_mesh, [Shard(1)])
+    w = jlm.distribute_tensor(W, tp_mesh, [Shard(0)])
+    mm = jlm.local_map(tp_matmul, [Replicate()], ([Shard(1)], [Shard(0)]), device_mesh=tp_mesh)
+    y = mm(x, w)
+    assert_close(y, X @ W)
+    assert jlm.placements_of(y) == (Replicate(),)
+    assert count_collectives(mm, x, w) == {"all-reduce": 1, "all-gather": 0, "reduce-scatter": 0,
+                                           "all-to-all": 0, "collective-permute": 0}
+
+
+def test_decorator_functional_eager_jit_agree(tp_mesh, rng):
+    X, W = randn(rng, 8, 16), randn(rng, 16, 12)
+    x = jlm.distribute_tensor(X, tp_mesh, [Shard(1)])
+    w = jlm.distribute_tensor(W, tp_mesh, [Shard(0)])
+
+    @jlm.local_map(out_placements=[Replicate()], in_placements=([Shard(1)], [Shard(0)]),
+                   device_mesh=tp_mesh)
+    def decorated(x, w):
+        return tp_matmul(x, w)
+
+    functional = jlm.local_map(tp_matmul, [Replicate()], ([Shard(1)], [Shard(0)]), None, tp_mesh)
+    results = [decorated(x, w), functional(x, w), jax.jit(decorated)(x, w), jax.jit(functional)(x, w)]
+    for r in results:
+        np.testing.assert_array_equal(np.asarray(r), np.asarray(results[0]))
+    assert_close(results[0], X @ W)
+
+
+def test_body_sees_local_shards(mesh2x4, rng):
+    seen = []
+
+    def body(x):
+        seen.append(x.shape)
+        return x * 2
+
+    X = randn(rng, 8, 12)
+    x = jlm.distribute_tensor(X, mesh2x4, [Shard(0), Shard(1)])
+    y = jlm.local_map(body, [Shard(0), Shard(1)], ([Shard(0), Shard(1)],))(x)
+    assert seen[-1] == (4, 3)
+    assert_close(y, 2 * X)
+    assert y.sharding.spec == P("dp", "tp")
+
+
+def test_three_axis_mesh(mesh3d, rng):
+    X = randn(rng, 4, 6, 8)
+    pl = [Shard(0), Shard(2), Replicate()]
+    x = jlm.distribute_tensor(X, mesh3d, pl)
+    f = jlm.local_map(lambda x: jax.lax.psum(x.sum(-1, keepdims=True), "tp"),
+                      [Shard(0), Replicate(), Replicate()], (pl,))
+    assert_close(f(x), X.sum(-1, keepdims=True), rtol=1e-5)
+
+
+def test_same_tensor_dim_over_two_axes(mesh2x4, rng):
+    X = randn(rng, 16, 3)
+    pl = [Shard(0), Shard(0)]
+    x = jlm.distribute_tensor(X, mesh2x4, pl)
+    assert x.sharding.spec == P(("dp", "tp"), None)
+    seen = []
+    f = jlm.local_map(lambda x: (seen.append(x.shape), jnp.cumsum(x, 0))[1], [pl], (pl,))
+    ref = np.concatenate([np.cumsum(c, 0) for c in np.split(X, 8)])
+    assert_close(f(x), ref)
+    assert seen[-1] == (2, 3)
+
+
+# -- out_placements -------------------------------------------------------------
+def test_body_returning_python_bool(mesh1, rng):
+    x = jlm.distribute_tensor(randn(rng, 4, 4), mesh1, [Shard(0)])
+    assert jlm.local_map(lambda x: True, out_placements=None)(x) is True
+    out = jlm.local_map(lambda x: (x + 1, "tag", None), out_placements=([Shard(0)], None, None))(x)
+    assert out[1:] == ("tag", None)
+
+
+def test_no_distributed_input_runs_plain(rng):
+    calls = []
+
+    def f(x):
+        calls.append(type(x))
+        return x + 1
+
+    X = randn(rng, 3)
+    out = jlm.local_map(f, [Replicate()], ([Shard(0)],))(X)
+    assert calls == [np.ndarray] and isinstance(out, np.ndarray)
+    assert_close(out, X + 1)
+
+
+def test_several_outputs_and_prefix_dict(mesh2x2, rng):
+    X, Y = randn(rng, 4, 4), randn(rng, 4, 4)
+    x = jlm.distribute_tensor(X, mesh2x2, [Shard(0), Replicate()])
+    y = jlm.distribute_tensor(Y, mesh2x2, [Replicate(), Shard(1)])
+
+    def body(d):
+        return {"sum": d["x"].sum(), "x": d["x"] * 3, "y": d["y"] - 1}
+
+    out_pl = {"sum": [Partial(), Replicate()], "x": [Shard(0), Replicate()], "y": [Replicate(), Shard(1)]}
+    in_pl = ({"y": [Replicate(), Shard(1)], "x": [Shard(0), Replicate()]},)  # insertion order != sorted
+    out = jlm.local_map(body, out_pl, in_pl)({"y": y, "x": x})
+    assert_close(jlm.full_tensor(out["sum"]), X.sum(), rtol=1e-5)
+    assert_close(out["x"], 3 * X)
+    assert_close(out["y"], Y - 1)
+
+
+def test_tuple_of_outputs(mesh1, rng):
+    X = randn(rng, 4, 2)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    a, b = jlm.local_map(lambda x: (x, jax.lax.psum(x.sum(), "tp")),
+                         ([Shard(0)], [Replicate()]), ([Shard(0)],))(x)
+    assert_close(a, X)
+    assert_close(b, X.sum(), rtol=1e-5)
+
+
+# -- in_placements ----------------------------------------------------------------
+def test_in_placements_none_uses_own_placements(mesh1, rng):
+    X = randn(rng, 4, 6)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(1)])
+    seen = []
+    y = jlm.local_map(lambda x: (seen.append(x.shape), x * 2)[1], [Shard(1)], None)(x)
+    assert seen == [(4, 3), (4, 3)]  # traced twice: once for the output structure
+    assert_close(y, 2 * X)
+
+
+def test_scalar_and_string_args_pass_unchanged(mesh1, rng):
+    X = randn(rng, 4, 6)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    got = []
+
+    def body(x, scale, name, mesh):
+        got.append((scale, name, mesh))
+        return x * scale
+
+    f = jlm.local_map(body, [Shard(0)], ([Shard(0)], None, None, None))
+    assert_close(f(x, 3.0, "layer", mesh1), 3 * X)
+    assert got[-1] == (3.0, "layer", mesh1)
+
+
+def test_kwargs_pass_unchanged(mesh1, rng):
+    X = randn(rng, 4, 6)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    f = jlm.local_map(lambda x, *, power: x ** power, [Shard(0)], ([Shard(0)],))
+    assert_close(f(x, power=2), X ** 2)
+
+
+def test_plain_tensors_with_and_without_placements(mesh1, rng):
+    X, B = randn(rng, 4, 6), randn(rng, 6)
+    seen = {}
+
+    def body(x, b):
+        seen["b"] = b.shape
+        return x + b
+
+    # a host array with a placement is a global value, distributed to the mesh
+    x = jlm.distribute_tensor(X, mesh1, [Shard(1)])
+    y = jlm.local_map(body, [Shard(1)], ([Shard(1)], [Shard(0)]))(x, B)
+    assert seen["b"] == (3,)
+    assert_close(y, X + B)
+    # without placements it reaches the body whole
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    assert_close(jlm.local_map(body, [Shard(0)], ([Shard(0)], None))(x, B), X + B)
+    assert seen["b"] == (6,)
+
+
+def test_python_number_with_placement_is_distributed(mesh1, rng):
+    X = randn(rng, 4)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    f = jlm.local_map(lambda x, s: x * s, [Shard(0)], ([Shard(0)], [Replicate()]))
+    assert_close(f(x, 2.5), 2.5 * X)
+
+
+def test_expects_placements_error(mesh1, rng):
+    x = jlm.distribute_tensor(randn(rng, 4), mesh1, [Shard(0)])
+    f = jlm.local_map(lambda x, y: x + y, [Shard(0)], ([Shard(0)], None))
+    with pytest.raises(ValueError, match=r"in_placements\[1\]: input 1 is distributed .* expects placements"):
+        f(x, x)
+
+
+# -- redistribute ---------------------------------------------------------------
+def test_redistribute_inputs(tp_mesh, rng):
+    X, W = randn(rng, 8, 16), randn(rng, 16, 12)
+    x = jlm.distribute_tensor(X, tp_mesh, [Shard(0)])
+    w = jlm.distribute_tensor(W, tp_mesh, [Shard(1)])
+    args = (tp_matmul, [Replicate()], ([Shard(1)], [Shard(0)]))
+    with pytest.raises(ValueError, match=r"in_placements\[0\]: input 0 has placements \[Shard\(dim=0\)\].*set redistribute_inputs=True"):
+        jlm.local_map(*args, device_mesh=tp_mesh)(x, w)
+    mm = jlm.local_map(*args, device_mesh=tp_mesh, redistribute_inputs=True)
+    assert_close(mm(x, w), X @ W)
+    counts = count_collectives(mm, x, w)
+    assert sum(counts.values()) == 3 and counts["all-reduce"] == 1
+
+
+def test_mismatch_detected_under_jit(mesh1, rng):
+    x = jlm.distribute_tensor(randn(rng, 4, 4), mesh1, [Shard(0)])
+    f = jlm.local_map(lambda x: x, [Shard(1)], ([Shard(1)],))
+    with pytest.raises(ValueError, match="set redistribute_inputs=True"):
+        jax.jit(f)(x)
+
+
+def test_host_value_is_laid_out(mesh2x2, rng):
+    X = randn(rng, 4, 4)
+    f = jlm.local_map(lambda x: x.T, [Shard(1), Shard(0)], ([Shard(0), Shard(1)],), device_mesh=mesh2x2)
+    y = f(X)
+    assert_close(y, X.T)
+    assert jlm.placements_of(y) == (Shard(1), Shard(0))
+
+
+# -- Partial ------------------------------------------------------------------
+@pytest.mark.parametrize("op, reduce", [("sum", np.sum), ("avg", np.mean)])
+def test_partial_outputs(mesh1, rng, op, reduce):
+    X = randn(rng, 6, 4)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    p = jlm.local_map(lambda x: x.sum(0), [Partial(op)], ([Shard(0)],))(x)
+    halves = np.stack([X[:3].sum(0), X[3:].sum(0)])
+    assert_close(jlm.full_tensor(p), reduce(halves, axis=0))
+    assert_close(jlm.redistribute(p, mesh1, [Replicate()]), reduce(halves, axis=0))
+
+
+@pytest.mark.parametrize("op, reduce", [("max", np.max), ("min", np.min)])
+def test_max_min_partial_outputs_reduce_at_the_boundary(mesh1, rng, op, reduce):
+    X = randn(rng, 6, 4)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    y = jlm.local_map(lambda x: x.max(0) if op == "max" else x.min(0), [Partial(op)], ([Shard(0)],))(x)
+    assert jlm.placements_of(y) == (Replicate(),)
+    assert_close(y, reduce(X, axis=0))
+
+
+def test_partial_into_another_local_map(mesh2x2, rng):
+    X, W = randn(rng, 4, 8), randn(rng, 8, 6)
+    x = jlm.distribute_tensor(X, mesh2x2, [Replicate(), Shard(1)])
+    w = jlm.distribute_tensor(W, mesh2x2, [Replicate(), Shard(0)])
+    p = jlm.local_map(lambda x, w: x @ w, [Replicate(), Partial()], ([Replicate(), Shard(1)], [Replicate(), Shard(0)]))(x, w)
+    assert jlm.placements_of(p) == (Replicate(), Partial())
+    seen = []
+
+    def scale(p):
+        seen.append(p.shape)
+        return 2 * p
+
+    q = jlm.local_map(scale, [Replicate(), Partial()], ([Replicate(), Partial()],))(p)
+    assert seen[-1] == (4, 6)
+    assert_close(jlm.full_tensor(q), 2 * X @ W, rtol=1e-5)
+    # the avg view of the same storage: local values are n times the stored sums
+    r = jlm.local_map(lambda p: p, [Replicate(), Partial("avg")], ([Replicate(), Partial("avg")],))(p)
+    assert_close(jlm.full_tensor(r), X @ W, rtol=1e-5)
+
+
+def test_redistribute_into_partial(mesh1, rng):
+    X = randn(rng, 4, 4)
+    x = jlm.distribute_tensor(X, mesh1, [Replicate()])
+    f = jlm.local_map(lambda p: p, [Partial()], ([Partial()],), redistribute_inputs=True)
+    y = f(x)
+    assert jlm.placements_of(y) == (Partial(),)
+    assert_close(jlm.full_tensor(y), X)
+
+
+def test_partial_on_auto_mesh_is_refused(auto_mesh, rng):
+    x = jax.device_put(randn(rng, 4, 4), jax.sharding.NamedSharding(auto_mesh, P("dp")))
+    f = jlm.local_map(lambda x: x.sum(1), [Shard(0), Partial()], ([Shard(0), Replicate()],))
+    with pytest.raises(ValueError, match="needs an Explicit axis"):
+        f(x)
+
+
+def test_auto_mesh_under_jit(auto_mesh, rng):
+    X = randn(rng, 4, 8)
+    x = jax.device_put(X, jax.sharding.NamedSharding(auto_mesh, P("dp", "tp")))
+    f = jlm.local_map(lambda x: jax.lax.psum(x.sum(1), "tp"), [Shard(0), Replicate()], ([Shard(0), Shard(1)],))
+    assert_close(f(x), X.sum(1), rtol=1e-5)
+    assert_close(jax.jit(f)(x), X.sum(1), rtol=1e-5)
+
+
+# -- composition -------------------------------------------------------------
+def test_inside_enclosing_shard_map(mesh1, rng):
+    X = randn(rng, 4, 4)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    inner = jlm.local_map(lambda x: x * 2, [Shard(0)], ([Shard(0)],), device_mesh=mesh1)
+    outer = jax.shard_map(lambda x: inner(x) + 1, mesh=mesh1, in_specs=P("tp"), out_specs=P("tp"))
+    assert_close(jax.jit(outer)(x), 2 * X + 1)
+
+
+def test_checkpoint_and_value_and_grad(mesh1, rng):
+    X, W = randn(rng, 8, 6), randn(rng, 6, 4)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    w = jlm.distribute_tensor(W, mesh1, [Replicate()])
+    f = jlm.local_map(lambda x, w: jnp.tanh(x @ w), [Shard(0)], ([Shard(0)], [Replicate()]))
+    loss = jax.checkpoint(lambda x, w: (f(x, w) ** 2).sum())
+    with jax.set_mesh(mesh1):
+        val, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
+    ref_val, ref_grads = jax.value_and_grad(lambda x, w: (jnp.tanh(x @ w) ** 2).sum(), argnums=(0, 1))(X, W)
+    assert_close(val, ref_val, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, rtol=1e-5)
+
+
+# -- caching ----------------------------------------------------------------------
+def test_eager_calls_do_not_retrace(mesh1, rng):
+    traces = []
+
+    def body(x):
+        traces.append(1)
+        return x + 1
+
+    f = jlm.local_map(body, [Shard(0)], ([Shard(0)],))
+    x = jlm.distribute_tensor(randn(rng, 4, 4), mesh1, [Shard(0)])
+    for _ in range(5):
+        f(x)
+    n = len(traces)
+    for _ in range(5):
+        f(x)
+    assert len(traces) == n
+    f(jlm.distribute_tensor(randn(rng, 8, 4), mesh1, [Shard(0)]))  # a new shape compiles anew
+    assert len(traces) > n
