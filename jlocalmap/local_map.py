@@ -19,7 +19,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jlocalmap import layouts
 from jlocalmap._jax_compat import manual_axes, varying_axes
@@ -347,12 +347,27 @@ def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
 def _stack_partials(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
                     axes: tuple[str, ...]) -> tuple[jax.Array, PartitionSpec]:
     """Re-express an unreduced value as its per-device summands, stacked on a new
-    leading dim over the Partial axes (no data moves), so a body can take them."""
+    leading dim over the Partial axes (no data moves), so a body can take them.
+
+    The cotangent of an unreduced value is a replicated ("reduced") one: each
+    summand's cotangent is the cotangent of the sum. They are equal for bodies
+    linear in the partial input; their mean is taken, so the result is exact then
+    and well defined otherwise."""
     entries = spec_entries(spec)
     stacked_spec = PartitionSpec(axes if len(axes) > 1 else axes[0], *entries)
+    reduced = NamedSharding(mesh, PartitionSpec(*entries, reduced=frozenset(axes)))
     stack = jax.shard_map(lambda u: u[None], mesh=mesh, in_specs=spec,
                           out_specs=stacked_spec, check_vma=False)
-    return stack(x), stacked_spec
+
+    @jax.custom_vjp
+    def stack_summands(u):
+        return stack(u)
+
+    def backward(_, ct):
+        return (jax.reshard(jnp.mean(ct, 0), reduced),)
+
+    stack_summands.defvjp(lambda u: (stack(u), None), backward)
+    return stack_summands(x), stacked_spec
 
 
 def local_map(func: Optional[Callable] = None, out_placements: Any = None,
