@@ -83,3 +83,132 @@ def _reduce_cotangent_bwd(axes, ops, _, ct):
 
 
 _reduce_cotangent.defvjp(_reduce_cotangent_fwd, _reduce_cotangent_bwd)
+
+
+# -- verification against JAX's varying-axes typing ---------------------------
+def _sub_jaxprs(eqn):
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                yield inner
+
+
+def _is_var(v) -> bool:
+    return type(v).__name__ != "Literal"
+
+
+def _vma(var) -> frozenset:
+    aval = getattr(var, "aval", None)
+    mat = getattr(aval, "mat", None)
+    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+
+
+def _taint_hits(jaxpr, tainted: set, axis: str) -> tuple[bool, set]:
+    """Forward dataflow from ``tainted`` vars: values derived from the input that
+    are still invariant over ``axis``. A hit is an equation that turns such a
+    value into one varying over ``axis`` (an explicit or implicit ``pvary``),
+    whose transpose is the all-reduce of the input's cotangent. Returns (hit,
+    tainted outvars)."""
+    tainted = set(tainted)
+    hit = False
+    for eqn in jaxpr.eqns:
+        ins = [v for v in eqn.invars if _is_var(v) and v in tainted]
+        if not ins:
+            continue
+        subs = list(_sub_jaxprs(eqn))
+        if subs:
+            outs_tainted = set()
+            for sub in subs:
+                sub_taint = _map_in(eqn, sub, tainted)
+                for _ in range(2):  # loops feed their carry back once more
+                    sub_hit, sub_out = _taint_hits(sub, sub_taint, axis)
+                    hit |= sub_hit
+                    back = _carry_feedback(eqn, sub, sub_out)
+                    if back <= sub_taint:
+                        break
+                    sub_taint |= back
+                outs_tainted |= {o for o, so in zip(eqn.outvars, sub.outvars)
+                                 if so in sub_out}
+            new = outs_tainted
+        else:
+            new = set(eqn.outvars)
+        for out in eqn.outvars:
+            if axis in _vma(out):
+                if not subs:
+                    hit = True
+            elif out in new:
+                tainted.add(out)
+    return hit, tainted
+
+
+def _map_in(eqn, sub, tainted: set) -> set:
+    n = len(sub.invars)
+    outer = eqn.invars[len(eqn.invars) - n:] if len(eqn.invars) >= n else []
+    if len(outer) != n:  # an unusual signature: taint every input conservatively
+        return set(sub.invars) if any(_is_var(v) and v in tainted for v in eqn.invars) else set()
+    return {s for s, o in zip(sub.invars, outer) if _is_var(o) and o in tainted}
+
+
+def _carry_feedback(eqn, sub, sub_out: set) -> set:
+    """Taint that a loop body's carry outputs feed back into its carry inputs."""
+    name = eqn.primitive.name
+    if name == "scan":
+        start, count = eqn.params["num_consts"], eqn.params["num_carry"]
+    elif name == "while":
+        start, count = eqn.params["body_nconsts"], len(sub.outvars)
+        if len(sub.invars) != start + count:
+            return set()
+    else:
+        return set()
+    return {sub.invars[start + k] for k in range(count) if sub.outvars[k] in sub_out}
+
+
+def cotangent_partial_axes(body_jaxpr, index: int, axes: Sequence[str]) -> frozenset:
+    """The mesh axes (among ``axes``, over which input ``index`` is invariant) on
+    which the body's local cotangent for that input is Partial: JAX sums it with
+    an all-reduce because the input meets values varying over that axis.
+
+    Example:
+        >>> import jax, jax.numpy as jnp
+        >>> from jax.sharding import PartitionSpec as P
+        >>> from jlocalmap.gradients import cotangent_partial_axes
+        >>> mesh = jax.make_mesh((2,), ("dp",))
+        >>> f = jax.shard_map(lambda x, w: x @ w, mesh=mesh, in_specs=(P("dp"), P()), out_specs=P("dp"))
+        >>> x = jax.ShapeDtypeStruct((4, 3), jnp.float32, sharding=jax.NamedSharding(mesh, P("dp")))
+        >>> w = jax.ShapeDtypeStruct((3, 3), jnp.float32, sharding=jax.NamedSharding(mesh, P()))
+        >>> outer = jax.make_jaxpr(f)(x, w)
+        >>> body = outer.jaxpr.eqns[-1].params["jaxpr"]
+        >>> sorted(cotangent_partial_axes(body, 1, ["dp"]))
+        ['dp']
+    """
+    invar = body_jaxpr.invars[index]
+    return frozenset(a for a in axes if _taint_hits(body_jaxpr, {invar}, a)[0])
+
+
+def verify_grad_placements(body_jaxpr, index: int, input_placements: Sequence[Placement],
+                           grad_placements: Sequence[Placement], mesh: AnyMesh,
+                           what: str) -> None:
+    """Raise when a declared gradient placement contradicts what JAX's typing proves
+    about the body: Replicate() where the local cotangent is Partial (a missing
+    all-reduce), or Partial() where it is already reduced (a duplicated one)."""
+    replicated = [a for a, p in zip(mesh.axis_names, input_placements) if p.is_replicate()]
+    partial = cotangent_partial_axes(body_jaxpr, index, replicated)
+    for axis, g in zip(mesh.axis_names, grad_placements):
+        if axis not in replicated:
+            continue
+        if g.is_replicate() and axis in partial:
+            raise PlacementValueError(
+                f"{what}: declares the gradient Replicate() on mesh axis {axis!r}, but "
+                f"the body combines this replicated input with values that vary over "
+                f"{axis!r}, so its local cotangents differ per device and the true "
+                f"gradient is Partial() (their sum): Replicate() would skip the "
+                f"all-reduce. Declare Partial() on {axis!r}, or leave the entry None "
+                f"and let JAX reduce it.")
+        if g.is_partial() and axis not in partial:
+            raise PlacementValueError(
+                f"{what}: declares the gradient {g} on mesh axis {axis!r}, but the body "
+                f"uses this replicated input only with values that are the same on "
+                f"every device of {axis!r}, so its local cotangent is already reduced: "
+                f"Partial() would all-reduce it again (an {dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]}x "
+                f"gradient). Declare Replicate() on {axis!r}, or leave the entry None.")

@@ -24,7 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jlocalmap import layouts
 from jlocalmap._jax_compat import manual_axes, varying_axes
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
-from jlocalmap.gradients import grad_reductions, with_grad_reductions
+from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_grad_reductions
 from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
 from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
                              placements_to_spec, spec_entries)
@@ -84,6 +84,7 @@ class _Input:
     dst: PlacementList                # the layout the body's local value has
     relayout: bool
     grad: tuple                       # (axis, op) cotangent reductions
+    declared_grad: Optional[PlacementList]
 
     def stacked_axes(self, mesh: AnyMesh) -> tuple[str, ...]:
         return layouts.partial_axes(self.dst, mesh)
@@ -102,7 +103,8 @@ class _LocalMapped:
     """The callable that ``local_map`` returns."""
 
     def __init__(self, func: Callable, out_placements, in_placements,
-                 in_grad_placements, device_mesh, redistribute_inputs: bool):
+                 in_grad_placements, device_mesh, redistribute_inputs: bool,
+                 check_vma: bool = True):
         if not callable(func):
             raise PlacementTypeError(
                 f"func: expected a callable to run on local shards, found "
@@ -116,6 +118,7 @@ class _LocalMapped:
         self.in_grad_placements = in_grad_placements
         self.device_mesh = device_mesh
         self.redistribute_inputs = bool(redistribute_inputs)
+        self.check_vma = bool(check_vma)
         self._cache: OrderedDict = OrderedDict()
         functools.update_wrapper(self, func)
 
@@ -230,7 +233,9 @@ class _LocalMapped:
         reductions = () if grad is None else grad_reductions(
             dst, as_placement_list(grad, mesh, f"in_grad_placements[{i}]"), mesh,
             f"in_grad_placements[{i}]")
-        return _Input(i, src, tuple(dst), relayout, reductions)
+        declared = None if grad is None else as_placement_list(
+            grad, mesh, f"in_grad_placements[{i}]")
+        return _Input(i, src, tuple(dst), relayout, reductions, declared)
 
     @staticmethod
     def _key(in_tree, inputs, statics, kwargs, dyn):
@@ -263,22 +268,42 @@ class _LocalMapped:
             in_specs.append(spec)
             laid_out.append(x)
 
-        def body(*local):
+        def body(*local, adapt=True):
             leaves = dict(statics)
             for plan, v in zip(inputs, local):
                 if plan.stacked_axes(mesh):
                     v = v[0] * layouts.avg_scale(plan.dst, mesh)
-                leaves[plan.index] = with_grad_reductions(v, plan.grad)
+                # Unchecked bodies (check_vma=False) need no adapter: JAX's own
+                # transpose there sums every device's cotangent of a replicated input.
+                leaves[plan.index] = (with_grad_reductions(v, plan.grad)
+                                      if adapt and self.check_vma else v)
             args = jax.tree_util.tree_unflatten(in_tree, [leaves[i] for i in range(len(leaves))])
             return self._finish_outputs(self.func(*args, **kwargs), mesh, trace)
 
         body.__name__ = f"local_map[{getattr(self.func, '__name__', 'func')}]"
-        probe = jax.shard_map(lambda *a: (body(*a), ())[1], mesh=mesh,
-                              in_specs=tuple(in_specs), out_specs=())
-        jax.eval_shape(probe, *laid_out)
+        # Trace once without gradient adapters: the output structure fixes
+        # out_specs, and the jaxpr shows what JAX's typing proves about gradients.
+        probe = jax.shard_map(lambda *a: (body(*a, adapt=False), ())[1], mesh=mesh,
+                              in_specs=tuple(in_specs), out_specs=(),
+                              check_vma=self.check_vma)
+        verify = self.check_vma and any(p.declared_grad for p in inputs)
+        if verify:
+            self._verify_grads(jax.make_jaxpr(probe)(*laid_out), inputs, mesh)
+        else:
+            jax.eval_shape(probe, *laid_out)
         region = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
-                               out_specs=tuple(trace.out_specs))
+                               out_specs=tuple(trace.out_specs), check_vma=self.check_vma)
         return region(*laid_out)
+
+    @staticmethod
+    def _verify_grads(probe_jaxpr, inputs, mesh) -> None:
+        region_eqn = probe_jaxpr.jaxpr.eqns[-1]
+        body_jaxpr = region_eqn.params["jaxpr"]
+        body_jaxpr = body_jaxpr if hasattr(body_jaxpr, "eqns") else body_jaxpr.jaxpr
+        for k, plan in enumerate(inputs):
+            if plan.declared_grad is not None:
+                verify_grad_placements(body_jaxpr, k, plan.dst, plan.declared_grad, mesh,
+                                       f"in_grad_placements[{plan.index}]")
 
     def _finish_outputs(self, out, mesh, trace: _Trace):
         leaves, trace.out_tree = jax.tree_util.tree_flatten(out, is_leaf=_is_none)
@@ -373,7 +398,7 @@ def _stack_partials(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
 def local_map(func: Optional[Callable] = None, out_placements: Any = None,
               in_placements: Any = None, in_grad_placements: Any = None,
               device_mesh: Optional[AnyMesh] = None, *,
-              redistribute_inputs: bool = False) -> Callable:
+              redistribute_inputs: bool = False, check_vma: bool = True) -> Callable:
     """Run ``func``, written for local shards, on values distributed over a mesh.
 
     Each input leaf with placements is checked (or, with
@@ -384,7 +409,10 @@ def local_map(func: Optional[Callable] = None, out_placements: Any = None,
     flattened leaf (a placement list, or None for non-array leaves), a single
     placement list for a single output, or a pytree prefix of the arguments or
     outputs. ``in_grad_placements`` declares each input's gradient layout (see
-    docs/gradients.md). Called with ``func=None`` it returns a decorator.
+    docs/gradients.md), verified against JAX's varying-axes typing of the body;
+    ``check_vma=False`` opts out for bodies the typing cannot see (custom calls,
+    callbacks): declarations are then trusted as PyTorch trusts them. Called with
+    ``func=None`` it returns a decorator.
 
     Example:
         >>> import jax, numpy as np, jlocalmap as jlm
@@ -402,6 +430,7 @@ def local_map(func: Optional[Callable] = None, out_placements: Any = None,
                                  in_placements=in_placements,
                                  in_grad_placements=in_grad_placements,
                                  device_mesh=device_mesh,
-                                 redistribute_inputs=redistribute_inputs)
+                                 redistribute_inputs=redistribute_inputs,
+                                 check_vma=check_vma)
     return _LocalMapped(func, out_placements, in_placements, in_grad_placements,
-                        device_mesh, redistribute_inputs)
+                        device_mesh, redistribute_inputs, check_vma)
