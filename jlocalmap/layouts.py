@@ -52,6 +52,14 @@ def mesh_context(mesh: AnyMesh):
     return jax.set_mesh(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext()
 
 
+def describe_mesh(mesh: AnyMesh) -> str:
+    """A mesh's repr, with its device ids where it has devices (two meshes with
+    the same axes differ only there)."""
+    if isinstance(mesh, Mesh):
+        return f"{mesh} over devices {mesh.device_ids.tolist()}"
+    return str(mesh)
+
+
 def mesh_of(x: Any) -> Optional[AnyMesh]:
     """The mesh a distributed value lives on, or None for a host or single-device
     value. Tracers report the abstract mesh of their type."""
@@ -111,7 +119,7 @@ def canonical(placements: Sequence[Placement], mesh: AnyMesh) -> PlacementList:
     and a Partial on an axis of size 1 is the replicated value."""
     sizes = axis_sizes(mesh)
     return tuple(Replicate() if p.is_partial() and sizes[a] == 1
-                 else Partial("sum") if p.is_partial() else p
+                 else Partial("sum") if p == Partial("avg") else p
                  for a, p in zip(mesh.axis_names, placements))
 
 
@@ -132,28 +140,63 @@ def avg_scale(placements: Sequence[Placement], mesh: AnyMesh) -> int:
 def _constrain(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec) -> jax.Array:
     sharding = NamedSharding(mesh, spec)
     if any(is_explicit(mesh, a) for a in mesh.axis_names):
+        if isinstance(mesh, Mesh) and mesh_of(x) is None:
+            # A host value: device_put carries the devices, so a jax.jit with no
+            # other distributed argument still knows where the program runs.
+            return jax.device_put(x, sharding)
         return jax.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
+
+
+def stack_summands(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
+                    axes: tuple[str, ...]) -> tuple[jax.Array, PartitionSpec]:
+    """Re-express an unreduced value as its per-device summands, stacked on a new
+    leading dim over the Partial axes (no data moves), so a body can take them.
+
+    The cotangent of an unreduced value is a replicated ("reduced") one: each
+    summand's cotangent is the cotangent of the sum. They are equal for bodies
+    linear in the partial input; their mean is taken, so the result is exact then
+    and well defined otherwise."""
+    entries = spec_entries(spec)
+    stacked_spec = PartitionSpec(axes if len(axes) > 1 else axes[0], *entries)
+    reduced = NamedSharding(mesh, PartitionSpec(*entries, reduced=frozenset(axes)))
+    stack = jax.shard_map(lambda u: u[None], mesh=mesh, in_specs=spec,
+                          out_specs=stacked_spec, check_vma=False)
+
+    @jax.custom_vjp
+    def stack_summands(u):
+        return stack(u)
+
+    def backward(_, ct):
+        return (jax.reshard(jnp.mean(ct, 0), reduced),)
+
+    stack_summands.defvjp(lambda u: (stack(u), None), backward)
+    return stack_summands(x), stacked_spec
 
 
 def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
                axes: tuple[str, ...]) -> jax.Array:
     """Replicate -> Partial('sum') on ``axes``: each device keeps value / n, so the
-    sum is the value (DTensor's ``_partition_value``)."""
+    sum is the value (DTensor's ``_partition_value``). Axes that are Partial
+    already are taken as summands first (JAX has no division of unreduced values)."""
     n = math.prod(axis_sizes(mesh)[a] for a in axes)
-    replicated = PartitionSpec(*spec_entries(spec), unreduced=frozenset(spec.unreduced) - set(axes))
+    partial_already = tuple(a for a in mesh.axis_names if a in set(spec.unreduced) - set(axes))
+    in_spec = PartitionSpec(*spec_entries(spec), unreduced=frozenset(partial_already))
+    if partial_already:
+        x, in_spec = stack_summands(x, mesh, in_spec, partial_already)
 
     def split(v):
+        v = v[0] if partial_already else v
         return jax.lax.pcast(v, axes, to="varying") / jnp.asarray(n, v.dtype)
 
-    return jax.shard_map(split, mesh=mesh, in_specs=replicated, out_specs=spec)(x)
+    return jax.shard_map(split, mesh=mesh, in_specs=in_spec, out_specs=spec)(x)
 
 
 def relayout(x: Any, mesh: AnyMesh, src: Optional[Sequence[Placement]],
              dst: Sequence[Placement], *, what: str = "placements") -> jax.Array:
     """Move ``x`` from placements ``src`` (None: a global host value) to ``dst``;
-    traceable. Reductions of Partial axes are done by JAX (all-reduce or
-    reduce-scatter); Partial targets are reached through Replicate."""
+    traceable. Partial -> Shard is one reduce-scatter, Partial -> Replicate one
+    all-reduce; Partial targets are reached through Replicate."""
     x = jnp.asarray(x)
     dst = as_placement_list(dst, mesh, what)
     local_shape(x.shape, dst, mesh, what=what)
@@ -167,11 +210,46 @@ def relayout(x: Any, mesh: AnyMesh, src: Optional[Sequence[Placement]],
     staged = tuple(Replicate() if a in new_partials else p
                    for a, p in zip(mesh.axis_names, target))
     staged_spec = placements_to_spec(staged, mesh, x.ndim, what=what)
+    if src is not None:
+        x = _scatter_partials(x, mesh, src, staged_spec)
     x = _constrain(x, mesh, staged_spec)
     if new_partials:
         x = _partition(x, mesh, placements_to_spec(dst, mesh, x.ndim, what=what),
                        new_partials)
     return x
+
+
+def _scatter_partials(x: jax.Array, mesh: AnyMesh, src: PlacementList,
+                      target: PartitionSpec) -> jax.Array:
+    """Partial -> Shard(d) as a reduce-scatter (``psum_scatter``) where ``target``
+    splits dim d by the axes that already split it followed by the scattered
+    ones; other layouts are left for ``_constrain`` (an all-reduce, then a slice)."""
+    spec = placements_to_spec(src, mesh, x.ndim)
+    per_dim = [() if e is None else (e,) if isinstance(e, str) else tuple(e)
+               for e in spec_entries(spec)]
+    wanted = [() if e is None else (e,) if isinstance(e, str) else tuple(e)
+              for e in spec_entries(target)]
+    scatter = [(a, d) for d, axes in enumerate(wanted) for a in axes
+               if a in spec.unreduced and axes[:len(per_dim[d])] == per_dim[d]
+               and all(b in spec.unreduced for b in axes[len(per_dim[d]):])]
+    if not scatter:
+        return x
+    for a, d in scatter:
+        per_dim[d] = per_dim[d] + (a,)
+    scattered = {a for a, _ in scatter}
+    out_spec = PartitionSpec(*[None if not e else e[0] if len(e) == 1 else e for e in per_dim],
+                             unreduced=frozenset(spec.unreduced) - scattered)
+
+    by_dim: dict[int, tuple[str, ...]] = {}
+    for a, d in scatter:
+        by_dim[d] = by_dim.get(d, ()) + (a,)
+
+    def reduce_scatter(u):
+        for d, axes in by_dim.items():  # one collective per dim, axes in mesh order
+            u = jax.lax.psum_scatter(u, axes, scatter_dimension=d, tiled=True)
+        return u
+
+    return jax.shard_map(reduce_scatter, mesh=mesh, in_specs=spec, out_specs=out_spec)(x)
 
 
 @functools.lru_cache(maxsize=256)

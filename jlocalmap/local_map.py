@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -19,7 +18,6 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from jlocalmap import layouts
 from jlocalmap._jax_compat import manual_axes, varying_axes
@@ -27,7 +25,7 @@ from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_grad_reductions
 from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
 from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
-                             placements_to_spec, spec_entries)
+                             local_shape, placements_to_spec)
 
 _CACHE_SIZE = 64
 
@@ -63,6 +61,14 @@ def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
             _is_entry(p) for p in placements):
         return list(placements)
     prefix, prefix_tree = jax.tree_util.tree_flatten(placements, is_leaf=_is_entry)
+    for path, stray in jax.tree_util.tree_flatten_with_path(placements, is_leaf=_is_entry)[0]:
+        if not _is_entry(stray):
+            raise PlacementTypeError(
+                f"{what}{jax.tree_util.keystr(path) or '[0]'}: expected a list or tuple of "
+                f"jlocalmap placements (Shard(d), Replicate(), Partial(op)), one per "
+                f"mesh axis {tuple(mesh.axis_names)}, or None (PyTorch's placement "
+                f"objects and strings are not accepted); found {stray!r}; write e.g. "
+                f"{[Replicate()] * len(mesh.axis_names)}.")
     try:
         subtrees = prefix_tree.flatten_up_to(tree)
     except (ValueError, TypeError):
@@ -71,7 +77,10 @@ def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
             f"{what}: Expecting {found} {kind} to local_map function based on "
             f"placements, but found {n_leaves}. Give one entry (a placement list "
             f"or None) per flattened {kind[:-1]} leaf, or a pytree prefix of the "
-            f"{'arguments' if kind == 'inputs' else 'outputs'}.") from None
+            f"{'arguments' if kind == 'inputs' else 'outputs'}: the placements' "
+            f"structure {prefix_tree} does not prefix the "
+            f"{'arguments' if kind == 'inputs' else 'outputs'}' "
+            f"{jax.tree_util.tree_structure(tree, is_leaf=_is_none)}.") from None
     return [entry for entry, sub in zip(prefix, subtrees)
             for _ in jax.tree_util.tree_leaves(sub, is_leaf=_is_none)]
 
@@ -112,6 +121,11 @@ class _LocalMapped:
                 f"func to get a decorator.")
         if device_mesh is not None:
             check_mesh(device_mesh)
+        for name, flag in (("redistribute_inputs", redistribute_inputs), ("check_vma", check_vma)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise PlacementTypeError(
+                    f"{name}: expected True or False, found {flag!r} of type "
+                    f"{type(flag).__name__}; pass a bool.")
         self.func = func
         self.out_placements = out_placements
         self.in_placements = in_placements
@@ -195,14 +209,19 @@ class _LocalMapped:
             if not layouts.same_mesh(leaf_mesh, mesh):
                 if not (self.redistribute_inputs and not isinstance(leaf, jax.core.Tracer)):
                     raise PlacementValueError(
-                        f"{what}: input {i} lives on {leaf_mesh}, but this local_map "
-                        f"runs on {mesh}; move it with jlocalmap.distribute_tensor(x, "
-                        f"mesh, placements) or set redistribute_inputs=True.")
+                        f"{what}: input {i} lives on {layouts.describe_mesh(leaf_mesh)}, "
+                        f"but this local_map runs on {layouts.describe_mesh(mesh)}; move "
+                        f"it with jlocalmap.distribute_tensor(x, mesh, placements) or set "
+                        f"redistribute_inputs=True.")
                 leaves[i] = leaf = layouts.full_tensor(leaf)
                 src = None
             else:
                 src = layouts.known_placements(leaf, mesh)
             dst = (src if entry is None else as_placement_list(entry, mesh, what))
+            if dst is not None:
+                # Layouts that cannot exist are refused before any advice to move.
+                placements_to_spec(dst, mesh, np.ndim(leaf), what=what)
+                local_shape(np.shape(leaf), dst, mesh, what=what)
             if dst is None:
                 raise PlacementValueError(
                     f"{what}: input {i} is on Auto-axis mesh {mesh}, whose placements "
@@ -264,7 +283,7 @@ class _LocalMapped:
                                       what=f"in_placements[{plan.index}]")
             stacked = plan.stacked_axes(mesh)
             if stacked:
-                x, spec = _stack_partials(x, mesh, spec, stacked)
+                x, spec = layouts.stack_summands(x, mesh, spec, stacked)
             in_specs.append(spec)
             laid_out.append(x)
 
@@ -367,32 +386,6 @@ def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
         else:
             stored.append(p)
     return v, tuple(stored)
-
-
-def _stack_partials(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
-                    axes: tuple[str, ...]) -> tuple[jax.Array, PartitionSpec]:
-    """Re-express an unreduced value as its per-device summands, stacked on a new
-    leading dim over the Partial axes (no data moves), so a body can take them.
-
-    The cotangent of an unreduced value is a replicated ("reduced") one: each
-    summand's cotangent is the cotangent of the sum. They are equal for bodies
-    linear in the partial input; their mean is taken, so the result is exact then
-    and well defined otherwise."""
-    entries = spec_entries(spec)
-    stacked_spec = PartitionSpec(axes if len(axes) > 1 else axes[0], *entries)
-    reduced = NamedSharding(mesh, PartitionSpec(*entries, reduced=frozenset(axes)))
-    stack = jax.shard_map(lambda u: u[None], mesh=mesh, in_specs=spec,
-                          out_specs=stacked_spec, check_vma=False)
-
-    @jax.custom_vjp
-    def stack_summands(u):
-        return stack(u)
-
-    def backward(_, ct):
-        return (jax.reshard(jnp.mean(ct, 0), reduced),)
-
-    stack_summands.defvjp(lambda u: (stack(u), None), backward)
-    return stack_summands(x), stacked_spec
 
 
 def local_map(func: Optional[Callable] = None, out_placements: Any = None,

@@ -33,6 +33,13 @@ class Placement:
 
     __slots__ = ()
 
+    def __new__(cls, *args, **kwargs):
+        if cls is Placement:
+            raise PlacementTypeError(
+                "Placement(): the base class has no meaning of its own; use "
+                "Shard(dim), Replicate() or Partial(reduce_op).")
+        return super().__new__(cls)
+
     def is_shard(self, dim: Optional[int] = None) -> bool:
         """True for ``Shard`` (of ``dim``, when given).
 

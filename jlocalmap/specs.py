@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Union
 
-import jax
 from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
