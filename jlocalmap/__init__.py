@@ -1,6 +1,9 @@
 """jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``."""
 
+from jlocalmap import collectives
+from jlocalmap.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
+from jlocalmap.layout_view import describe, print_layout
 from jlocalmap.local_map import local_map
 from jlocalmap.layouts import distribute_tensor, full_tensor, placements_of, redistribute
 from jlocalmap.placements import Partial, Placement, Replicate, Shard
@@ -11,4 +14,6 @@ __all__ = [
     "Placement", "Shard", "Replicate", "Partial",
     "placements_to_spec", "spec_to_placements",
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
+    "collectives", "CommCounts", "count_collectives", "collectives_in_hlo",
+    "describe", "print_layout",
 ]

@@ -1,0 +1,257 @@
+"""jlocalmap.collectives inside local_map bodies: values against a numpy model of
+torch's functional collectives (every device contributes its own local value),
+gradients against the unsharded computation, on 1-, 2- and 3-axis meshes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jlocalmap as jlm
+from helpers import assert_close, count_collectives, randn
+from jlocalmap import Replicate, Shard
+from jlocalmap import collectives as C
+
+REDUCE = {"sum": jnp.sum, "avg": jnp.mean, "max": jnp.max, "min": jnp.min}
+
+
+# -- a model of the collectives: per-device locals, grouped as torch groups them --
+def local_of(X, mesh, placements, coords):
+    """Device ``coords``' local value of global ``X`` (mesh-order nested splits)."""
+    for axis, p in zip(mesh.axis_names, placements):
+        if p.is_shard():
+            X = jnp.split(X, dict(zip(mesh.axis_names, mesh.axis_sizes))[axis], p.dim)[coords[axis]]
+    return X
+
+
+def groups(mesh, axes):
+    """For each device in mesh order: its group's devices' coords in rank order, and its rank."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    out = []
+    for idx in np.ndindex(*mesh.axis_sizes):
+        coords = dict(zip(mesh.axis_names, idx))
+        members = [{**coords, **dict(zip(axes, g))} for g in np.ndindex(*[sizes[a] for a in axes])]
+        rank = int(np.ravel_multi_index([coords[a] for a in axes], [sizes[a] for a in axes]))
+        out.append((members, rank))
+    return out
+
+
+def model_all_reduce(op):
+    return lambda xs, r: REDUCE[op](jnp.stack(xs), 0)
+
+
+def model_all_gather(dim):
+    return lambda xs, r: jnp.concatenate(xs, dim)
+
+
+def model_reduce_scatter(op, dim):
+    return lambda xs, r: jnp.split(REDUCE[op](jnp.stack(xs), 0), len(xs), dim)[r]
+
+
+def model_all_to_all(split, concat):
+    return lambda xs, r: jnp.concatenate([jnp.split(x, len(xs), split)[r] for x in xs], concat)
+
+
+def model_permute(shift):
+    return lambda xs, r: xs[(r - shift) % len(xs)]
+
+
+def check(mesh, group, axes, placements, body, model, X, rng):
+    """Run ``body`` per device via local_map; compare the per-device outputs and
+    the gradient of a random linear loss with the model's, in one compile."""
+    stacked = [Shard(0)] * len(mesh.axis_names)
+    f = jlm.local_map(lambda x: body(x, group)[None], stacked, (placements,), device_mesh=mesh)
+
+    def reference(X):
+        return jnp.stack([model([local_of(X, mesh, placements, m) for m in members], rank)
+                          for members, rank in groups(mesh, axes)])
+
+    R = randn(rng, *jax.eval_shape(reference, X).shape)
+
+    def loss_and_out(f, x):
+        out = f(x)
+        return jnp.sum(out * R), out
+
+    (_, expected), expected_grad = jax.jit(jax.value_and_grad(
+        lambda X: loss_and_out(reference, X), has_aux=True))(X)
+    with jax.set_mesh(mesh):
+        x = jlm.distribute_tensor(X, mesh, placements)
+        (_, out), grad = jax.jit(jax.value_and_grad(
+            lambda x: loss_and_out(f, x), has_aux=True))(x)
+    assert_close(out, expected, rtol=1e-5)
+    assert_close(grad, expected_grad, rtol=1e-5)
+
+
+COLLECTIVES = {
+    "all_reduce-sum": (lambda x, g: C.all_reduce(x, "sum", g), model_all_reduce("sum")),
+    "all_reduce-avg": (lambda x, g: C.all_reduce(x, "avg", g), model_all_reduce("avg")),
+    "all_reduce-max": (lambda x, g: C.all_reduce(x, "max", g), model_all_reduce("max")),
+    "all_reduce-min": (lambda x, g: C.all_reduce(x, "min", g), model_all_reduce("min")),
+    "all_gather-0": (lambda x, g: C.all_gather_tensor(x, 0, g), model_all_gather(0)),
+    "all_gather-1": (lambda x, g: C.all_gather_tensor(x, -1, g), model_all_gather(1)),
+    "reduce_scatter-sum-1": (lambda x, g: C.reduce_scatter_tensor(x, "sum", 1, g),
+                             model_reduce_scatter("sum", 1)),
+    "reduce_scatter-avg-0": (lambda x, g: C.reduce_scatter_tensor(x, "avg", 0, g),
+                             model_reduce_scatter("avg", 0)),
+    "reduce_scatter-max-1": (lambda x, g: C.reduce_scatter_tensor(x, "max", 1, g),
+                             model_reduce_scatter("max", 1)),
+    "all_to_all-1-0": (lambda x, g: C.all_to_all_single(x, 1, 0, g), model_all_to_all(1, 0)),
+    "all_to_all-0-0": (lambda x, g: C.all_to_all_single(x, 0, 0, g), model_all_to_all(0, 0)),
+    "permute+1": (lambda x, g: C.permute(x, 1, g), model_permute(1)),
+    "permute-3": (lambda x, g: C.permute(x, -3, g), model_permute(-3)),
+}
+
+# (mesh fixture, group given as a function of the mesh, the axes it names)
+GROUPS = {
+    "1d-mesh": ("mesh1", lambda m: m, ("tp",)),
+    "2d-mesh": ("mesh2x2", lambda m: m, ("dp", "tp")),
+    "2d-(mesh,1)": ("mesh2x2", lambda m: (m, 1), ("tp",)),
+    "3d-name": ("mesh3d", lambda m: "cp", ("cp",)),
+    "3d-(mesh,'dp')": ("mesh3d", lambda m: (m, "dp"), ("dp",)),
+    "3d-mesh": ("mesh3d", lambda m: m, ("dp", "tp", "cp")),
+}
+
+
+def _rotated_cases():
+    # Every collective on every group would be 78 compiles; rotating the groups
+    # through the collectives covers each of both.
+    names = list(GROUPS)
+    return [pytest.param(c, names[i % len(names)], id=f"{c}-{names[i % len(names)]}")
+            for i, c in enumerate(COLLECTIVES)]
+
+
+@pytest.mark.parametrize("collective, group_name", _rotated_cases())
+def test_collective_values_and_gradients(request, rng, collective, group_name):
+    fixture, make_group, axes = GROUPS[group_name]
+    mesh = request.getfixturevalue(fixture)
+    body, model = COLLECTIVES[collective]
+    n_dev = mesh.devices.size
+    X = randn(rng, n_dev * 8, 8)
+    check(mesh, make_group(mesh), axes, [Shard(0)] * len(mesh.axis_names), body, model, X, rng)
+
+
+@pytest.mark.parametrize("collective", ["all_gather-0", "reduce_scatter-sum-1", "all_to_all-0-0",
+                                        "permute+1"])
+def test_group_axes_out_of_mesh_order(mesh3d, rng, collective):
+    """('cp', 'dp') on a (dp, tp, cp) mesh: cp is the major rank axis (the
+    collectives whose result depends on the rank order)."""
+    body, model = COLLECTIVES[collective]
+    check(mesh3d, ("cp", "dp"), ("cp", "dp"), [Shard(0)] * 3, body, model, randn(rng, 64, 8), rng)
+
+
+@pytest.mark.parametrize("collective", ["all_reduce-sum", "all_gather-1", "reduce_scatter-sum-1",
+                                        "all_to_all-1-0", "permute+1", "all_reduce-max"])
+def test_invariant_inputs_count_once_per_device(mesh2x2, rng, collective):
+    """A value replicated over a group axis is every device's own copy, as in torch:
+    all_reduce(x, 'sum') of a replicated x is n * x. Here x varies over dp only."""
+    body, model = COLLECTIVES[collective]
+    check(mesh2x2, mesh2x2, ("dp", "tp"), [Shard(0), Replicate()], body, model,
+          randn(rng, 16, 8), rng)
+
+
+def test_all_reduce_of_replicated_value_is_n_times(mesh2x4, rng):
+    X = randn(rng, 3, 5)
+    f = jlm.local_map(lambda x: C.all_reduce(x, "sum", mesh2x4), [Replicate(), Replicate()],
+                      ([Replicate(), Replicate()],), device_mesh=mesh2x4)
+    assert_close(f(X), 8 * X, rtol=1e-5)
+
+
+def test_all_gather_result_is_replicated(mesh4, rng):
+    X = randn(rng, 8, 3)
+    f = jlm.local_map(lambda x: C.all_gather_tensor(x, 0, mesh4), [Replicate()], ([Shard(0)],),
+                      device_mesh=mesh4)
+    y = f(jlm.distribute_tensor(X, mesh4, [Shard(0)]))
+    assert jlm.placements_of(y) == (Replicate(),)
+    assert_close(y, X)
+    assert count_collectives(f, X)["all-gather"] == 1
+
+
+@pytest.mark.parametrize("reduce, out", [
+    (lambda p, m: C.all_reduce(p, "sum", m), [Replicate()]),
+    (lambda p, m: C.reduce_scatter_tensor(p, "sum", 0, m), [Shard(0)]),
+])
+def test_partial_input_reduced_in_the_body(mesh4, rng, reduce, out):
+    """A Partial() input's summands, reduced in the body: the value, and the
+    gradient of the unsharded identity."""
+    X, R = randn(rng, 8, 3), randn(rng, 8, 3)
+    f = jlm.local_map(lambda p: reduce(p, mesh4), out, ([jlm.Partial()],), device_mesh=mesh4)
+    x = jlm.distribute_tensor(X, mesh4, [jlm.Partial()])
+    with jax.set_mesh(mesh4):
+        y, grad = jax.jit(lambda x: (f(x), jax.grad(lambda x: jnp.sum(f(x) * R))(x)))(x)
+    assert_close(y, X, rtol=1e-5)
+    assert_close(jlm.full_tensor(grad), R)
+
+
+# -- the Megatron MLP as PyTorch documents it (REFERENCE section 2) -----------------
+@pytest.mark.parametrize("n", [2, 4], ids=["2dev", "4dev"])
+def test_megatron_mlp_gradients_are_unsharded(rng, n):
+    mesh = jax.make_mesh((n,), ("tp",))
+    X, W1, W2 = randn(rng, 8, 16), randn(rng, 16, 32), randn(rng, 32, 16)
+
+    @jlm.local_map(out_placements=[Replicate()],
+                   in_placements=([Replicate()], [Shard(1)], [Shard(0)]), device_mesh=mesh)
+    def mlp(x, w1, w2):
+        return C.all_reduce(jax.nn.relu(x @ w1) @ w2, "sum", mesh)
+
+    def loss(mlp, x, w1, w2):
+        return jnp.sum(jnp.tanh(mlp(x, w1, w2)))
+
+    args = (jlm.distribute_tensor(X, mesh, [Replicate()]),
+            jlm.distribute_tensor(W1, mesh, [Shard(1)]),
+            jlm.distribute_tensor(W2, mesh, [Shard(0)]))
+    with jax.set_mesh(mesh):
+        value, grads = jax.jit(jax.value_and_grad(lambda *a: loss(mlp, *a), argnums=(0, 1, 2)))(*args)
+    unsharded = lambda x, w1, w2: jax.nn.relu(x @ w1) @ w2
+    ref_value, ref_grads = jax.value_and_grad(lambda *a: loss(unsharded, *a), argnums=(0, 1, 2))(X, W1, W2)
+    assert_close(value, ref_value, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert_close(g, r, rtol=1e-4)
+    assert [jlm.placements_of(g) for g in grads] == [(Replicate(),), (Shard(1),), (Shard(0),)]
+
+
+def test_one_all_reduce_in_the_correctness_program(mesh4, rng):
+    mm = jlm.local_map(lambda x, w: C.all_reduce(x @ w, "sum", (mesh4, 0)), [Replicate()],
+                       ([Shard(1)], [Shard(0)]), device_mesh=mesh4)
+    X, W = randn(rng, 8, 16), randn(rng, 16, 12)
+    x, w = jlm.distribute_tensor(X, mesh4, [Shard(1)]), jlm.distribute_tensor(W, mesh4, [Shard(0)])
+    assert_close(mm(x, w), X @ W, rtol=1e-5)
+    assert count_collectives(mm, x, w) == {"all-reduce": 1, "all-gather": 0, "reduce-scatter": 0,
+                                           "all-to-all": 0, "collective-permute": 0}
+
+
+# -- errors ---------------------------------------------------------------------------
+def _run_body(mesh, body, X):
+    pl = [Shard(0)] * len(mesh.axis_names)
+    return jlm.local_map(body, pl, (pl,), device_mesh=mesh)(X)
+
+
+@pytest.mark.parametrize("body, match", [
+    (lambda x, m: C.all_reduce(x, "product", m),
+     r"reduce_op: .*found 'product'.*no product all-reduce.*jnp\.prod"),
+    (lambda x, m: C.all_reduce(x, "mean", m),
+     r"reduce_op: expected one of \('sum', 'avg', 'max', 'min'\), found 'mean'"),
+    (lambda x, m: C.all_gather_tensor(x, 2, m), r"gather_dim: .*shape \(4, 3\).*found 2"),
+    (lambda x, m: C.reduce_scatter_tensor(x, "sum", 1, m),
+     r"scatter_dim: dim 1 .* size 3, .* 2 equal chunks.*pad"),
+    (lambda x, m: C.all_to_all_single(x, 1, 0, m), r"split_dim: dim 1 .*size 3"),
+    (lambda x, m: C.all_reduce(x, "sum", "dp"),
+     r"group: .*axes \['dp'\] that are not.*manual axes here are \('tp',\)"),
+    (lambda x, m: C.all_reduce(x, "sum", (m, 1)),
+     r"group: \(mesh, mesh_dim\) expected mesh_dim .* found 1"),
+    (lambda x, m: C.all_reduce(x, "sum", [0, 1]),
+     r"group: expected a Mesh .*found \[0, 1\].*name the mesh axes"),
+    (lambda x, m: C.all_reduce(x, "sum", ("tp", "tp")), r"group: expected distinct mesh axis names"),
+    (lambda x, m: C.all_reduce(x, "sum", jax.make_mesh((4,), ("tp",))),
+     r"group: the mesh given has axis sizes \{'tp': 4\}.*sizes \{'tp': 2\}"),
+    (lambda x, m: C.permute(x, 1.0, m), r"shift: expected an int"),
+    (lambda x, m: C.all_reduce("x", "sum", m), r"x: expected the local array"),
+])
+def test_errors_name_argument_and_fix(mesh1, rng, body, match):
+    with pytest.raises((jlm.PlacementValueError, jlm.PlacementTypeError), match=match):
+        _run_body(mesh1, lambda x: body(x, mesh1), randn(rng, 8, 3))
+
+
+def test_outside_a_body_is_an_error(mesh1, rng):
+    with pytest.raises(jlm.PlacementValueError,
+                       match="no mesh axis is manual here.*inside the body of a jlocalmap.local_map"):
+        C.all_reduce(randn(rng, 2), "sum", mesh1)
