@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any, Optional
@@ -27,7 +28,7 @@ import numpy as np
 from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
-from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
+from jlocalmap.placements import Partial, Placement, PlacementList, Replicate, Shard
 from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
                              is_explicit, local_shape, placements_to_spec,
                              spec_entries, spec_to_placements)
@@ -69,6 +70,38 @@ def mesh_of(x: Any) -> Optional[AnyMesh]:
         return None if mesh is None or mesh.empty else mesh
     if isinstance(x, jax.Array) and isinstance(x.sharding, NamedSharding):
         return x.sharding.mesh
+    return None
+
+
+def reexpress(x: Any, mesh: AnyMesh,
+              preferred: Optional[PlacementList] = None) -> Optional[jax.Array]:
+    """``x``, committed on another mesh over the same devices, as an array on
+    ``mesh`` with the same device-to-index map (no data moves), or None when no
+    placement list of ``mesh`` gives that map. ``preferred`` is tried first.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> from jlocalmap.layouts import reexpress
+        >>> line = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
+        >>> grid = jax.make_mesh((2, 2), ("a", "b"), devices=jax.devices()[:4])
+        >>> x = jlm.distribute_tensor(np.ones((8, 32)), line, [jlm.Shard(1)])
+        >>> jlm.placements_of(reexpress(x, grid))
+        (Shard(dim=1), Shard(dim=1))
+    """
+    if isinstance(x, jax.core.Tracer) or not isinstance(mesh, Mesh):
+        return None  # tracers carry no devices to compare
+    if set(x.sharding.device_set) != set(mesh.devices.flat) or x.sharding.spec.unreduced:
+        return None
+    options = [Replicate()] + [Shard(d) for d in range(x.ndim)]
+    candidates = itertools.product(options, repeat=len(mesh.axis_names))
+    for placements in itertools.chain([preferred] if preferred else [], candidates):
+        try:
+            local_shape(x.shape, placements, mesh)
+            sharding = NamedSharding(mesh, placements_to_spec(placements, mesh, x.ndim))
+        except PlacementValueError:
+            continue
+        if sharding.is_equivalent_to(x.sharding, x.ndim):
+            return jax.device_put(x, sharding)
     return None
 
 

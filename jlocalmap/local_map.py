@@ -143,12 +143,51 @@ class _LocalMapped:
 
     # -- the call -----------------------------------------------------------
     def __call__(self, *args, **kwargs):
-        leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=_is_none)
-        mesh = self._mesh(leaves)
-        if mesh is None or set(mesh.axis_names) <= manual_axes():
+        prepared = self._prepare(args, kwargs)
+        if prepared is None:
             # No distributed input, or already inside a shard_map over these axes:
             # the values are local already (DTensor's plain-tensor rule).
             return self.func(*args, **kwargs)
+        mesh, fn, trace, dyn, traced = prepared
+        if traced:
+            arrays = fn(*dyn)
+        else:
+            with layouts.mesh_context(mesh):
+                arrays = fn(*dyn)
+        out_leaves = dict(trace.statics)
+        out_leaves.update(zip(trace.array_positions, arrays))
+        return jax.tree_util.tree_unflatten(
+            trace.out_tree, [out_leaves[j] for j in range(len(out_leaves))])
+
+    def lower(self, *args, **kwargs) -> jax.stages.Lowered:
+        """The program an eager call with these arguments runs, lowered (like
+        ``jax.jit(f).lower``): read its HLO, compile it, count its collectives.
+
+        Example:
+            >>> import jax, numpy as np, jlocalmap as jlm
+            >>> mesh = jax.make_mesh((2,), ("tp",))
+            >>> f = jlm.local_map(lambda x: jax.lax.psum(x, "tp"), [jlm.Replicate()],
+            ...                   ([jlm.Shard(0)],), device_mesh=mesh)
+            >>> "all-reduce" in f.lower(np.ones(4, np.float32)).compile().as_text()
+            True
+        """
+        prepared = self._prepare(args, kwargs)
+        if prepared is None or prepared[-1]:
+            raise PlacementValueError(
+                "lower: expected concrete arguments with a mesh (distributed arrays, or "
+                "host values with device_mesh set), found tracers or no mesh; call it "
+                "outside jax.jit, or use jax.jit(f).lower(...) there.")
+        mesh, fn, _, dyn, _ = prepared
+        with layouts.mesh_context(mesh):
+            return fn.lower(*dyn)
+
+    def _prepare(self, args, kwargs):
+        """Check and plan a call: (mesh, program, trace, dynamic leaves, traced),
+        or None when ``func`` runs as a plain function."""
+        leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=_is_none)
+        mesh = self._mesh(leaves)
+        if mesh is None or set(mesh.axis_names) <= manual_axes():
+            return None
         entries = (assign_placements(self.in_placements, args, len(leaves), mesh,
                                      "in_placements", "inputs")
                    if self.in_placements is not None else [None] * len(leaves))
@@ -164,28 +203,22 @@ class _LocalMapped:
             else:
                 inputs.append(plan)
         dyn = [leaves[p.index] for p in inputs]
-        traced = any(isinstance(x, jax.core.Tracer) for x in dyn)
-        if traced:
+        if any(isinstance(x, jax.core.Tracer) for x in dyn):
             trace = _Trace()
-            arrays = self._impl(mesh, in_tree, tuple(inputs), statics, kwargs, trace, *dyn)
-        else:
-            key = self._key(in_tree, inputs, statics, kwargs, dyn)
-            hit = self._cache.get(key)
-            if hit is None:
-                trace = _Trace()
-                fn = jax.jit(functools.partial(
-                    self._impl, mesh, in_tree, tuple(inputs), statics, kwargs, trace))
-                hit = self._cache[key] = (fn, trace, (statics, kwargs))
-                while len(self._cache) > _CACHE_SIZE:
-                    self._cache.popitem(last=False)
-            self._cache.move_to_end(key)
-            fn, trace, _ = hit
-            with layouts.mesh_context(mesh):
-                arrays = fn(*dyn)
-        out_leaves = dict(trace.statics)
-        out_leaves.update(zip(trace.array_positions, arrays))
-        return jax.tree_util.tree_unflatten(
-            trace.out_tree, [out_leaves[j] for j in range(len(out_leaves))])
+            return mesh, functools.partial(self._impl, mesh, in_tree, tuple(inputs),
+                                           statics, kwargs, trace), trace, dyn, True
+        key = self._key(in_tree, inputs, statics, kwargs, dyn)
+        hit = self._cache.get(key)
+        if hit is None:
+            trace = _Trace()
+            fn = jax.jit(functools.partial(
+                self._impl, mesh, in_tree, tuple(inputs), statics, kwargs, trace))
+            hit = self._cache[key] = (fn, trace, (statics, kwargs))
+            while len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(key)
+        fn, trace, _ = hit
+        return mesh, fn, trace, dyn, False
 
     def _mesh(self, leaves: Sequence[Any]) -> Optional[AnyMesh]:
         if self.device_mesh is not None:
@@ -206,16 +239,25 @@ class _LocalMapped:
                     f"{what}: input {i} is distributed on {leaf_mesh}, so local_map "
                     f"expects placements for it, found None; give its placement "
                     f"list, e.g. {[Replicate()] * len(mesh.axis_names)}.")
+            src = None
             if not layouts.same_mesh(leaf_mesh, mesh):
-                if not (self.redistribute_inputs and not isinstance(leaf, jax.core.Tracer)):
+                moved = layouts.reexpress(leaf, mesh, None if entry is None else
+                                          as_placement_list(entry, mesh, what))
+                if moved is not None:
+                    leaves[i] = leaf = moved
+                elif self.redistribute_inputs and not isinstance(leaf, jax.core.Tracer) \
+                        and isinstance(mesh, jax.sharding.Mesh):
+                    leaves[i] = leaf = jax.device_put(
+                        layouts.full_tensor(leaf),
+                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+                else:
                     raise PlacementValueError(
                         f"{what}: input {i} lives on {layouts.describe_mesh(leaf_mesh)}, "
-                        f"but this local_map runs on {layouts.describe_mesh(mesh)}; move "
-                        f"it with jlocalmap.distribute_tensor(x, mesh, placements) or set "
-                        f"redistribute_inputs=True.")
-                leaves[i] = leaf = layouts.full_tensor(leaf)
-                src = None
-            else:
+                        f"but this local_map runs on {layouts.describe_mesh(mesh)}, and its "
+                        f"layout is no layout of that mesh's devices (no data can stay "
+                        f"put); move it with jlocalmap.distribute_tensor(x, mesh, "
+                        f"placements) or set redistribute_inputs=True.")
+            if leaf is not None and layouts.mesh_of(leaf) is not None:
                 src = layouts.known_placements(leaf, mesh)
             dst = (src if entry is None else as_placement_list(entry, mesh, what))
             if dst is not None:

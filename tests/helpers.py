@@ -18,7 +18,12 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-5):
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
 
 
+def count_compiled(lowered):
+    """Collective ops of each kind in a lowered program's compiled HLO."""
+    text = lowered.compile().as_text()
+    return {c: len(re.findall(rf"\s{c}(?:-start)?\(", text)) for c in COLLECTIVES}
+
+
 def count_collectives(fn, *args, **kwargs):
     """Collective ops of each kind in the compiled HLO of ``jax.jit(fn)``."""
-    text = jax.jit(fn).lower(*args, **kwargs).compile().as_text()
-    return {c: len(re.findall(rf"\s{c}(?:-start)?\(", text)) for c in COLLECTIVES}
+    return count_compiled(jax.jit(fn).lower(*args, **kwargs))

@@ -217,16 +217,12 @@ CASES = [
     # -- inputs on another mesh --------------------------------------------------------
     pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh=e.m1)(e.x4), VE,
                  OTHER_MESH.format(0), id="other-mesh-size"),
-    pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh=e.m1)(e.x_names), VE,
-                 OTHER_MESH.format(0), id="other-mesh-axis-names"),
     pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh=e.m1)(e.x_devs), VE,
                  OTHER_MESH.format(0), id="other-mesh-devices"),
     pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh=e.m1)(e.x_devs), VE,
                  r"in_placements\[0\]: .*devic", id="other-mesh-devices-message-says-devices"),
     pytest.param(lambda e: jax.jit(L(ident, [S0], ([S0],), device_mesh=e.m1))(e.x_names), VE,
                  OTHER_MESH.format(0), id="other-mesh-under-jit"),
-    pytest.param(lambda e: L(first, [S0], ([S0], [S0]))(e.x, e.x_names), VE,
-                 OTHER_MESH.format(1), id="second-input-on-other-mesh"),
     # -- placements that differ from the input's --------------------------------------------
     pytest.param(lambda e: L(ident, [S0], ([R],))(e.x), VE,
                  MISMATCH.format(0, r"Shard\(dim=0\)", r"Replicate\(\)")

@@ -8,7 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
-from helpers import assert_close, count_collectives, randn
+from helpers import assert_close, count_collectives, count_compiled, randn
 from jlocalmap import Partial, Replicate, Shard
 
 
@@ -331,3 +331,49 @@ def test_eager_calls_do_not_retrace(mesh1, rng):
     assert len(traces) == n
     f(jlm.distribute_tensor(randn(rng, 8, 4), mesh1, [Shard(0)]))  # a new shape compiles anew
     assert len(traces) > n
+
+
+# -- inputs from other meshes (REFERENCE s3 multi-mesh, 4 devices) --------------------
+def test_inputs_from_another_mesh_of_the_same_devices(rng):
+    devices = jax.devices()[:4]
+    line = jax.make_mesh((4,), ("x",), devices=devices)
+    grid = jax.make_mesh((2, 2), ("a", "b"), devices=devices)
+    X, W = randn(rng, 8, 32), randn(rng, 32, 4)
+    x = jlm.distribute_tensor(X, line, [Shard(1)])
+    w = jlm.distribute_tensor(W, grid, [Shard(0), Shard(0)])
+    seen = []
+
+    def body(x, w):
+        seen.append((x.shape, w.shape))
+        return x @ w
+
+    f = jlm.local_map(body, [Partial(), Partial()], ([Shard(1), Shard(1)], [Shard(0), Shard(0)]),
+                      device_mesh=grid)
+    y = f(x, w)
+    assert seen[-1] == ((8, 8), (8, 4))
+    assert y.addressable_shards[0].data.shape == (8, 4)
+    assert_close(jlm.full_tensor(y), X @ W, rtol=1e-5)
+    # nothing moved: the compiled program has no collective at all
+    assert sum(count_compiled(f.lower(x, w)).values()) == 0
+
+
+def test_other_mesh_without_a_data_free_layout(rng):
+    devices = jax.devices()[:4]
+    grid = jax.make_mesh((2, 2), ("a", "b"), devices=devices)
+    shuffled = jax.make_mesh((4,), ("x",), devices=[devices[i] for i in (0, 2, 1, 3)])
+    X = randn(rng, 8, 8)
+    x = jlm.distribute_tensor(X, shuffled, [Shard(0)])
+    f = jlm.local_map(lambda x: x * 2, [Shard(0), Shard(0)], ([Shard(0), Shard(0)],), device_mesh=grid)
+    with pytest.raises(jlm.PlacementValueError, match=r"in_placements\[0\]: input 0 lives on .*over devices \[0, 2, 1, 3\].*set redistribute_inputs=True"):
+        f(x)
+    g = jlm.local_map(lambda x: x * 2, [Shard(0), Shard(0)], ([Shard(0), Shard(0)],), device_mesh=grid,
+                      redistribute_inputs=True)
+    assert_close(g(x), 2 * X)
+
+
+def test_mesh_with_other_axis_names_is_reexpressed(mesh1, rng):
+    renamed = jax.make_mesh((2,), ("dp",), devices=mesh1.devices.tolist())
+    X = randn(rng, 4, 6)
+    x = jlm.distribute_tensor(X, renamed, [Shard(0)])
+    f = jlm.local_map(lambda x, y: x + y, [Shard(0)], ([Shard(0)], [Shard(0)]))
+    assert_close(f(jlm.distribute_tensor(X, mesh1, [Shard(0)]), x), 2 * X)
