@@ -8,6 +8,7 @@ from jlocalmap.local_map import local_map
 from jlocalmap.layouts import distribute_tensor, full_tensor, placements_of, redistribute
 from jlocalmap.placements import Partial, Placement, Replicate, Shard
 from jlocalmap.specs import placements_to_spec, spec_to_placements
+from jlocalmap.uneven import UnevenArray, local_valid_size
 
 __all__ = [
     "LocalMapError", "PlacementTypeError", "PlacementValueError",
@@ -16,4 +17,5 @@ __all__ = [
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
     "collectives", "CommCounts", "count_collectives", "collectives_in_hlo",
     "describe", "print_layout",
+    "UnevenArray", "local_valid_size",
 ]

@@ -29,6 +29,7 @@ from jax.sharding import AbstractMesh, Mesh, NamedSharding, PartitionSpec
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.placements import Partial, Placement, PlacementList, Replicate, Shard
+from jlocalmap.uneven import UnevenArray, pad, uneven_dims, unpad
 from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
                              is_explicit, local_shape, placements_to_spec,
                              spec_entries, spec_to_placements)
@@ -47,10 +48,21 @@ def same_mesh(a: AnyMesh, b: AnyMesh) -> bool:
     return abstract(a) == abstract(b)
 
 
+@contextlib.contextmanager
 def mesh_context(mesh: AnyMesh):
     """Enter ``mesh`` for an eager call: jitted code that reshards host values
-    onto Explicit axes needs the concrete mesh in context."""
-    return jax.set_mesh(mesh) if isinstance(mesh, Mesh) else contextlib.nullcontext()
+    onto Explicit axes needs the concrete mesh in context. Inside a trace the
+    caller's context applies (JAX refuses ``set_mesh`` there)."""
+    if not isinstance(mesh, Mesh) or jax.sharding.get_abstract_mesh() == mesh.abstract_mesh:
+        yield
+        return
+    try:
+        context = jax.set_mesh(mesh)
+    except ValueError:
+        yield
+        return
+    with context:
+        yield
 
 
 def describe_mesh(mesh: AnyMesh) -> str:
@@ -64,6 +76,8 @@ def describe_mesh(mesh: AnyMesh) -> str:
 def mesh_of(x: Any) -> Optional[AnyMesh]:
     """The mesh a distributed value lives on, or None for a host or single-device
     value. Tracers report the abstract mesh of their type."""
+    if isinstance(x, UnevenArray):
+        return x.mesh
     if isinstance(x, jax.core.Tracer):
         sharding = getattr(jax.typeof(x), "sharding", None)
         mesh = getattr(sharding, "mesh", None)
@@ -108,6 +122,8 @@ def reexpress(x: Any, mesh: AnyMesh,
 def known_placements(x: Any, mesh: AnyMesh) -> Optional[PlacementList]:
     """The placements of distributed ``x`` where JAX knows them: committed arrays,
     and tracers on Explicit axes. None on Auto axes under ``jax.jit``."""
+    if isinstance(x, UnevenArray):
+        return x.placements
     if isinstance(x, jax.core.Tracer):
         if not all(is_explicit(mesh, a) for a in mesh.axis_names):
             return None
@@ -304,6 +320,8 @@ def distribute_tensor(x: Any, device_mesh: AnyMesh,
     ``device_mesh`` with ``placements``; works eagerly and under ``jax.jit``.
 
     ``Partial('sum')`` splits the value (each device holds ``x / n``), as DTensor does.
+    Shards that do not divide evenly give an :class:`~jlocalmap.uneven.UnevenArray`
+    with DTensor's chunk sizes (see docs/uneven.md).
 
     Example:
         >>> import jax, numpy as np, jlocalmap as jlm
@@ -316,6 +334,11 @@ def distribute_tensor(x: Any, device_mesh: AnyMesh,
     dst = as_placement_list(placements, mesh, "placements")
     if mesh_of(x) is not None:
         x = full_tensor(x)
+    dims = uneven_dims(np.shape(x), dst, mesh)
+    if dims:
+        padded = pad(jnp.asarray(x), dims)
+        return UnevenArray(_run_relayout(padded, mesh, None, dst, "placements"),
+                           tuple(np.shape(x)), dst, mesh)
     return _run_relayout(x, mesh, None, dst, "placements")
 
 
@@ -335,6 +358,10 @@ def redistribute(x: Any, device_mesh: Optional[AnyMesh],
     src = placements_of(x, device_mesh)
     mesh = mesh_of(x) if device_mesh is None else device_mesh
     dst = as_placement_list(placements, mesh, "placements")
+    if isinstance(x, UnevenArray) or uneven_dims(x.shape, dst, mesh):
+        if isinstance(x, UnevenArray) and canonical(src, mesh) == canonical(dst, mesh):
+            return x
+        return distribute_tensor(full_tensor(x), mesh, dst)
     return _run_relayout(x, mesh, src, dst, "placements")
 
 
@@ -356,4 +383,8 @@ def full_tensor(x: Any) -> jax.Array:
                 f"x: expected an array, found {type(x).__name__}; full_tensor takes "
                 f"what local_map or distribute_tensor returned.")
         return jnp.asarray(x)
-    return redistribute(x, mesh, [Replicate()] * len(mesh.axis_names))
+    replicated = [Replicate()] * len(mesh.axis_names)
+    if isinstance(x, UnevenArray):
+        return unpad(_run_relayout(x.padded, mesh, x.placements, replicated, "placements"),
+                     x.dims)
+    return redistribute(x, mesh, replicated)

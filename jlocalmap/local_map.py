@@ -9,8 +9,10 @@ per (settings, argument structure, shapes, dtypes, shardings) and are reused.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
+import math
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -26,12 +28,18 @@ from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_gr
 from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
 from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
                              local_shape, placements_to_spec)
+from jlocalmap.uneven import (UnevenArray, dim_splits, pad, padded_shape,
+                              refill, uneven_dims, unpad)
 
 _CACHE_SIZE = 64
 
 
 def _is_none(x: Any) -> bool:
     return x is None
+
+
+def _is_input_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, UnevenArray)
 
 
 def _is_entry(x: Any) -> bool:
@@ -94,6 +102,9 @@ class _Input:
     relayout: bool
     grad: tuple                       # (axis, op) cotangent reductions
     declared_grad: Optional[PlacementList]
+    uneven: tuple = ()                # uneven.uneven_dims of dst
+    padded: bool = False              # the leaf is an UnevenArray's padded data
+    chunks: tuple = ()                # (axes, local length, logical size if uneven)
 
     def stacked_axes(self, mesh: AnyMesh) -> tuple[str, ...]:
         return layouts.partial_axes(self.dst, mesh)
@@ -106,6 +117,7 @@ class _Trace:
     statics: dict = dataclasses.field(default_factory=dict)
     array_positions: list = dataclasses.field(default_factory=list)
     out_specs: list = dataclasses.field(default_factory=list)
+    uneven_outputs: dict = dataclasses.field(default_factory=dict)  # j -> (dims, placements)
 
 
 class _LocalMapped:
@@ -156,6 +168,11 @@ class _LocalMapped:
                 arrays = fn(*dyn)
         out_leaves = dict(trace.statics)
         out_leaves.update(zip(trace.array_positions, arrays))
+        for j, (dims, placements) in trace.uneven_outputs.items():
+            shape = list(out_leaves[j].shape)
+            for d, size, _, _ in dims:
+                shape[d] = size
+            out_leaves[j] = UnevenArray(out_leaves[j], tuple(shape), placements, mesh)
         return jax.tree_util.tree_unflatten(
             trace.out_tree, [out_leaves[j] for j in range(len(out_leaves))])
 
@@ -184,7 +201,7 @@ class _LocalMapped:
     def _prepare(self, args, kwargs):
         """Check and plan a call: (mesh, program, trace, dynamic leaves, traced),
         or None when ``func`` runs as a plain function."""
-        leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=_is_none)
+        leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=_is_input_leaf)
         mesh = self._mesh(leaves)
         if mesh is None or set(mesh.axis_names) <= manual_axes():
             return None
@@ -203,6 +220,15 @@ class _LocalMapped:
             else:
                 inputs.append(plan)
         dyn = [leaves[p.index] for p in inputs]
+        if any(p.uneven for p in inputs) and isinstance(mesh, jax.sharding.Mesh):
+            check = functools.partial(self._check_padding, mesh, in_tree, tuple(inputs),
+                                      statics, kwargs, dyn)
+            if any(isinstance(x, jax.core.Tracer) for x in dyn):
+                # Trace state is per thread: a fresh thread runs the check concretely.
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    pool.submit(check).result()
+            else:
+                check()
         if any(isinstance(x, jax.core.Tracer) for x in dyn):
             trace = _Trace()
             return mesh, functools.partial(self._impl, mesh, in_tree, tuple(inputs),
@@ -245,7 +271,7 @@ class _LocalMapped:
                                           as_placement_list(entry, mesh, what))
                 if moved is not None:
                     leaves[i] = leaf = moved
-                elif self.redistribute_inputs and not isinstance(leaf, jax.core.Tracer) \
+                elif self.redistribute_inputs and not isinstance(leaf, (jax.core.Tracer, UnevenArray)) \
                         and isinstance(mesh, jax.sharding.Mesh):
                     leaves[i] = leaf = jax.device_put(
                         layouts.full_tensor(leaf),
@@ -262,8 +288,8 @@ class _LocalMapped:
             dst = (src if entry is None else as_placement_list(entry, mesh, what))
             if dst is not None:
                 # Layouts that cannot exist are refused before any advice to move.
-                placements_to_spec(dst, mesh, np.ndim(leaf), what=what)
-                local_shape(np.shape(leaf), dst, mesh, what=what)
+                placements_to_spec(dst, mesh, len(leaf.shape), what=what)
+                local_shape(padded_shape(leaf.shape, dst, mesh), dst, mesh, what=what)
             if dst is None:
                 raise PlacementValueError(
                     f"{what}: input {i} is on Auto-axis mesh {mesh}, whose placements "
@@ -275,6 +301,10 @@ class _LocalMapped:
                     f"requires {list(dst)}; set redistribute_inputs=True to "
                     f"redistribute it, or call jlocalmap.redistribute(x, mesh, "
                     f"{list(dst)}) first.")
+            if isinstance(leaf, UnevenArray) and layouts.canonical(src, mesh) != \
+                    layouts.canonical(dst, mesh):
+                leaves[i] = leaf = layouts.full_tensor(leaf)  # re-laid out from whole
+                src = None
         elif _is_array(leaf) or (_is_number(leaf) and entry is not None):
             src = None
             dst = (tuple([Replicate()] * len(mesh.axis_names)) if entry is None
@@ -296,7 +326,18 @@ class _LocalMapped:
             f"in_grad_placements[{i}]")
         declared = None if grad is None else as_placement_list(
             grad, mesh, f"in_grad_placements[{i}]")
-        return _Input(i, src, tuple(dst), relayout, reductions, declared)
+        placements_to_spec(dst, mesh, len(np.shape(leaf)), what=what)
+        padded = isinstance(leaf, UnevenArray)
+        if padded:
+            leaves[i] = leaf.padded
+        shape = np.shape(leaf)
+        uneven = uneven_dims(shape, dst, mesh)
+        sizes = {d: size for d, size, _, _ in uneven}
+        full = padded_shape(shape, dst, mesh)
+        chunks = tuple((axes, full[d] // math.prod(ns), sizes.get(d))
+                       for d, (axes, ns) in dim_splits(dst, mesh, len(shape)).items())
+        return _Input(i, src, tuple(dst), relayout, reductions, declared, uneven, padded,
+                      chunks)
 
     @staticmethod
     def _key(in_tree, inputs, statics, kwargs, dyn):
@@ -314,10 +355,18 @@ class _LocalMapped:
                 kw_tree, tuple(hashable(v) for v in kw_leaves), avals)
 
     # -- the traced implementation -------------------------------------------
-    def _impl(self, mesh, in_tree, inputs, statics, kwargs, trace, *dyn):
+    def _impl(self, mesh, in_tree, inputs, statics, kwargs, trace, *dyn, pad_fill=0.0):
         in_specs, laid_out = [], []
         for plan, x in zip(inputs, dyn):
             x = jnp.asarray(x)
+            if plan.uneven and plan.padded:
+                # pad_fill != 0 only when checking that padding changes no result
+                x = refill(x, plan.uneven, pad_fill) if pad_fill else x
+            elif plan.uneven:
+                if plan.src is not None:  # gather the whole value, then pad it
+                    x = layouts.relayout(x, mesh, plan.src, [Replicate()] * len(mesh.axis_names))
+                x = pad(x, plan.uneven, pad_fill)
+                plan = dataclasses.replace(plan, src=None)
             if plan.relayout:
                 x = layouts.relayout(x, mesh, plan.src, plan.dst,
                                      what=f"in_placements[{plan.index}]")
@@ -339,7 +388,7 @@ class _LocalMapped:
                 leaves[plan.index] = (with_grad_reductions(v, plan.grad)
                                       if adapt and self.check_vma else v)
             args = jax.tree_util.tree_unflatten(in_tree, [leaves[i] for i in range(len(leaves))])
-            return self._finish_outputs(self.func(*args, **kwargs), mesh, trace)
+            return self._finish_outputs(self.func(*args, **kwargs), mesh, trace, inputs)
 
         body.__name__ = f"local_map[{getattr(self.func, '__name__', 'func')}]"
         # Trace once without gradient adapters: the output structure fixes
@@ -356,6 +405,49 @@ class _LocalMapped:
                                out_specs=tuple(trace.out_specs), check_vma=self.check_vma)
         return region(*laid_out)
 
+    def _check_padding(self, mesh, in_tree, inputs, statics, kwargs, dyn) -> None:
+        """Run the region on random data with zero and with nonzero padding (once
+        per signature): the logical outputs must not change."""
+        key = ("padding-checked", self._key(in_tree, inputs, statics, kwargs, dyn))
+        if key in self._cache:
+            return
+        rng = np.random.default_rng(0)
+        samples = []
+        for plan, x in zip(inputs, dyn):
+            shape = list(np.shape(x))
+            dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x))
+            for d, size, _, _ in plan.uneven if plan.padded else ():
+                shape[d] = size  # the logical shape, laid out anew below
+            data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
+                    else rng.integers(0, 2, shape)).astype(dtype)
+            if plan.padded:
+                data = layouts.distribute_tensor(data, mesh, plan.dst).padded
+            elif plan.src is not None:
+                data = layouts.distribute_tensor(data, mesh, plan.src)
+            else:
+                data = layouts.distribute_tensor(data, mesh, [Replicate()] * len(mesh.axis_names))
+            samples.append(data)
+        results = []
+        for fill in (0.0, 1.0):
+            trace = _Trace()
+            fn = jax.jit(functools.partial(self._impl, mesh, in_tree, inputs, statics,
+                                           kwargs, trace, pad_fill=fill))
+            with layouts.mesh_context(mesh):
+                arrays = fn(*samples)
+            results.append([np.asarray(unpad(layouts.full_tensor(a), trace.uneven_outputs[j][0]))
+                            if j in trace.uneven_outputs else np.asarray(layouts.full_tensor(a))
+                            for j, a in zip(trace.array_positions, arrays)])
+        for j, (a, b) in enumerate(zip(*results)):
+            if not np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
+                raise PlacementValueError(
+                    f"out_placements[{trace.array_positions[j]}]: output "
+                    f"{trace.array_positions[j]} changes with the padding of the uneven "
+                    f"inputs {[p.index for p in inputs if p.uneven]}: the body mixes rows "
+                    f"along an uneven dim (a sum, mean or shift over it). Mask the padding "
+                    f"rows with jlocalmap.uneven.local_valid_size(size, axes), or give "
+                    f"that input Replicate() along the dim.")
+        self._cache[key] = None
+
     @staticmethod
     def _verify_grads(probe_jaxpr, inputs, mesh) -> None:
         region_eqn = probe_jaxpr.jaxpr.eqns[-1]
@@ -366,7 +458,7 @@ class _LocalMapped:
                 verify_grad_placements(body_jaxpr, k, plan.dst, plan.declared_grad, mesh,
                                        f"in_grad_placements[{plan.index}]")
 
-    def _finish_outputs(self, out, mesh, trace: _Trace):
+    def _finish_outputs(self, out, mesh, trace: _Trace, inputs):
         leaves, trace.out_tree = jax.tree_util.tree_flatten(out, is_leaf=_is_none)
         if self.out_placements is None:
             entries = [None] * len(leaves)
@@ -374,6 +466,7 @@ class _LocalMapped:
             entries = assign_placements(self.out_placements, out, len(leaves), mesh,
                                         "out_placements", "outputs")
         trace.statics, trace.array_positions, trace.out_specs = {}, [], []
+        trace.uneven_outputs = {}
         arrays = []
         for j, (leaf, entry) in enumerate(zip(leaves, entries)):
             what = f"out_placements[{j}]"
@@ -391,10 +484,52 @@ class _LocalMapped:
                     f"its entry must be None; found {entry!r}.")
             placements = as_placement_list(entry, mesh, what)
             value, placements = _to_out_layout(jnp.asarray(leaf), placements, mesh, j)
+            spec = placements_to_spec(placements, mesh, value.ndim, what=what)
+            dims = _uneven_output_dims(value.shape, placements, mesh, inputs, j)
+            if dims:
+                trace.uneven_outputs[j] = (dims, placements)
             trace.array_positions.append(j)
-            trace.out_specs.append(placements_to_spec(placements, mesh, value.ndim, what=what))
+            trace.out_specs.append(spec)
             arrays.append(value)
         return tuple(arrays)
+
+
+def _uneven_output_dims(local: Sequence[int], placements: PlacementList, mesh: AnyMesh,
+                        inputs: Sequence[_Input], j: int) -> tuple:
+    """The uneven dims of output ``j``: a dim split over the same axes as an
+    uneven input dim, whose local length is that input's padded chunk length and
+    no even input's, has that input's logical size; another length on axes that
+    split an uneven input is refused. (Taking an output for even when it came
+    from an uneven input shows up in the padding check.)"""
+    known: dict = {}
+    for plan in inputs:
+        for axes, width, size in plan.chunks:
+            known.setdefault((axes, width), set()).add(size)
+    uneven_axes = {axes for (axes, _), sizes in known.items() if sizes - {None}}
+    dims = []
+    for d, (axes, splits) in sorted(dim_splits(placements, mesh, len(local)).items()):
+        matches = known.get((axes, local[d]), set())
+        if None in matches and len(matches) > 1:
+            raise PlacementValueError(
+                f"out_placements[{j}]: output {j}'s dim {d}, split over {axes} in chunks of "
+                f"{local[d]}, could be an even input's rows or an uneven input's (of "
+                f"{sorted(m for m in matches if m is not None)} rows) padded to the same "
+                f"chunk length, so jlocalmap cannot tell whether it has padding rows. "
+                f"Return it from a separate local_map, or Replicate() it over {axes}.")
+        if None in matches or (not matches and axes not in uneven_axes):
+            continue
+        if len(matches) == 1:
+            (size,) = matches
+            dims.append((d, size, axes, splits))
+        else:
+            raise PlacementValueError(
+                f"out_placements[{j}]: output {j} is sharded over {axes} on dim {d} like "
+                f"an uneven input, but its local length {local[d]} "
+                f"{'matches several uneven inputs of different sizes' if matches else 'matches no uneven input'} "
+                f"(padded chunk lengths: {sorted(w for a, w in known if a == axes)}), so "
+                f"jlocalmap cannot tell its padding rows from its rows. Keep uneven dims "
+                f"row for row, or Replicate() the output over {axes} (reduce in the body).")
+    return tuple(dims)
 
 
 def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,

@@ -185,7 +185,8 @@ def local_shape(global_shape: Sequence[int], placements: Sequence[Placement],
                 raise PlacementValueError(
                     f"{what}: dim {d} of size {global_shape[d]} (global shape "
                     f"{tuple(global_shape)}) does not divide evenly over mesh axis "
-                    f"{axis!r} of size {n} after the earlier splits; uneven shards are "
-                    f"not supported yet: pad dim {d} to a multiple of {n} or Replicate() it.")
+                    f"{axis!r} of size {n} after the earlier splits, so it has no even "
+                    f"layout; jlocalmap.uneven.padded_shape gives the padded shape of "
+                    f"this uneven layout.")
             shape[d] //= n
     return tuple(shape)

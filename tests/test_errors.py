@@ -75,11 +75,8 @@ EXPLICIT = (r"{}\[0\]: Partial\(\) on mesh axis 'tp' needs an Explicit axis.*"
             r"axis_types=\(AxisType\.Explicit")
 NO_LAYOUT = (r"in_placements\[0\]: Partial\({}\) on mesh axis 'tp' has no JAX layout.*"
              r"redistribute to Replicate\(\)\) or use Partial\('sum'\)")
-UNEVEN = (r"in_placements\[{0}\]: dim {1} of size {2} .*does not divide evenly over mesh axis "
-          r"'{3}' of size {4}.*uneven shards are not supported yet: pad dim {1} to a multiple of {4}")
 GRAD_FIT = (r"in_grad_placements\[0\]: gradient placement {0} on mesh axis 'tp' does not fit an "
             r"input placed {1}.*can only be {2}.*Fix the entry or leave it None")
-
 
 
 CASES = [
@@ -276,15 +273,6 @@ CASES = [
                  r"reduction \(gradients add up\); use Partial\('sum'\)", id="grad-partial-max"),
     pytest.param(lambda e: L(ident, [R], ([R],), ([Partial("min")],))(e.xr), VE,
                  r"in_grad_placements\[0\]: Partial\(min\) .*not a gradient reduction", id="grad-partial-min"),
-    # -- uneven shapes ---------------------------------------------------------------------
-    pytest.param(lambda e: L(first, [S0], ([S0], [S0]))(e.x4, randn(e.rng, 6, 3)), VE,
-                 UNEVEN.format(1, 0, 6, "tp", 4), id="uneven-host-input"),
-    pytest.param(lambda e: L(ident, [S1], ([Shard(1)],), redistribute_inputs=True)(
-        jlm.distribute_tensor(randn(e.rng, 4, 6), e.m4, [S0])), VE,
-        UNEVEN.format(0, 1, 6, "tp", 4), id="uneven-redistributed-input"),
-    pytest.param(lambda e: L(ident, [S0, S0], ([S0, S0],), device_mesh=e.m22)(randn(e.rng, 6, 2)), VE,
-                 UNEVEN.format(0, 0, 6, "tp", 2),
-                 id="uneven-after-earlier-split"),
     # -- placement constructors inside a local_map call ------------------------------------
     pytest.param(lambda e: L(ident, [Partial("mean")], ([S0],)), VE,
                  r"Partial\(reduce_op\): expected one of \('sum', 'avg', 'max', 'min'\), found "

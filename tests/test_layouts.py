@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
+from jlocalmap.uneven import UnevenArray
 from helpers import assert_close, count_collectives, randn
 from jlocalmap import Partial, Replicate, Shard
 
@@ -415,16 +416,14 @@ def test_placements_not_a_list_of_placements(mesh2x2, rng, placements):
     ((12, 4), [Shard(0), Shard(0)], 0, 4),  # 12 / 2 = 6, then 6 over 4
     ((4, 3), [Shard(1), Replicate()], 1, 2),
 ], ids=["tp", "dim1", "after-earlier-split", "dp"])
-def test_non_divisible_shapes(mesh2x4, rng, shape, placements, dim, size):
-    msg = (rf"placements: dim {dim} of size \d+ \(global shape \({shape[0]}, {shape[1]}\)\) does "
-           rf"not divide evenly over mesh axis '\w+' of size {size}.*uneven shards are not "
-           rf"supported yet: pad dim {dim} to a multiple of {size} or Replicate\(\) it")
+def test_non_divisible_shapes_are_uneven(mesh2x4, rng, shape, placements, dim, size):
     X = randn(rng, *shape)
-    with pytest.raises(jlm.PlacementValueError, match=msg):
-        jlm.distribute_tensor(X, mesh2x4, placements)
-    x = jlm.distribute_tensor(X, mesh2x4, [Replicate(), Replicate()])
-    with pytest.raises(jlm.PlacementValueError, match=msg):
-        jlm.redistribute(x, mesh2x4, placements)
+    x = jlm.distribute_tensor(X, mesh2x4, placements)
+    assert isinstance(x, UnevenArray) and x.shape == shape
+    assert jlm.placements_of(x) == tuple(placements)
+    assert_close(jlm.full_tensor(x), X)
+    y = jlm.redistribute(jlm.distribute_tensor(X, mesh2x4, [Replicate(), Replicate()]), mesh2x4, placements)
+    assert_close(jlm.full_tensor(y), X)
 
 
 @pytest.mark.parametrize("dim", [2, -3])
