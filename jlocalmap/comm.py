@@ -46,6 +46,10 @@ KINDS: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.+?)\s+([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,<=]*)\]")
 _OPERAND = re.compile(r"%([\w.\-]+)")
+_COMPUTATION = re.compile(r"^\s*(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->.*\{\s*$")
+_CALLEES = re.compile(r"\b(body|condition|calls|to_apply|branch_computations|"
+                      r"true_computation|false_computation)=(\{[^}]*\}|%[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
 _ARRAY_TYPES = (jax.Array, np.ndarray, np.generic, jax.ShapeDtypeStruct)
 
 
@@ -90,6 +94,7 @@ class Collective:
     name: str
     operand_bytes: int
     result_bytes: int
+    executions: int = 1  # times one call runs it: the trip counts of enclosing loops
 
     @property
     def bytes(self) -> int:
@@ -127,12 +132,31 @@ class CommCounts:
         """Bytes per device over all collectives."""
         return sum(op.bytes for op in self.ops)
 
+    @property
+    def executed(self) -> dict[str, int]:
+        """Collectives of each kind that one call runs: an op inside a loop of
+        known trip count n counts n times (a microbatch loop, a scan over layers)."""
+        return {k: sum(op.executions for op in self.ops if op.kind == k) for k in KINDS}
+
+    @property
+    def executed_bytes(self) -> dict[str, int]:
+        """Bytes per device that one call moves with collectives of each kind."""
+        return {k: sum(op.bytes * op.executions for op in self.ops if op.kind == k)
+                for k in KINDS}
+
     def __str__(self) -> str:
         counts, sizes = self.counts, self.bytes
         rows = [(k, counts[k], sizes[k]) for k in KINDS]
         rows.append(("total", len(self.ops), self.total_bytes))
         lines = [f"{'collective':<20}{'count':>7}{'bytes':>14}"]
         lines += [f"{k:<20}{c:>7}{b:>14,}" for k, c, b in rows]
+        if any(op.executions != 1 for op in self.ops):
+            runs, moved = self.executed, self.executed_bytes
+            lines[0] += f"{'runs/call':>11}{'bytes/call':>14}"
+            for i, k in enumerate(KINDS, start=1):
+                lines[i] += f"{runs[k]:>11}{moved[k]:>14,}"
+            lines[-1] += (f"{sum(runs.values()):>11}"
+                          f"{sum(moved.values()):>14,}")
         lines.append("(bytes per device; all-gather: result, reduce-scatter: operand)")
         return "\n".join(lines)
 
@@ -149,18 +173,31 @@ def collectives_in_hlo(hlo_text: str) -> CommCounts:
         ... ROOT %done = f32[16,8]{1,0} all-gather-done(%ag)
         ... '''
         >>> collectives_in_hlo(hlo).ops
-        (Collective(kind='all-gather', name='ag', operand_bytes=128, result_bytes=512),)
+        (Collective(kind='all-gather', name='ag', operand_bytes=128, result_bytes=512, executions=1),)
     """
     if not isinstance(hlo_text, str):
         raise PlacementTypeError(
             f"hlo_text: expected the text of an HLO module (a str), found "
             f"{type(hlo_text).__name__}; pass jax.jit(f).lower(*args).compile().as_text().")
-    instructions = {}
+    instructions, computation_of, calls = {}, {}, {}
+    computation, entry = None, None
     for line in hlo_text.splitlines():
+        header = _COMPUTATION.match(line)
+        if header:
+            computation = header.group(2)
+            entry = computation if header.group(1) else entry
+            continue
         match = _INSTRUCTION.match(line)
         if match:
             name, hlo_type, opcode, rest = match.groups()
             instructions[name] = (hlo_type, opcode, _operand_names(rest))
+            computation_of[name] = computation
+            trips = _TRIP_COUNT.search(rest) if opcode == "while" else None
+            for attribute, callees in _CALLEES.findall(rest):
+                times = int(trips.group(1)) if trips and attribute == "body" else 1
+                for callee in _OPERAND.findall(callees):
+                    calls.setdefault(computation, []).append((callee, times))
+    runs = _runs_per_call(calls, entry)
     done_types = {operands[0]: hlo_type for hlo_type, opcode, operands in instructions.values()
                   if opcode.endswith("-done") and operands}
     ops = []
@@ -170,8 +207,24 @@ def collectives_in_hlo(hlo_text: str) -> CommCounts:
             continue
         result_type = done_types.get(name, hlo_type) if opcode != kind else hlo_type
         operand_bytes = sum(_type_bytes(instructions[o][0]) for o in operands if o in instructions)
-        ops.append(Collective(kind, name, operand_bytes, _type_bytes(result_type)))
+        ops.append(Collective(kind, name, operand_bytes, _type_bytes(result_type),
+                              runs.get(computation_of[name], 1)))
     return CommCounts(tuple(ops))
+
+
+def _runs_per_call(calls: dict, entry) -> dict:
+    """How often one call of the entry computation runs each computation."""
+    runs: dict = {}
+
+    def visit(computation, times, depth=0):
+        runs[computation] = runs.get(computation, 0) + times
+        if depth < 64:  # HLO call graphs are acyclic; the bound only guards the parse
+            for callee, n in calls.get(computation, ()):
+                visit(callee, times * n, depth + 1)
+
+    if entry is not None:
+        visit(entry, 1)
+    return runs
 
 
 def count_collectives(fn: Callable, *args: Any, **kwargs: Any) -> CommCounts:

@@ -173,3 +173,17 @@ def test_errors_name_the_argument():
         jlm.count_collectives(3, np.ones(2))
     with pytest.raises(jlm.PlacementTypeError, match=r"hlo_text: expected the text of an HLO module"):
         collectives_in_hlo(b"HloModule m")
+
+
+def test_collectives_in_loops_count_once_per_iteration(mesh1):
+    def body(carry, _):
+        return carry + jax.lax.psum(carry, "tp"), None
+
+    looped = jax.shard_map(lambda x: jax.lax.scan(body, x, None, length=3)[0], mesh=mesh1,
+                           in_specs=jax.P("tp"), out_specs=jax.P("tp"))
+    x = jax.device_put(np.arange(8, dtype=np.float32), jax.NamedSharding(mesh1, jax.P("tp")))
+    comms = jlm.count_collectives(looped, x)
+    assert comms.counts["all-reduce"] == 1
+    assert comms.executed["all-reduce"] == 3
+    assert comms.executed_bytes["all-reduce"] == 3 * comms.bytes["all-reduce"] == 3 * 16
+    assert "runs/call" in str(comms)

@@ -219,3 +219,65 @@ def test_max_is_not_a_gradient_reduction(mesh1, rng):
     f = jlm.local_map(lambda w: w, [Replicate()], ([Replicate()],), ([Partial("max")],))
     with pytest.raises(jlm.PlacementValueError, match=r"Partial\(max\) .* is not a gradient reduction"):
         f(w)
+
+
+# -- Partial end to end -------------------------------------------------------------
+@pytest.mark.parametrize("op", ["sum", "avg"])
+@pytest.mark.parametrize("target, kind", [([Replicate()], "all-reduce"), ([Shard(0)], "reduce-scatter")])
+def test_partial_output_redistributed_with_one_collective(mesh4, rng, op, target, kind):
+    X, W = randn(rng, 8, 16), randn(rng, 16, 4)
+    x = jlm.distribute_tensor(X, mesh4, [Shard(1)])
+    w = jlm.distribute_tensor(W, mesh4, [Shard(0)])
+    scale = 4 if op == "avg" else 1  # avg: the value is the mean of the local products
+    mm = jlm.local_map(lambda x, w: x @ w * scale, [Partial(op)], ([Shard(1)], [Shard(0)]))
+
+    def forward(x, w):
+        return jlm.redistribute(mm(x, w), mesh4, target)
+
+    with jax.set_mesh(mesh4):
+        y = jax.jit(forward)(x, w)
+        counts = jlm.count_collectives(forward, x, w).counts
+        g = jax.jit(jax.grad(lambda x, w: (jlm.full_tensor(forward(x, w)) ** 2).sum(), argnums=(0, 1)))(x, w)
+    assert jlm.placements_of(y) == tuple(target)
+    assert_close(y, X @ W, rtol=1e-5)
+    assert counts[kind] == 1 and sum(counts.values()) == 1
+    r = unsharded_grads(lambda x, w: ((x @ w) ** 2).sum(), X, W)
+    for a, b in zip(g, r):
+        assert_close(a, b, rtol=1e-4)
+
+
+# -- one reduction per step ---------------------------------------------------------
+@pytest.mark.parametrize("k", [2, 4])
+def test_partial_gradients_reduced_once_per_step(mesh4, rng, k):
+    """Data parallelism with k microbatches: accumulate the weight's gradient while
+    it is Partial and all-reduce once, instead of once per microbatch."""
+    W, X, Y = randn(rng, 6, 3), randn(rng, k, 8, 6), randn(rng, k, 8, 3)
+
+    def loss(w, x, y):
+        return jnp.sum((jnp.tanh(x @ w) - y) ** 2)
+
+    @jlm.local_map(out_placements=[Partial()], in_placements=([Replicate()], [Shard(0)], [Shard(0)]),
+                   device_mesh=mesh4)
+    def local_grad(w, x, y):
+        return jax.grad(loss)(jax.lax.pcast(w, "tp", to="varying"), x, y)
+
+    def reduce_once(w, xs, ys):
+        first = local_grad(w, xs[0], ys[0])
+        acc, _ = jax.lax.scan(lambda a, b: (a + local_grad(w, *b), None), first, (xs[1:], ys[1:]))
+        return jlm.redistribute(acc, mesh4, [Replicate()])
+
+    def reduce_every(w, xs, ys):
+        acc, _ = jax.lax.scan(lambda a, b: (a + jlm.redistribute(local_grad(w, *b), mesh4, [Replicate()]), None),
+                              jnp.zeros(w.shape, w.dtype), (xs, ys))
+        return acc
+
+    w = jlm.distribute_tensor(W, mesh4, [Replicate()])
+    xs, ys = (jlm.distribute_tensor(a, mesh4, [Shard(1)]) for a in (X, Y))
+    reference = sum(jax.grad(loss)(W, X[i], Y[i]) for i in range(k))
+    with jax.set_mesh(mesh4):
+        once, every = jax.jit(reduce_once)(w, xs, ys), jax.jit(reduce_every)(w, xs, ys)
+        runs_once = jlm.count_collectives(reduce_once, w, xs, ys).executed["all-reduce"]
+        runs_every = jlm.count_collectives(reduce_every, w, xs, ys).executed["all-reduce"]
+    assert (runs_once, runs_every) == (1, k)
+    assert_close(once, reference, rtol=1e-4)
+    assert_close(once, every, rtol=1e-5)
