@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# One call on a GPU machine: the suite on that machine's jax (simulated CPU
+# devices), then the examples and the benchmark on its GPUs.
+set -u
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+nvidia-smi -L
+python3 -c "import jax, jaxlib; print('jax', jax.__version__, 'jaxlib', jaxlib.__version__, jax.devices())"
+python3 -m pytest -p no:cacheprovider -q -x "$@" 2>&1 | tail -25
+for script in examples/tp_mlp.py examples/dp_microbatches.py benchmarks/eager_vs_jit.py; do
+  echo "== $script (GPUs)"; python3 "$script" 2>&1 | grep -v "^W1\|^I1"
+done
