@@ -31,6 +31,7 @@ from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.placements import Partial, Placement, PlacementList, Replicate, Shard
 from jlocalmap.uneven import UnevenArray, pad, uneven_dims, unpad
 from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
+                             normalize_placements,
                              is_explicit, local_shape, placements_to_spec,
                              spec_entries, spec_to_placements)
 
@@ -236,7 +237,8 @@ def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
 
     def split(v):
         v = v[0] if partial_already else v
-        return jax.lax.pcast(v, axes, to="varying") / jnp.asarray(n, v.dtype)
+        summand = jax.lax.pcast(v, axes, to="varying") / jnp.asarray(n, v.dtype)
+        return jax.lax.pcast(summand, axes, to="unreduced")
 
     return jax.shard_map(split, mesh=mesh, in_specs=in_spec, out_specs=spec)(x)
 
@@ -332,6 +334,8 @@ def distribute_tensor(x: Any, device_mesh: AnyMesh,
     """
     mesh = check_mesh(device_mesh)
     dst = as_placement_list(placements, mesh, "placements")
+    placements_to_spec(dst, mesh, np.ndim(x))
+    dst = normalize_placements(dst, np.ndim(x))
     if mesh_of(x) is not None:
         x = full_tensor(x)
     dims = uneven_dims(np.shape(x), dst, mesh)
@@ -358,6 +362,8 @@ def redistribute(x: Any, device_mesh: Optional[AnyMesh],
     src = placements_of(x, device_mesh)
     mesh = mesh_of(x) if device_mesh is None else device_mesh
     dst = as_placement_list(placements, mesh, "placements")
+    placements_to_spec(dst, mesh, len(x.shape))
+    dst = normalize_placements(dst, len(x.shape))
     if isinstance(x, UnevenArray) or uneven_dims(x.shape, dst, mesh):
         if isinstance(x, UnevenArray) and canonical(src, mesh) == canonical(dst, mesh):
             return x

@@ -27,7 +27,7 @@ from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_grad_reductions
 from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
 from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
-                             local_shape, placements_to_spec)
+                             local_shape, normalize_placements, placements_to_spec)
 from jlocalmap.uneven import (UnevenArray, dim_splits, pad, padded_shape,
                               refill, uneven_dims, unpad)
 
@@ -91,6 +91,31 @@ def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
             f"{jax.tree_util.tree_structure(tree, is_leaf=_is_none)}.") from None
     return [entry for entry, sub in zip(prefix, subtrees)
             for _ in jax.tree_util.tree_leaves(sub, is_leaf=_is_none)]
+
+
+def _signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
+    """A cheap key of an eager call (tree, and each leaf's type, shape, dtype and
+    sharding, or value when static), or None when a leaf is a tracer or unhashable."""
+    signature = []
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array):
+            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
+        elif isinstance(leaf, UnevenArray):
+            signature.append((UnevenArray, leaf.shape, leaf.placements, leaf.padded.sharding))
+        elif isinstance(leaf, np.ndarray):
+            signature.append((np.ndarray, leaf.shape, leaf.dtype))
+        else:
+            signature.append((type(leaf), leaf))
+    kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=_is_none)
+    key = ("signature", in_tree, tuple(signature), kw_tree,
+           tuple((type(v), v) for v in kw_leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,9 +186,9 @@ class _LocalMapped:
             # the values are local already (DTensor's plain-tensor rule).
             return self.func(*args, **kwargs)
         mesh, fn, trace, dyn, traced = prepared
-        if traced:
+        if traced or all(isinstance(x, jax.Array) for x in dyn):
             arrays = fn(*dyn)
-        else:
+        else:  # host values: the program needs the mesh's devices in context
             with layouts.mesh_context(mesh):
                 arrays = fn(*dyn)
         out_leaves = dict(trace.statics)
@@ -202,6 +227,13 @@ class _LocalMapped:
         """Check and plan a call: (mesh, program, trace, dynamic leaves, traced),
         or None when ``func`` runs as a plain function."""
         leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=_is_input_leaf)
+        signature = _signature(leaves, in_tree, kwargs)
+        fast = self._cache.get(signature) if signature is not None else None
+        if fast is not None:  # a repeated eager call: the plan and program are known
+            mesh, fn, trace, picks = fast
+            return mesh, fn, trace, [leaves[i].padded if padded else leaves[i]
+                                     for i, padded in picks], False
+        originals = list(leaves)
         mesh = self._mesh(leaves)
         if mesh is None or set(mesh.axis_names) <= manual_axes():
             return None
@@ -244,6 +276,11 @@ class _LocalMapped:
                 self._cache.popitem(last=False)
         self._cache.move_to_end(key)
         fn, trace, _ = hit
+        picks = [(p.index, p.padded) for p in inputs]
+        unchanged = all(leaves[i] is (originals[i].padded if padded else originals[i])
+                        for i, padded in picks)
+        if signature is not None and unchanged:
+            self._cache[signature] = (mesh, fn, trace, picks)
         return mesh, fn, trace, dyn, False
 
     def _mesh(self, leaves: Sequence[Any]) -> Optional[AnyMesh]:
@@ -289,6 +326,7 @@ class _LocalMapped:
             if dst is not None:
                 # Layouts that cannot exist are refused before any advice to move.
                 placements_to_spec(dst, mesh, len(leaf.shape), what=what)
+                dst = normalize_placements(dst, len(leaf.shape), what)
                 local_shape(padded_shape(leaf.shape, dst, mesh), dst, mesh, what=what)
             if dst is None:
                 raise PlacementValueError(
@@ -309,6 +347,8 @@ class _LocalMapped:
             src = None
             dst = (tuple([Replicate()] * len(mesh.axis_names)) if entry is None
                    else as_placement_list(entry, mesh, what))
+            placements_to_spec(dst, mesh, np.ndim(leaf), what=what)
+            dst = normalize_placements(dst, np.ndim(leaf), what)
         else:
             if entry is not None:
                 raise PlacementValueError(
@@ -321,16 +361,15 @@ class _LocalMapped:
                     f"which has no gradient; its entry must be None.")
             return None
         relayout = src is None or layouts.canonical(src, mesh) != layouts.canonical(dst, mesh)
+        shape = tuple(leaf.shape) if isinstance(leaf, UnevenArray) else np.shape(leaf)
+        placements_to_spec(dst, mesh, len(shape), what=what)
+        declared = None if grad is None else normalize_placements(as_placement_list(
+            grad, mesh, f"in_grad_placements[{i}]"), len(shape), f"in_grad_placements[{i}]")
         reductions = () if grad is None else grad_reductions(
-            dst, as_placement_list(grad, mesh, f"in_grad_placements[{i}]"), mesh,
-            f"in_grad_placements[{i}]")
-        declared = None if grad is None else as_placement_list(
-            grad, mesh, f"in_grad_placements[{i}]")
-        placements_to_spec(dst, mesh, len(np.shape(leaf)), what=what)
+            dst, declared, mesh, f"in_grad_placements[{i}]")
         padded = isinstance(leaf, UnevenArray)
         if padded:
             leaves[i] = leaf.padded
-        shape = np.shape(leaf)
         uneven = uneven_dims(shape, dst, mesh)
         sizes = {d: size for d, size, _, _ in uneven}
         full = padded_shape(shape, dst, mesh)
@@ -483,6 +522,7 @@ class _LocalMapped:
                     f"{what}: output {j} is a {type(leaf).__name__}, not an array, so "
                     f"its entry must be None; found {entry!r}.")
             placements = as_placement_list(entry, mesh, what)
+            placements = normalize_placements(placements, jnp.ndim(leaf), what)
             value, placements = _to_out_layout(jnp.asarray(leaf), placements, mesh, j)
             spec = placements_to_spec(placements, mesh, value.ndim, what=what)
             dims = _uneven_output_dims(value.shape, placements, mesh, inputs, j)
@@ -538,7 +578,7 @@ def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
     avg-partials are stored as sums, max/min partials are reduced here."""
     varying = varying_axes(v)
     sizes = axis_sizes(mesh)
-    stored = []
+    stored, summed, scale = [], [], 1
     for axis, p in zip(mesh.axis_names, placements):
         if p.is_replicate() and axis in varying:
             raise PlacementValueError(
@@ -557,11 +597,14 @@ def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
                 v = (jax.lax.pmax if p.reduce_op == "max" else jax.lax.pmin)(v, axis)
                 stored.append(Replicate())
                 continue
-            if p.reduce_op == "avg":
-                v = v / jnp.asarray(sizes[axis], v.dtype)
+            scale *= sizes[axis] if p.reduce_op == "avg" else 1
+            summed.append(axis)
             stored.append(Partial("sum"))
         else:
             stored.append(p)
+    if summed:  # divide before the cast: JAX has no division of unreduced values
+        v = v / jnp.asarray(scale, v.dtype) if scale != 1 else v
+        v = jax.lax.pcast(v, tuple(summed), to="unreduced")
     return v, tuple(stored)
 
 

@@ -81,6 +81,21 @@ def normalize_dim(dim: int, ndim: int, what: str) -> int:
     return dim % ndim
 
 
+def normalize_placements(placements: Sequence[Placement], ndim: int,
+                         what: str = "placements") -> PlacementList:
+    """``placements`` with negative Shard dims counted from the end of a value of
+    rank ``ndim``, so equal layouts compare equal.
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> from jlocalmap.specs import normalize_placements
+        >>> normalize_placements([jlm.Shard(-1), jlm.Replicate()], 3)
+        (Shard(dim=2), Replicate())
+    """
+    return tuple(Shard(normalize_dim(p.dim, ndim, what)) if isinstance(p, Shard) else p
+                 for p in placements)
+
+
 def placements_to_spec(placements: Sequence[Placement], device_mesh: AnyMesh,
                        ndim: int, *, what: str = "placements") -> PartitionSpec:
     """The ``PartitionSpec`` of a value of rank ``ndim`` laid out by ``placements``.
