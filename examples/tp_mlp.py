@@ -100,8 +100,15 @@ def main():
     ref_params = jax.device_put(host, devices[0])
     ref_x, ref_y = jax.device_put((x, y), devices[0])
 
-    sharded_step = make_train_step(make_sharded_mlp(mesh))
+    sharded_model = make_sharded_mlp(mesh)
+    sharded_step = make_train_step(sharded_model)
     ref_step = make_train_step(mlp)
+    with jax.set_mesh(mesh):  # communication of one forward pass and one training step
+        forward = jlm.count_collectives(sharded_model, params, xs)
+        step = jlm.count_collectives(sharded_step, params, xs, ys)
+    print(f"forward: {forward.counts['all-reduce']} all-reduce "
+          f"({forward.bytes['all-reduce']} B/device); training step collectives:")
+    print(step)
     worst = 0.0
     for step in range(1, args.steps + 1):
         with jax.set_mesh(mesh):
