@@ -103,8 +103,8 @@ def reexpress(x: Any, mesh: AnyMesh,
         >>> jlm.placements_of(reexpress(x, grid))
         (Shard(dim=1), Shard(dim=1))
     """
-    if isinstance(x, jax.core.Tracer) or not isinstance(mesh, Mesh):
-        return None  # tracers carry no devices to compare
+    if isinstance(x, (jax.core.Tracer, UnevenArray)) or not isinstance(mesh, Mesh):
+        return None  # tracers carry no devices to compare; uneven values move whole
     if set(x.sharding.device_set) != set(mesh.devices.flat) or x.sharding.spec.unreduced:
         return None
     options = [Replicate()] + [Shard(d) for d in range(x.ndim)]

@@ -1,10 +1,12 @@
 """``local_map``: run a function written for local shards on distributed values.
 
-The layering follows ``jax/_src/shard_map.py``: the public wrapper flattens the
-arguments and assigns placements (this module), ``layouts`` checks and moves
-inputs, ``specs`` translates placements to ``PartitionSpec``\\ s, ``gradients``
-adapts cotangents, and ``jax.shard_map`` runs the body. Eager calls compile once
-per (settings, argument structure, shapes, dtypes, shardings) and are reused.
+The layering follows ``jax/_src/shard_map.py``: ``arguments`` flattens the call
+and assigns placements to leaves; this module plans each leaf, caches the
+compiled call and builds the region; ``layouts`` checks and moves inputs;
+``specs`` translates placements to ``PartitionSpec``\\ s; ``gradients`` adapts and
+verifies cotangents; ``outputs`` lays the body's results out; ``uneven`` pads
+uneven shards; and ``jax.shard_map`` runs the body. Eager calls compile once per
+(settings, argument structure, shapes, dtypes, shardings) and are reused.
 """
 
 from __future__ import annotations
@@ -22,100 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlocalmap import layouts
-from jlocalmap._jax_compat import manual_axes, varying_axes
+from jlocalmap.arguments import (assign_placements, call_signature, is_array, is_input_leaf,
+                                 is_none, is_number)
+from jlocalmap._jax_compat import manual_axes
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_grad_reductions
-from jlocalmap.placements import Partial, Placement, PlacementList, Replicate
-from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
+from jlocalmap.placements import PlacementList, Replicate
+from jlocalmap.specs import (AnyMesh, as_placement_list, check_mesh,
                              local_shape, normalize_placements, placements_to_spec)
+from jlocalmap.outputs import to_out_layout, uneven_output_dims
 from jlocalmap.uneven import (UnevenArray, dim_splits, pad, padded_shape,
                               refill, uneven_dims, unpad)
 
 _CACHE_SIZE = 64
-
-
-def _is_none(x: Any) -> bool:
-    return x is None
-
-
-def _is_input_leaf(x: Any) -> bool:
-    return x is None or isinstance(x, UnevenArray)
-
-
-def _is_entry(x: Any) -> bool:
-    """One leaf's placement entry: None, a Placement, or a list of them."""
-    return x is None or isinstance(x, Placement) or (
-        isinstance(x, (list, tuple)) and len(x) > 0
-        and all(isinstance(p, Placement) for p in x))
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float, complex)) and not isinstance(x, bool)
-
-
-def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
-                      what: str, kind: str) -> list:
-    """One entry per flattened leaf of ``tree``, from ``placements`` given as a
-    single placement list (one leaf), one entry per leaf, or a pytree prefix of
-    ``tree`` (a dict keyed like the argument, say)."""
-    if _is_entry(placements) and not (placements is None or isinstance(placements, Placement)) \
-            and len(placements) == len(mesh.axis_names):
-        placements = (placements,)
-    if isinstance(placements, (list, tuple)) and len(placements) == n_leaves and all(
-            _is_entry(p) for p in placements):
-        return list(placements)
-    prefix, prefix_tree = jax.tree_util.tree_flatten(placements, is_leaf=_is_entry)
-    for path, stray in jax.tree_util.tree_flatten_with_path(placements, is_leaf=_is_entry)[0]:
-        if not _is_entry(stray):
-            raise PlacementTypeError(
-                f"{what}{jax.tree_util.keystr(path) or '[0]'}: expected a list or tuple of "
-                f"jlocalmap placements (Shard(d), Replicate(), Partial(op)), one per "
-                f"mesh axis {tuple(mesh.axis_names)}, or None (PyTorch's placement "
-                f"objects and strings are not accepted); found {stray!r}; write e.g. "
-                f"{[Replicate()] * len(mesh.axis_names)}.")
-    try:
-        subtrees = prefix_tree.flatten_up_to(tree)
-    except (ValueError, TypeError):
-        found = len(placements) if isinstance(placements, (list, tuple)) else 1
-        raise PlacementValueError(
-            f"{what}: Expecting {found} {kind} to local_map function based on "
-            f"placements, but found {n_leaves}. Give one entry (a placement list "
-            f"or None) per flattened {kind[:-1]} leaf, or a pytree prefix of the "
-            f"{'arguments' if kind == 'inputs' else 'outputs'}: the placements' "
-            f"structure {prefix_tree} does not prefix the "
-            f"{'arguments' if kind == 'inputs' else 'outputs'}' "
-            f"{jax.tree_util.tree_structure(tree, is_leaf=_is_none)}.") from None
-    return [entry for entry, sub in zip(prefix, subtrees)
-            for _ in jax.tree_util.tree_leaves(sub, is_leaf=_is_none)]
-
-
-def _signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
-    """A cheap key of an eager call (tree, and each leaf's type, shape, dtype and
-    sharding, or value when static), or None when a leaf is a tracer or unhashable."""
-    signature = []
-    for leaf in leaves:
-        if isinstance(leaf, jax.core.Tracer):
-            return None
-        if isinstance(leaf, jax.Array):
-            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
-        elif isinstance(leaf, UnevenArray):
-            signature.append((UnevenArray, leaf.shape, leaf.placements, leaf.padded.sharding))
-        elif isinstance(leaf, np.ndarray):
-            signature.append((np.ndarray, leaf.shape, leaf.dtype))
-        else:
-            signature.append((type(leaf), leaf))
-    kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=_is_none)
-    key = ("signature", in_tree, tuple(signature), kw_tree,
-           tuple((type(v), v) for v in kw_leaves))
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +147,8 @@ class _LocalMapped:
     def _prepare(self, args, kwargs):
         """Check and plan a call: (mesh, program, trace, dynamic leaves, traced),
         or None when ``func`` runs as a plain function."""
-        leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=_is_input_leaf)
-        signature = _signature(leaves, in_tree, kwargs)
+        leaves, in_tree = jax.tree_util.tree_flatten(args, is_leaf=is_input_leaf)
+        signature = call_signature(leaves, in_tree, kwargs)
         fast = self._cache.get(signature) if signature is not None else None
         if fast is not None:  # a repeated eager call: the plan and program are known
             mesh, fn, trace, picks = fast
@@ -308,7 +229,7 @@ class _LocalMapped:
                                           as_placement_list(entry, mesh, what))
                 if moved is not None:
                     leaves[i] = leaf = moved
-                elif self.redistribute_inputs and not isinstance(leaf, (jax.core.Tracer, UnevenArray)) \
+                elif self.redistribute_inputs and not isinstance(leaf, jax.core.Tracer) \
                         and isinstance(mesh, jax.sharding.Mesh):
                     leaves[i] = leaf = jax.device_put(
                         layouts.full_tensor(leaf),
@@ -343,7 +264,7 @@ class _LocalMapped:
                     layouts.canonical(dst, mesh):
                 leaves[i] = leaf = layouts.full_tensor(leaf)  # re-laid out from whole
                 src = None
-        elif _is_array(leaf) or (_is_number(leaf) and entry is not None):
+        elif is_array(leaf) or (is_number(leaf) and entry is not None):
             src = None
             dst = (tuple([Replicate()] * len(mesh.axis_names)) if entry is None
                    else as_placement_list(entry, mesh, what))
@@ -386,7 +307,7 @@ class _LocalMapped:
                 return (type(x), x)
             except TypeError:
                 return ("id", id(x))  # the cache entry holds x, so the id stays unique
-        kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=_is_none)
+        kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=is_none)
         avals = tuple((np.shape(x), getattr(x, "dtype", type(x)),
                        getattr(x, "sharding", None) if isinstance(x, jax.Array) else None)
                       for x in dyn)
@@ -498,7 +419,7 @@ class _LocalMapped:
                                        f"in_grad_placements[{plan.index}]")
 
     def _finish_outputs(self, out, mesh, trace: _Trace, inputs):
-        leaves, trace.out_tree = jax.tree_util.tree_flatten(out, is_leaf=_is_none)
+        leaves, trace.out_tree = jax.tree_util.tree_flatten(out, is_leaf=is_none)
         if self.out_placements is None:
             entries = [None] * len(leaves)
         else:
@@ -517,95 +438,21 @@ class _LocalMapped:
                         f"{[Replicate()] * len(mesh.axis_names)}.")
                 trace.statics[j] = leaf
                 continue
-            if not _is_array(leaf):
+            if not is_array(leaf):
                 raise PlacementValueError(
                     f"{what}: output {j} is a {type(leaf).__name__}, not an array, so "
                     f"its entry must be None; found {entry!r}.")
             placements = as_placement_list(entry, mesh, what)
             placements = normalize_placements(placements, jnp.ndim(leaf), what)
-            value, placements = _to_out_layout(jnp.asarray(leaf), placements, mesh, j)
+            value, placements = to_out_layout(jnp.asarray(leaf), placements, mesh, j)
             spec = placements_to_spec(placements, mesh, value.ndim, what=what)
-            dims = _uneven_output_dims(value.shape, placements, mesh, inputs, j)
+            dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
             if dims:
                 trace.uneven_outputs[j] = (dims, placements)
             trace.array_positions.append(j)
             trace.out_specs.append(spec)
             arrays.append(value)
         return tuple(arrays)
-
-
-def _uneven_output_dims(local: Sequence[int], placements: PlacementList, mesh: AnyMesh,
-                        inputs: Sequence[_Input], j: int) -> tuple:
-    """The uneven dims of output ``j``: a dim split over the same axes as an
-    uneven input dim, whose local length is that input's padded chunk length and
-    no even input's, has that input's logical size; another length on axes that
-    split an uneven input is refused. (Taking an output for even when it came
-    from an uneven input shows up in the padding check.)"""
-    known: dict = {}
-    for plan in inputs:
-        for axes, width, size in plan.chunks:
-            known.setdefault((axes, width), set()).add(size)
-    uneven_axes = {axes for (axes, _), sizes in known.items() if sizes - {None}}
-    dims = []
-    for d, (axes, splits) in sorted(dim_splits(placements, mesh, len(local)).items()):
-        matches = known.get((axes, local[d]), set())
-        if None in matches and len(matches) > 1:
-            raise PlacementValueError(
-                f"out_placements[{j}]: output {j}'s dim {d}, split over {axes} in chunks of "
-                f"{local[d]}, could be an even input's rows or an uneven input's (of "
-                f"{sorted(m for m in matches if m is not None)} rows) padded to the same "
-                f"chunk length, so jlocalmap cannot tell whether it has padding rows. "
-                f"Return it from a separate local_map, or Replicate() it over {axes}.")
-        if None in matches or (not matches and axes not in uneven_axes):
-            continue
-        if len(matches) == 1:
-            (size,) = matches
-            dims.append((d, size, axes, splits))
-        else:
-            raise PlacementValueError(
-                f"out_placements[{j}]: output {j} is sharded over {axes} on dim {d} like "
-                f"an uneven input, but its local length {local[d]} "
-                f"{'matches several uneven inputs of different sizes' if matches else 'matches no uneven input'} "
-                f"(padded chunk lengths: {sorted(w for a, w in known if a == axes)}), so "
-                f"jlocalmap cannot tell its padding rows from its rows. Keep uneven dims "
-                f"row for row, or Replicate() the output over {axes} (reduce in the body).")
-    return tuple(dims)
-
-
-def _to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
-                   j: int) -> tuple[jax.Array, PlacementList]:
-    """The local output ``v`` as the storage of its declared placements:
-    avg-partials are stored as sums, max/min partials are reduced here."""
-    varying = varying_axes(v)
-    sizes = axis_sizes(mesh)
-    stored, summed, scale = [], [], 1
-    for axis, p in zip(mesh.axis_names, placements):
-        if p.is_replicate() and axis in varying:
-            raise PlacementValueError(
-                f"out_placements[{j}]: output {j} is declared Replicate() on mesh axis "
-                f"{axis!r}, but its value varies over {axis!r} (devices hold different "
-                f"values). Reduce it in the body (jax.lax.psum(y, {axis!r})) or "
-                f"declare Partial() so that a later redistribute reduces it.")
-        if p.is_partial() and sizes[axis] == 1:
-            # One summand is the value: stored as Replicate (see specs.placements_to_spec).
-            v = jax.lax.psum(v, axis) if axis in varying else v
-            stored.append(Replicate())
-        elif p.is_partial():
-            if axis not in varying:
-                v = jax.lax.pcast(v, axis, to="varying")
-            if p.reduce_op in ("max", "min"):
-                v = (jax.lax.pmax if p.reduce_op == "max" else jax.lax.pmin)(v, axis)
-                stored.append(Replicate())
-                continue
-            scale *= sizes[axis] if p.reduce_op == "avg" else 1
-            summed.append(axis)
-            stored.append(Partial("sum"))
-        else:
-            stored.append(p)
-    if summed:  # divide before the cast: JAX has no division of unreduced values
-        v = v / jnp.asarray(scale, v.dtype) if scale != 1 else v
-        v = jax.lax.pcast(v, tuple(summed), to="unreduced")
-    return v, tuple(stored)
 
 
 def local_map(func: Optional[Callable] = None, out_placements: Any = None,

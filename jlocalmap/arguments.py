@@ -1,0 +1,108 @@
+"""Arguments of a local_map call: which leaves are arrays, and which placement
+entry each leaf gets (one per leaf, a single list, or a pytree prefix).
+
+Example:
+    >>> import jax, jlocalmap as jlm
+    >>> from jlocalmap.arguments import assign_placements
+    >>> mesh = jax.sharding.AbstractMesh((2,), ("dp",))
+    >>> assign_placements(({"b": [jlm.Shard(0)], "a": None},), ({"a": 1, "b": 2},), 2,
+    ...                   mesh, "in_placements", "inputs")
+    [None, [Shard(dim=0)]]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import jax
+import numpy as np
+
+from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.placements import Placement, Replicate
+from jlocalmap.specs import AnyMesh
+from jlocalmap.uneven import UnevenArray
+
+
+def is_none(x: Any) -> bool:
+    return x is None
+
+
+def is_input_leaf(x: Any) -> bool:
+    return x is None or isinstance(x, UnevenArray)
+
+
+def is_entry(x: Any) -> bool:
+    """One leaf's placement entry: None, a Placement, or a list of them."""
+    return x is None or isinstance(x, Placement) or (
+        isinstance(x, (list, tuple)) and len(x) > 0
+        and all(isinstance(p, Placement) for p in x))
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, (jax.Array, np.ndarray, np.generic))
+
+
+def is_number(x: Any) -> bool:
+    return isinstance(x, (int, float, complex)) and not isinstance(x, bool)
+
+
+def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
+                      what: str, kind: str) -> list:
+    """One entry per flattened leaf of ``tree``, from ``placements`` given as a
+    single placement list (one leaf), one entry per leaf, or a pytree prefix of
+    ``tree`` (a dict keyed like the argument, say)."""
+    if is_entry(placements) and not (placements is None or isinstance(placements, Placement)) \
+            and len(placements) == len(mesh.axis_names):
+        placements = (placements,)
+    if isinstance(placements, (list, tuple)) and len(placements) == n_leaves and all(
+            is_entry(p) for p in placements):
+        return list(placements)
+    prefix, prefix_tree = jax.tree_util.tree_flatten(placements, is_leaf=is_entry)
+    for path, stray in jax.tree_util.tree_flatten_with_path(placements, is_leaf=is_entry)[0]:
+        if not is_entry(stray):
+            raise PlacementTypeError(
+                f"{what}{jax.tree_util.keystr(path) or '[0]'}: expected a list or tuple of "
+                f"jlocalmap placements (Shard(d), Replicate(), Partial(op)), one per "
+                f"mesh axis {tuple(mesh.axis_names)}, or None (PyTorch's placement "
+                f"objects and strings are not accepted); found {stray!r}; write e.g. "
+                f"{[Replicate()] * len(mesh.axis_names)}.")
+    try:
+        subtrees = prefix_tree.flatten_up_to(tree)
+    except (ValueError, TypeError):
+        found = len(placements) if isinstance(placements, (list, tuple)) else 1
+        raise PlacementValueError(
+            f"{what}: Expecting {found} {kind} to local_map function based on "
+            f"placements, but found {n_leaves}. Give one entry (a placement list "
+            f"or None) per flattened {kind[:-1]} leaf, or a pytree prefix of the "
+            f"{'arguments' if kind == 'inputs' else 'outputs'}: the placements' "
+            f"structure {prefix_tree} does not prefix the "
+            f"{'arguments' if kind == 'inputs' else 'outputs'}' "
+            f"{jax.tree_util.tree_structure(tree, is_leaf=is_none)}.") from None
+    return [entry for entry, sub in zip(prefix, subtrees)
+            for _ in jax.tree_util.tree_leaves(sub, is_leaf=is_none)]
+
+
+def call_signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
+    """A cheap key of an eager call (tree, and each leaf's type, shape, dtype and
+    sharding, or value when static), or None when a leaf is a tracer or unhashable."""
+    signature = []
+    for leaf in leaves:
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        if isinstance(leaf, jax.Array):
+            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
+        elif isinstance(leaf, UnevenArray):
+            signature.append((UnevenArray, leaf.shape, leaf.placements, leaf.padded.sharding))
+        elif isinstance(leaf, np.ndarray):
+            signature.append((np.ndarray, leaf.shape, leaf.dtype))
+        else:
+            signature.append((type(leaf), leaf))
+    kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=is_none)
+    key = ("signature", in_tree, tuple(signature), kw_tree,
+           tuple((type(v), v) for v in kw_leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
