@@ -153,8 +153,11 @@ def _map_in(eqn, sub, tainted: set) -> set:
 def _carry_feedback(eqn, sub, sub_out: set) -> set:
     """Taint that a loop body's carry outputs feed back into its carry inputs."""
     name = eqn.primitive.name
-    if name == "scan":
+    if name == "scan" and "num_consts" in eqn.params:
         start, count = eqn.params["num_consts"], eqn.params["num_carry"]
+    elif name == "scan":  # jax >= 0.11 describes (consts, carry, xs) in ft_in
+        consts, carry, _ = eqn.params["ft_in"]
+        start, count = len(consts), len(carry)
     elif name == "while":
         start, count = eqn.params["body_nconsts"], len(sub.outvars)
         if len(sub.invars) != start + count:
