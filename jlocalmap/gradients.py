@@ -153,18 +153,44 @@ def _map_in(eqn, sub, tainted: set) -> set:
 def _carry_feedback(eqn, sub, sub_out: set) -> set:
     """Taint that a loop body's carry outputs feed back into its carry inputs."""
     name = eqn.primitive.name
-    if name == "scan" and "num_consts" in eqn.params:
-        start, count = eqn.params["num_consts"], eqn.params["num_carry"]
-    elif name == "scan":  # jax >= 0.11 describes (consts, carry, xs) in ft_in
-        consts, carry, _ = eqn.params["ft_in"]
-        start, count = len(consts), len(carry)
-    elif name == "while":
-        start, count = eqn.params["body_nconsts"], len(sub.outvars)
-        if len(sub.invars) != start + count:
-            return set()
+    if name == "while":
+        start = eqn.params["body_nconsts"]
+        layouts = [(start, len(sub.outvars))] if len(sub.invars) == start + len(sub.outvars) else []
+    elif name == "scan" and "num_consts" in eqn.params:
+        layouts = [(eqn.params["num_consts"], eqn.params["num_carry"])]
+    elif name == "scan":  # read (consts, carry) from the types: jax versions differ
+        layouts = _scan_layouts(eqn, sub)
     else:
         return set()
-    return {sub.invars[start + k] for k in range(count) if sub.outvars[k] in sub_out}
+    return {sub.invars[start + k] for start, count in layouts for k in range(count)
+            if sub.outvars[k] in sub_out}
+
+
+def _scan_layouts(eqn, sub) -> list[tuple[int, int]]:
+    """Every (number of consts, number of carries) that fits a scan's types:
+    carries keep their type through the body and the loop, xs and ys gain the
+    leading length dim."""
+    def shape(v):
+        return tuple(getattr(v.aval, "shape", ()))
+
+    def kind(v):
+        return shape(v), getattr(v.aval, "dtype", None)
+
+    length = eqn.params.get("length")
+    fits = []
+    for consts in range(len(sub.invars) + 1):
+        for carry in range(min(len(sub.outvars), len(sub.invars) - consts) + 1):
+            same = all(kind(sub.invars[consts + k]) == kind(sub.outvars[k]) for k in range(carry))
+            xs = sub.invars[consts + carry:]
+            outer_xs = eqn.invars[consts + carry:]
+            stacked = len(xs) == len(outer_xs) and all(
+                shape(o) == (length,) + shape(x) for o, x in zip(outer_xs, xs))
+            ys = sub.outvars[carry:]
+            stacked_ys = all(shape(o) == (length,) + shape(y)
+                             for o, y in zip(eqn.outvars[carry:], ys))
+            if same and stacked and stacked_ys:
+                fits.append((consts, carry))
+    return fits
 
 
 def cotangent_partial_axes(body_jaxpr, index: int, axes: Sequence[str]) -> frozenset:

@@ -36,7 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
-from jlocalmap.specs import spec_entries, spec_to_placements
+from jlocalmap.specs import format_spec, spec_entries, spec_to_placements
 
 _COLUMNS = ("device", "mesh coords", "holds")
 
@@ -71,7 +71,8 @@ def _header(x: jax.Array) -> list[str]:
         placements = str(list(spec_to_placements(spec, mesh)))
     except PlacementValueError:
         placements = "none (a dim is split over mesh axes out of mesh order)"
-    lines += [f"mesh: {axes}", f"placements: {placements}", f"PartitionSpec: {spec}"]
+    lines += [f"mesh: {axes}", f"placements: {placements}",
+              f"PartitionSpec: {format_spec(spec)}"]
     unreduced = sorted(spec.unreduced, key=mesh.axis_names.index)
     if unreduced:
         lines.append(f"Partial over {', '.join(unreduced)}: each device holds a partial "

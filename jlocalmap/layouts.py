@@ -238,7 +238,8 @@ def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
     def split(v):
         v = v[0] if partial_already else v
         summand = jax.lax.pcast(v, axes, to="varying") / jnp.asarray(n, v.dtype)
-        return jax.lax.pcast(summand, axes, to="unreduced")
+        all_partial = tuple(a for a in mesh.axis_names if a in set(axes) | set(partial_already))
+        return jax.lax.pcast(summand, all_partial, to="unreduced")
 
     return jax.shard_map(split, mesh=mesh, in_specs=in_spec, out_specs=spec)(x)
 

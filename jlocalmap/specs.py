@@ -143,6 +143,22 @@ def spec_entries(spec: PartitionSpec) -> tuple:
     return tuple(spec.partitions)
 
 
+def format_spec(spec: PartitionSpec) -> str:
+    """``spec`` as text that reads the same on every jax version (newer ones add
+    an ``unreduced_kind`` to the repr).
+
+    Example:
+        >>> import jax
+        >>> from jlocalmap.specs import format_spec
+        >>> format_spec(jax.P("tp", None, unreduced={"dp"}))
+        "P('tp', None, unreduced={'dp'})"
+    """
+    parts = [repr(e) for e in spec_entries(spec)]
+    if spec.unreduced:
+        parts.append("unreduced={" + ", ".join(repr(a) for a in sorted(spec.unreduced)) + "}")
+    return f"P({', '.join(parts)}{',' if len(parts) == 1 and not spec.unreduced else ''})"
+
+
 def spec_to_placements(spec: PartitionSpec, device_mesh: AnyMesh) -> PlacementList:
     """The placement list of a value laid out by ``spec`` (the inverse of
     :func:`placements_to_spec`; unreduced axes read as ``Partial('sum')``).

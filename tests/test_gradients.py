@@ -281,3 +281,23 @@ def test_partial_gradients_reduced_once_per_step(mesh4, rng, k):
     assert (runs_once, runs_every) == (1, k)
     assert_close(once, reference, rtol=1e-4)
     assert_close(once, every, rtol=1e-5)
+
+
+@pytest.mark.parametrize("loop", [
+    lambda x, w: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=2)[0],
+    lambda x, w: jax.lax.fori_loop(0, 2, lambda i, c: (c[0] @ c[1], c[1] * 1.0), (x, w))[0],
+    lambda x, w: jax.lax.scan(lambda c, xs: (c + xs @ w, c.sum()), x, jnp.stack([x, x]))[0],
+])
+def test_scan_layout_from_types_matches_the_declared_one(loop):
+    """jax versions describe a scan's (consts, carry) split differently; the types
+    alone must give it back."""
+    from jlocalmap.gradients import _scan_layouts
+
+    jaxpr = jax.make_jaxpr(loop)(jnp.ones((4, 4)), jnp.ones((4, 4)))
+    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
+    for eqn in scans:
+        sub = eqn.params["jaxpr"].jaxpr
+        layouts = _scan_layouts(eqn, sub)
+        if "num_consts" in eqn.params:
+            assert (eqn.params["num_consts"], eqn.params["num_carry"]) in layouts
+        assert layouts
