@@ -88,7 +88,8 @@ def call_signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
     sharding, or value when static), or None when a leaf is a tracer or unhashable."""
     signature = []
     for leaf in leaves:
-        if isinstance(leaf, jax.core.Tracer):
+        if isinstance(leaf, jax.core.Tracer) or isinstance(
+                getattr(leaf, "padded", None), jax.core.Tracer):
             return None
         if isinstance(leaf, jax.Array):
             signature.append((leaf.shape, leaf.dtype, leaf.sharding))

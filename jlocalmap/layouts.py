@@ -227,7 +227,8 @@ def stack_summands(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
 def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
                axes: tuple[str, ...]) -> jax.Array:
     """Replicate -> Partial('sum') on ``axes``: each device keeps value / n, so the
-    sum is the value (DTensor's ``_partition_value``). Axes that are Partial
+    sum is the value (DTensor's ``_partition_value``); integer and bool values stay
+    whole on the first device of each group and are zero on the others. Axes that are Partial
     already are taken as summands first (JAX has no division of unreduced values)."""
     n = math.prod(axis_sizes(mesh)[a] for a in axes)
     partial_already = tuple(a for a in mesh.axis_names if a in set(spec.unreduced) - set(axes))
@@ -236,8 +237,11 @@ def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
         x, in_spec = stack_summands(x, mesh, in_spec, partial_already)
 
     def split(v):
-        v = v[0] if partial_already else v
-        summand = jax.lax.pcast(v, axes, to="varying") / jnp.asarray(n, v.dtype)
+        v = jax.lax.pcast(v[0] if partial_already else v, axes, to="varying")
+        if jnp.issubdtype(v.dtype, jnp.inexact):
+            summand = v / jnp.asarray(n, v.dtype)
+        else:  # integers cannot be split evenly: the first device keeps the value
+            summand = jnp.where(jax.lax.axis_index(axes) == 0, v, jnp.zeros_like(v))
         all_partial = tuple(a for a in mesh.axis_names if a in set(axes) | set(partial_already))
         return jax.lax.pcast(summand, all_partial, to="unreduced")
 
@@ -310,7 +314,8 @@ def _jitted_relayout(mesh: AnyMesh, src: Optional[PlacementList],
     return jax.jit(functools.partial(relayout, mesh=mesh, src=src, dst=dst, what=what))
 
 
-def _run_relayout(x, mesh, src, dst, what):
+def run_relayout(x, mesh, src, dst, what):
+    """``relayout`` eagerly (compiled once per layout change) or inline in a trace."""
     if isinstance(x, jax.core.Tracer):
         return relayout(x, mesh, src, dst, what=what)
     with mesh_context(mesh):
@@ -342,9 +347,9 @@ def distribute_tensor(x: Any, device_mesh: AnyMesh,
     dims = uneven_dims(np.shape(x), dst, mesh)
     if dims:
         padded = pad(jnp.asarray(x), dims)
-        return UnevenArray(_run_relayout(padded, mesh, None, dst, "placements"),
+        return UnevenArray(run_relayout(padded, mesh, None, dst, "placements"),
                            tuple(np.shape(x)), dst, mesh)
-    return _run_relayout(x, mesh, None, dst, "placements")
+    return run_relayout(x, mesh, None, dst, "placements")
 
 
 def redistribute(x: Any, device_mesh: Optional[AnyMesh],
@@ -369,7 +374,7 @@ def redistribute(x: Any, device_mesh: Optional[AnyMesh],
         if isinstance(x, UnevenArray) and canonical(src, mesh) == canonical(dst, mesh):
             return x
         return distribute_tensor(full_tensor(x), mesh, dst)
-    return _run_relayout(x, mesh, src, dst, "placements")
+    return run_relayout(x, mesh, src, dst, "placements")
 
 
 def full_tensor(x: Any) -> jax.Array:
@@ -392,6 +397,6 @@ def full_tensor(x: Any) -> jax.Array:
         return jnp.asarray(x)
     replicated = [Replicate()] * len(mesh.axis_names)
     if isinstance(x, UnevenArray):
-        return unpad(_run_relayout(x.padded, mesh, x.placements, replicated, "placements"),
+        return unpad(run_relayout(x.padded, mesh, x.placements, replicated, "placements"),
                      x.dims)
     return redistribute(x, mesh, replicated)

@@ -34,7 +34,7 @@ from jlocalmap.specs import (AnyMesh, as_placement_list, check_mesh,
                              local_shape, normalize_placements, placements_to_spec)
 from jlocalmap.outputs import to_out_layout, uneven_output_dims
 from jlocalmap.uneven import (UnevenArray, dim_splits, pad, padded_shape,
-                              refill, uneven_dims, unpad)
+                              uneven_dims, unpad)
 
 _CACHE_SIZE = 64
 
@@ -319,13 +319,10 @@ class _LocalMapped:
         in_specs, laid_out = [], []
         for plan, x in zip(inputs, dyn):
             x = jnp.asarray(x)
-            if plan.uneven and plan.padded:
-                # pad_fill != 0 only when checking that padding changes no result
-                x = refill(x, plan.uneven, pad_fill) if pad_fill else x
-            elif plan.uneven:
+            if plan.uneven and not plan.padded:
                 if plan.src is not None:  # gather the whole value, then pad it
                     x = layouts.relayout(x, mesh, plan.src, [Replicate()] * len(mesh.axis_names))
-                x = pad(x, plan.uneven, pad_fill)
+                x = pad(x, plan.uneven, pad_fill)  # fill != 0 only in _check_padding
                 plan = dataclasses.replace(plan, src=None)
             if plan.relayout:
                 x = layouts.relayout(x, mesh, plan.src, plan.dst,
@@ -372,23 +369,24 @@ class _LocalMapped:
         if key in self._cache:
             return
         rng = np.random.default_rng(0)
-        samples = []
+        logical = []
         for plan, x in zip(inputs, dyn):
             shape = list(np.shape(x))
             dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x))
             for d, size, _, _ in plan.uneven if plan.padded else ():
                 shape[d] = size  # the logical shape, laid out anew below
-            data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
-                    else rng.integers(0, 2, shape)).astype(dtype)
-            if plan.padded:
-                data = layouts.distribute_tensor(data, mesh, plan.dst).padded
-            elif plan.src is not None:
-                data = layouts.distribute_tensor(data, mesh, plan.src)
-            else:
-                data = layouts.distribute_tensor(data, mesh, [Replicate()] * len(mesh.axis_names))
-            samples.append(data)
+            logical.append((rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
+                            else rng.integers(0, 2, shape)).astype(dtype))
         results = []
         for fill in (0.0, 1.0):
+            samples = []
+            for plan, data in zip(inputs, logical):
+                if plan.padded:
+                    padded = pad(jnp.asarray(data), plan.uneven, fill)
+                    samples.append(layouts.run_relayout(padded, mesh, None, plan.dst, "placements"))
+                else:
+                    placements = plan.src or [Replicate()] * len(mesh.axis_names)
+                    samples.append(layouts.distribute_tensor(data, mesh, placements))
             trace = _Trace()
             fn = jax.jit(functools.partial(self._impl, mesh, in_tree, inputs, statics,
                                            kwargs, trace, pad_fill=fill))

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from jlocalmap._jax_compat import varying_axes
-from jlocalmap.errors import PlacementValueError
+from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.placements import Partial, PlacementList, Replicate
 from jlocalmap.specs import AnyMesh, axis_sizes
 from jlocalmap.uneven import dim_splits
@@ -64,6 +64,29 @@ def uneven_output_dims(local: Sequence[int], placements: PlacementList, mesh: An
     return tuple(dims)
 
 
+def _check_partial_dtype(dtype, p: Partial, axis: str, j: int) -> None:
+    """Partial reductions that have no meaning for ``dtype`` are refused."""
+    if p.reduce_op == "avg" and not jnp.issubdtype(dtype, jnp.inexact):
+        raise PlacementTypeError(
+            f"out_placements[{j}]: Partial('avg') on mesh axis {axis!r} for an output of "
+            f"dtype {dtype}: the mean of integers or bools is no {dtype} value; cast the "
+            f"output to a float dtype in the body, or declare Partial('sum').")
+    if p.reduce_op in ("max", "min") and jnp.issubdtype(dtype, jnp.complexfloating):
+        raise PlacementTypeError(
+            f"out_placements[{j}]: Partial({p.reduce_op!r}) on mesh axis {axis!r} for a "
+            f"complex output: complex numbers have no order; reduce their abs() or real "
+            f"part instead.")
+
+
+def _reduce_extreme(v: jax.Array, op: str, axis: str) -> jax.Array:
+    """pmax/pmin that propagate NaN like jnp.max (XLA's all-reduce max/min may not)."""
+    reduced = (jax.lax.pmax if op == "max" else jax.lax.pmin)(v, axis)
+    if not jnp.issubdtype(v.dtype, jnp.floating):
+        return reduced
+    any_nan = jax.lax.pmax(jnp.isnan(v).astype(jnp.int32), axis)
+    return jnp.where(any_nan > 0, jnp.asarray(jnp.nan, v.dtype), reduced)
+
+
 def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
                    j: int) -> tuple[jax.Array, PlacementList]:
     """The local output ``v`` as the storage of its declared placements:
@@ -85,8 +108,9 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
         elif p.is_partial():
             if axis not in varying:
                 v = jax.lax.pcast(v, axis, to="varying")
+            _check_partial_dtype(v.dtype, p, axis, j)
             if p.reduce_op in ("max", "min"):
-                v = (jax.lax.pmax if p.reduce_op == "max" else jax.lax.pmin)(v, axis)
+                v = _reduce_extreme(v, p.reduce_op, axis)
                 stored.append(Replicate())
                 continue
             scale *= sizes[axis] if p.reduce_op == "avg" else 1

@@ -117,17 +117,6 @@ def pad(x: jax.Array, dims, fill: float = 0.0) -> jax.Array:
     return x
 
 
-def refill(x: jax.Array, dims, fill: float) -> jax.Array:
-    """Padded ``x`` with its padding rows set to ``fill`` (elementwise, so its
-    sharding is kept)."""
-    for d, size, _, splits in dims:
-        gather, _ = padding_index(size, splits)
-        shape = [1] * x.ndim
-        shape[d] = len(gather)
-        x = jnp.where(jnp.asarray(gather == size).reshape(shape), jnp.asarray(fill, x.dtype), x)
-    return x
-
-
 def unpad(x: jax.Array, dims) -> jax.Array:
     """The logical value of padded ``x`` (the inverse of :func:`pad`)."""
     for d, size, _, splits in dims:
