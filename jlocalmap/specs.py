@@ -176,6 +176,7 @@ def spec_to_placements(spec: PartitionSpec, device_mesh: AnyMesh) -> PlacementLi
             f"spec: expected a jax.sharding.PartitionSpec, found {type(spec).__name__}; "
             f"write e.g. PartitionSpec('dp', None).")
     placements: dict[str, Placement] = {a: Replicate() for a in mesh.axis_names}
+    seen: set[str] = set()
     for dim, entry in enumerate(spec_entries(spec)):
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         order = [mesh.axis_names.index(a) for a in axes if a in mesh.axis_names]
@@ -185,6 +186,11 @@ def spec_to_placements(spec: PartitionSpec, device_mesh: AnyMesh) -> PlacementLi
                 f"the mesh's {tuple(mesh.axis_names)}; DTensor placements express only "
                 f"mesh-order splits. Reshard to PartitionSpec({tuple(sorted(axes, key=mesh.axis_names.index))}).")
         for a in axes:
+            if a in seen:
+                raise PlacementValueError(
+                    f"spec: mesh axis {a!r} appears twice in {format_spec(spec)}; a mesh "
+                    f"axis splits at most one dim, once. Name each axis once.")
+            seen.add(a)
             if a not in placements:
                 raise PlacementValueError(
                     f"spec: names mesh axis {a!r}, which mesh {tuple(mesh.axis_names)} "

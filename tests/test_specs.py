@@ -77,3 +77,9 @@ def test_bad_mesh_type():
 def test_uneven_is_a_clear_error(mesh2x4):
     with pytest.raises(jlm.PlacementValueError, match="does not divide evenly over mesh axis 'dp'"):
         local_shape((5, 4), [Shard(0), Replicate()], mesh2x4)
+
+
+@pytest.mark.parametrize("spec", [P("dp", "dp"), P(("tp", "tp")), P("tp", None, ("dp", "tp"))])
+def test_the_same_mesh_axis_twice(mesh2x4, spec):
+    with pytest.raises(jlm.PlacementValueError, match=r"spec: mesh axis '\w+' appears twice in P\(.*Name each axis once"):
+        jlm.spec_to_placements(spec, mesh2x4)
