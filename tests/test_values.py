@@ -20,8 +20,8 @@ and a 1,000-leaf pytree.
   ``python tests/test_values.py`` prints them on their own.
 
 Library bugs these tests found (``BUG_REASONS``) fail on commit 020eef1 and
-pass with the fixes in the working tree they last ran against; listing a key
-in ``KNOWN_BUGS`` marks its tests ``xfail(strict=True)`` again. Run time: about
+are fixed in 01512a0; listing a key in ``KNOWN_BUGS`` marks its tests
+``xfail(strict=True)`` again. Run time: about
 2 minutes on 2 CPU cores (the three 1,000-leaf tests about 40 s of it).
 """
 
