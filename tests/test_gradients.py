@@ -75,7 +75,7 @@ def test_avg_gradient_declaration_takes_the_mean(mesh1, rng):
 
 
 # -- verification of declarations against JAX's typing (issue: gradients you can trust)
-def dp_inputs(mesh, rng, w_placement=None):
+def dp_inputs(mesh, rng):
     X, W = randn(rng, 8, 6), randn(rng, 6, 6)
     x = jlm.distribute_tensor(X, mesh, [Shard(0)])
     w = jlm.distribute_tensor(W, mesh, [Replicate()])
@@ -116,8 +116,8 @@ def test_partial_declared_for_a_reduced_gradient_is_an_error(mesh1, rng):
     _, _, x, w = dp_inputs(mesh1, rng)
     f = jlm.local_map(lambda x, w: x * jnp.sum(w), [Shard(0)], ([Shard(0)], [Replicate()]),
                       ([Shard(0)], [Partial()]))
-    # x * sum(w): w meets x only after the (invariant) sum... which still varies
-    # the product, so this IS partial; a body using w only invariantly is not:
+    # f really is Partial: sum(w) is invariant, but the product with x varies.
+    # g uses w only invariantly, so its cotangent is already reduced:
     g = jlm.local_map(lambda x, w: (x, jnp.tanh(w)), ([Shard(0)], [Replicate()]),
                       ([Shard(0)], [Replicate()]), ([Shard(0)], [Partial()]))
     with pytest.raises(jlm.PlacementValueError,
