@@ -7,6 +7,7 @@ from jlocalmap.layout_view import describe, print_layout
 from jlocalmap.local_map import local_map
 from jlocalmap.layouts import distribute_tensor, full_tensor, placements_of, redistribute
 from jlocalmap.placements import Partial, Placement, Replicate, Shard
+from jlocalmap.regions import Operand, Region, Residual, regions
 from jlocalmap.specs import placements_to_spec, spec_to_placements
 from jlocalmap.uneven import UnevenArray, local_valid_size
 
@@ -17,5 +18,6 @@ __all__ = [
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
     "collectives", "CommCounts", "count_collectives", "collectives_in_hlo",
     "describe", "print_layout",
+    "regions", "Region", "Operand", "Residual",
     "UnevenArray", "local_valid_size",
 ]

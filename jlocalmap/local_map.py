@@ -23,14 +23,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlocalmap import layouts
+from jlocalmap import layouts, regions
 from jlocalmap.arguments import (assign_placements, call_signature, is_array, is_input_leaf,
                                  is_none, is_number)
 from jlocalmap._jax_compat import manual_axes
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_grad_reductions
 from jlocalmap.placements import PlacementList, Replicate
-from jlocalmap.specs import (AnyMesh, as_placement_list, check_mesh,
+from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
                              local_shape, normalize_placements, placements_to_spec)
 from jlocalmap.outputs import to_out_layout, uneven_output_dims
 from jlocalmap.uneven import (UnevenArray, dim_splits, pad, padded_shape,
@@ -63,6 +63,7 @@ class _Trace:
     statics: dict = dataclasses.field(default_factory=dict)
     array_positions: list = dataclasses.field(default_factory=list)
     out_specs: list = dataclasses.field(default_factory=list)
+    out_placements: list = dataclasses.field(default_factory=list)
     uneven_outputs: dict = dataclasses.field(default_factory=dict)  # j -> (dims, placements)
 
 
@@ -316,7 +317,7 @@ class _LocalMapped:
 
     # -- the traced implementation -------------------------------------------
     def _impl(self, mesh, in_tree, inputs, statics, kwargs, trace, *dyn, pad_fill=0.0):
-        in_specs, laid_out = [], []
+        in_specs, laid_out, global_shapes = [], [], []
         for plan, x in zip(inputs, dyn):
             x = jnp.asarray(x)
             if plan.uneven and not plan.padded:
@@ -329,6 +330,7 @@ class _LocalMapped:
                                      what=f"in_placements[{plan.index}]")
             spec = placements_to_spec(plan.dst, mesh, x.ndim,
                                       what=f"in_placements[{plan.index}]")
+            global_shapes.append(x.shape)
             stacked = plan.stacked_axes(mesh)
             if stacked:
                 x, spec = layouts.stack_summands(x, mesh, spec, stacked)
@@ -347,7 +349,8 @@ class _LocalMapped:
             args = jax.tree_util.tree_unflatten(in_tree, [leaves[i] for i in range(len(leaves))])
             return self._finish_outputs(self.func(*args, **kwargs), mesh, trace, inputs)
 
-        body.__name__ = f"local_map[{getattr(self.func, '__name__', 'func')}]"
+        func_name = getattr(self.func, "__name__", type(self.func).__name__)
+        body.__name__ = f"local_map[{func_name}]"
         # Trace once without gradient adapters: the output structure fixes
         # out_specs, and the jaxpr shows what JAX's typing proves about gradients.
         probe = jax.shard_map(lambda *a: (body(*a, adapt=False), ())[1], mesh=mesh,
@@ -360,7 +363,34 @@ class _LocalMapped:
             jax.eval_shape(probe, *laid_out)
         region = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
                                out_specs=tuple(trace.out_specs), check_vma=self.check_vma)
-        return region(*laid_out)
+        name = regions.region_name(func_name, [p.dst for p in inputs], trace.out_placements,
+                                   [p.declared_grad for p in inputs])
+        with jax.named_scope(name):  # the region's name, in jaxprs and HLO metadata
+            out = region(*laid_out)
+        regions.record(self._region_call(name, func_name, mesh, inputs, global_shapes,
+                                         laid_out, trace, out), laid_out)
+        return out
+
+    @staticmethod
+    def _region_call(name, func_name, mesh, inputs, global_shapes, laid_out, trace,
+                     out) -> regions.RegionCall:
+        def operand(index, placements, shape, dtype, logical_sizes, grad=None):
+            logical = list(shape)
+            for d, size in logical_sizes:
+                logical[d] = size
+            return regions.Operand(index, tuple(placements), tuple(logical),
+                                   local_shape(shape, placements, mesh), np.dtype(dtype), grad)
+
+        ins = tuple(operand(p.index, p.dst, shape, x.dtype,
+                            [(d, size) for d, size, _, _ in p.uneven], p.declared_grad)
+                    for p, shape, x in zip(inputs, global_shapes, laid_out))
+        outs = tuple(operand(j, placements, y.shape, y.dtype,
+                             [(d, size) for d, size, _, _ in
+                              trace.uneven_outputs.get(j, ((), None))[0]])
+                     for j, placements, y in zip(trace.array_positions,
+                                                 trace.out_placements, out))
+        return regions.RegionCall(name, func_name, tuple(axis_sizes(mesh).items()),
+                                  ins, outs)
 
     def _check_padding(self, mesh, in_tree, inputs, statics, kwargs, dyn) -> None:
         """Run the region on random data with zero and with nonzero padding (once
@@ -424,6 +454,7 @@ class _LocalMapped:
             entries = assign_placements(self.out_placements, out, len(leaves), mesh,
                                         "out_placements", "outputs")
         trace.statics, trace.array_positions, trace.out_specs = {}, [], []
+        trace.out_placements = []
         trace.uneven_outputs = {}
         arrays = []
         for j, (leaf, entry) in enumerate(zip(leaves, entries)):
@@ -449,6 +480,7 @@ class _LocalMapped:
                 trace.uneven_outputs[j] = (dims, placements)
             trace.array_positions.append(j)
             trace.out_specs.append(spec)
+            trace.out_placements.append(placements)
             arrays.append(value)
         return tuple(arrays)
 

@@ -141,3 +141,22 @@ class Partial(Placement):
 
 PlacementList = tuple[Placement, ...]
 PlacementsLike = Union[Placement, "list[Placement]", "tuple[Placement, ...]"]
+
+
+def compact(placements: Optional[PlacementsLike]) -> str:
+    """A placement list in DTensor's short notation (``S(0)``, ``R``, ``P(sum)``),
+    as in region names; ``-`` for None (a leaf without placements).
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> from jlocalmap.placements import compact
+        >>> compact([jlm.Shard(0), jlm.Replicate(), jlm.Partial("avg")])
+        'S(0)RP(avg)'
+    """
+    if placements is None:
+        return "-"
+    if isinstance(placements, Placement):
+        placements = (placements,)
+    return "".join(f"S({p.dim})" if isinstance(p, Shard) else
+                   f"P({p.reduce_op})" if isinstance(p, Partial) else "R"
+                   for p in placements)
