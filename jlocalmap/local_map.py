@@ -191,8 +191,11 @@ class _LocalMapped:
         hit = self._cache.get(key)
         if hit is None:
             trace = _Trace()
-            fn = jax.jit(functools.partial(
-                self._impl, mesh, in_tree, tuple(inputs), statics, kwargs, trace))
+            impl = functools.partial(self._impl, mesh, in_tree, tuple(inputs), statics,
+                                     kwargs, trace)
+            # Named after func, so HLO metadata reads jit(func)/local_map[func](...)/...
+            fn = jax.jit(functools.wraps(self.func, assigned=("__name__", "__qualname__"))(
+                lambda *dyn: impl(*dyn)))
             hit = self._cache[key] = (fn, trace, (statics, kwargs))
             while len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
