@@ -7,7 +7,7 @@ from jlocalmap.layout_view import describe, print_layout
 from jlocalmap.local_map import local_map
 from jlocalmap.layouts import distribute_tensor, full_tensor, placements_of, redistribute
 from jlocalmap.placements import Partial, Placement, Replicate, Shard
-from jlocalmap.regions import Operand, Region, Residual, regions
+from jlocalmap.region_inspection import Operand, Region, Residual, regions
 from jlocalmap.specs import placements_to_spec, spec_to_placements
 from jlocalmap.uneven import UnevenArray, local_valid_size
 

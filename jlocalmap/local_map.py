@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlocalmap import layouts, regions
+from jlocalmap import layouts, region_inspection
 from jlocalmap.arguments import (assign_placements, call_signature, is_array, is_input_leaf,
                                  is_none, is_number)
 from jlocalmap._jax_compat import manual_axes
@@ -366,23 +366,26 @@ class _LocalMapped:
             jax.eval_shape(probe, *laid_out)
         region = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
                                out_specs=tuple(trace.out_specs), check_vma=self.check_vma)
-        name = regions.region_name(func_name, [p.dst for p in inputs], trace.out_placements,
-                                   [p.declared_grad for p in inputs])
+        name = region_inspection.region_name(func_name, [p.dst for p in inputs],
+                                             trace.out_placements,
+                                             [p.declared_grad for p in inputs])
         with jax.named_scope(name):  # the region's name, in jaxprs and HLO metadata
             out = region(*laid_out)
-        regions.record(self._region_call(name, func_name, mesh, inputs, global_shapes,
-                                         laid_out, trace, out), laid_out)
+        region_inspection.record(self._region_call(name, func_name, mesh, inputs,
+                                                   global_shapes, laid_out, trace, out),
+                                 laid_out)
         return out
 
     @staticmethod
     def _region_call(name, func_name, mesh, inputs, global_shapes, laid_out, trace,
-                     out) -> regions.RegionCall:
+                     out) -> region_inspection.RegionCall:
         def operand(index, placements, shape, dtype, logical_sizes, grad=None):
             logical = list(shape)
             for d, size in logical_sizes:
                 logical[d] = size
-            return regions.Operand(index, tuple(placements), tuple(logical),
-                                   local_shape(shape, placements, mesh), np.dtype(dtype), grad)
+            return region_inspection.Operand(
+                index, tuple(placements), tuple(logical), local_shape(shape, placements, mesh),
+                np.dtype(dtype), grad)
 
         ins = tuple(operand(p.index, p.dst, shape, x.dtype,
                             [(d, size) for d, size, _, _ in p.uneven], p.declared_grad)
@@ -392,8 +395,8 @@ class _LocalMapped:
                               trace.uneven_outputs.get(j, ((), None))[0]])
                      for j, placements, y in zip(trace.array_positions,
                                                  trace.out_placements, out))
-        return regions.RegionCall(name, func_name, tuple(axis_sizes(mesh).items()),
-                                  ins, outs)
+        return region_inspection.RegionCall(name, func_name,
+                                            tuple(axis_sizes(mesh).items()), ins, outs)
 
     def _check_padding(self, mesh, in_tree, inputs, statics, kwargs, dyn) -> None:
         """Run the region on random data with zero and with nonzero padding (once

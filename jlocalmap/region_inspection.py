@@ -185,7 +185,7 @@ def region_name(func_name: str, in_placements: Sequence[Optional[PlacementList]]
 
     Example:
         >>> import jlocalmap as jlm
-        >>> from jlocalmap.regions import region_name
+        >>> from jlocalmap.region_inspection import region_name
         >>> S, R = jlm.Shard, jlm.Replicate
         >>> region_name("attn", [(S(0), S(1)), (S(0), R())], [(S(0), S(1))])
         'local_map[attn](S(0)S(1), S(0)R -> S(0)S(1))'
@@ -226,7 +226,7 @@ def name_in(name_stack: str) -> Optional[str]:
     ``transpose(jvp(local_map[f](...)))``), or None.
 
     Example:
-        >>> from jlocalmap.regions import name_in
+        >>> from jlocalmap.region_inspection import name_in
         >>> name_in("transpose(jvp(local_map[f](S(0) -> R)))")
         'local_map[f](S(0) -> R)'
     """
@@ -392,10 +392,11 @@ def _overlap(a: Sequence, b: _Occurrence) -> int:
 def _assemble(found: list[_Occurrence]) -> list[Region]:
     forwards = [o for o in found if o.role == "forward"]
     # JAX's partial evaluation may hoist an input-free piece of a region (a
-    # loop-invariant constant) out of a scan: it feeds the region, not a new one.
-    forwards = [o for o in forwards if o.in_tokens or not any(
+    # loop-invariant constant, or nothing at all) out of a scan: it feeds the
+    # region, not a new one.
+    forwards = [o for o in forwards if o.in_tokens or (o.out_tokens and not any(
         f is not o and f.name == o.name and set(o.out_tokens) & set(f.in_tokens)
-        for f in forwards)]
+        for f in forwards))]
     recomputes = [o for o in found if o.role == "recompute"]
     paired: dict[int, tuple] = {}
     for back in (o for o in reversed(found) if o.role == "backward"):
