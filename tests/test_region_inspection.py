@@ -302,3 +302,27 @@ def test_count_errors_are_raised_at_trace_time_on_an_abstract_mesh():
                        match=r"Expecting 1 outputs to local_map function based on placements, "
                              r"but found 2\."):
         jax.eval_shape(two_out, x)
+
+
+def test_regions_on_concrete_arrays_with_ints_statics_and_kwargs(mesh2x4, rng):
+    def body(x, n, label, scale=1.0):
+        assert label == "static"
+        return x * scale, n + 1
+    f = jlm.local_map(body, ([S(0), R()], [R(), R()]), ([S(0), R()], [R(), R()], None),
+                      device_mesh=mesh2x4)
+    x = jlm.distribute_tensor(randn(rng, 8, 3), mesh2x4, [S(0), R()])
+    n = np.arange(4, dtype=np.int32)
+    [r] = jlm.regions(lambda x, n: f(x, n, "static", scale=2.0), x, n)
+    assert [(op.index, op.dtype, op.local_shape) for op in r.inputs] == [
+        (0, np.float32, (4, 3)), (1, np.int32, (4,))]
+    assert [(op.index, op.dtype) for op in r.outputs] == [(0, np.float32), (1, np.int32)]
+    assert r.name == "local_map[body](S(0)R, RR -> S(0)R, RR)"  # array leaves only
+
+
+def test_regions_inside_cond_and_while(mesh2x4):
+    f = jlm.local_map(jnp.cos, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
+    x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    [loop] = jlm.regions(lambda x: jax.lax.fori_loop(0, 3, lambda i, c: f(c), x), x)
+    assert not loop.differentiated and loop.inputs[0].local_shape == (4, 4)
+    [cond] = jlm.regions(jax.grad(lambda x: jax.lax.cond(True, f, lambda c: c, x).sum()), x)
+    assert [(res.producer, res.shape) for res in cond.residuals] == [("sin", (4, 4))]
