@@ -251,7 +251,7 @@ def _balanced_end(text: str, open_at: int, opening: str, closing: str) -> int:
 
 
 # -- finding regions -----------------------------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Occurrence:
     """A region equation found in the traced program, with data provenance:
     tokens name values independently of the jaxpr level they pass through."""
@@ -398,6 +398,7 @@ def _assemble(found: list[_Occurrence]) -> list[Region]:
         f is not o and f.name == o.name and set(o.out_tokens) & set(f.in_tokens)
         for f in forwards))]
     recomputes = [o for o in found if o.role == "recompute"]
+    order = {id(f): k for k, f in enumerate(forwards)}
     paired: dict[int, tuple] = {}
     for back in (o for o in reversed(found) if o.role == "backward"):
         feeding = [c for c in recomputes if c.name == back.name
@@ -408,7 +409,7 @@ def _assemble(found: list[_Occurrence]) -> list[Region]:
             continue
         # Data flow names the forward pass; without any, the latest unpaired one
         # (backward passes run in reverse order).
-        best = max(candidates, key=lambda f: (_overlap(reads, f), forwards.index(f)))
+        best = max(candidates, key=lambda f: (_overlap(reads, f), order[id(f)]))
         paired[id(best)] = (back, feeding)
     regions = []
     for fwd in forwards:
