@@ -252,7 +252,7 @@ class _LocalMapped:
                 # Layouts that cannot exist are refused before any advice to move.
                 placements_to_spec(dst, mesh, len(leaf.shape), what=what)
                 dst = normalize_placements(dst, len(leaf.shape), what)
-                local_shape(padded_shape(leaf.shape, dst, mesh), dst, mesh, what=what)
+                local_shape(padded_shape(leaf.shape, dst, mesh, what), dst, mesh, what=what)
             if dst is None:
                 raise PlacementValueError(
                     f"{what}: input {i} is on Auto-axis mesh {mesh}, whose placements "
@@ -295,9 +295,9 @@ class _LocalMapped:
         padded = isinstance(leaf, UnevenArray)
         if padded:
             leaves[i] = leaf.padded
-        uneven = uneven_dims(shape, dst, mesh)
+        uneven = uneven_dims(shape, dst, mesh, what)
         sizes = {d: size for d, size, _, _ in uneven}
-        full = padded_shape(shape, dst, mesh)
+        full = padded_shape(shape, dst, mesh, what)
         chunks = tuple((axes, full[d] // math.prod(ns), sizes.get(d))
                        for d, (axes, ns) in dim_splits(dst, mesh, len(shape)).items())
         return _Input(i, src, tuple(dst), relayout, reductions, declared, uneven, padded,

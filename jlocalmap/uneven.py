@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlocalmap.errors import PlacementValueError
 from jlocalmap.placements import Placement, PlacementList
 from jlocalmap.specs import AnyMesh, axis_sizes, normalize_dim
 
@@ -74,12 +75,24 @@ def dim_splits(placements: Sequence[Placement], mesh: AnyMesh, ndim: int
     return out
 
 
-def uneven_dims(shape: Sequence[int], placements: Sequence[Placement], mesh: AnyMesh
+def uneven_dims(shape: Sequence[int], placements: Sequence[Placement], mesh: AnyMesh,
+                what: str = "placements"
                 ) -> tuple[tuple[int, int, tuple[str, ...], tuple[int, ...]], ...]:
     """(dim, logical size, axes, axis sizes) of every dim that ``placements``
-    split unevenly: where any chunk is shorter than the first."""
+    split unevenly: where any chunk is shorter than the first. ``what`` names
+    the argument in errors."""
     found = []
     for d, (axes, ns) in sorted(dim_splits(placements, mesh, len(shape)).items()):
+        if jax.export.is_symbolic_dim(shape[d]):  # jax.export's shape polymorphism
+            rest = shape[d] % math.prod(ns)
+            if isinstance(rest, (int, np.integer)) and rest == 0:
+                continue  # provably even
+            raise PlacementValueError(
+                f"{what}: dim {d} of symbolic size {shape[d]} (shape {tuple(shape)}) "
+                f"is split {math.prod(ns)} ways over mesh axes {axes}, which does not "
+                f"provably divide it, and uneven shards need concrete sizes. Export with "
+                f"a size the split divides (a multiple of {math.prod(ns)}), or "
+                f"Replicate() the dim over {axes}.")
         if shape[d] % math.prod(ns) or any(
                 length != shape[d] // math.prod(ns) for _, length in chunk_bounds(shape[d], ns)):
             found.append((d, shape[d], axes, ns))
@@ -87,10 +100,10 @@ def uneven_dims(shape: Sequence[int], placements: Sequence[Placement], mesh: Any
 
 
 def padded_shape(shape: Sequence[int], placements: Sequence[Placement],
-                 mesh: AnyMesh) -> tuple[int, ...]:
+                 mesh: AnyMesh, what: str = "placements") -> tuple[int, ...]:
     """The shape of the padded layout of a value of ``shape``."""
     out = list(shape)
-    for d, size, _, splits in uneven_dims(shape, placements, mesh):
+    for d, size, _, splits in uneven_dims(shape, placements, mesh, what):
         out[d] = len(padding_index(size, splits)[0])
     return tuple(out)
 

@@ -301,3 +301,114 @@ def test_scan_layout_from_types_matches_the_declared_one(loop):
         if "num_consts" in eqn.params:
             assert (eqn.params["num_consts"], eqn.params["num_carry"]) in layouts
         assert layouts
+
+
+# -- no-gradient paths: integers, stop_gradient, unused inputs; custom_vjp bodies ------
+def maybe_jit(fn, jit):
+    return jax.jit(fn) if jit else fn
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("declared", [False, True], ids=["default", "declared"])
+def test_no_gradient_paths_are_filtered(mesh2x2, rng, declared, jit):
+    """Integer inputs and outputs, a stop_gradient output and an input the loss
+    ignores pass through jax.value_and_grad; gradients equal the unsharded ones:
+    float0 for integers, zeros for the ignored input, as jax gives them."""
+    X, W, U = randn(rng, 8, 6), randn(rng, 6, 4), randn(rng, 5)
+    I = rng.integers(0, 5, (8, 6)).astype(np.int32)
+    K = rng.integers(1, 4, (4,)).astype(np.int32)
+    x = jlm.distribute_tensor(X, mesh2x2, [Shard(0), Shard(1)])
+    w = jlm.distribute_tensor(W, mesh2x2, [Replicate(), Shard(0)])
+    i = jlm.distribute_tensor(I, mesh2x2, [Shard(0), Shard(1)])
+    k = jlm.distribute_tensor(K, mesh2x2, [Replicate(), Replicate()])
+    u = jlm.distribute_tensor(U, mesh2x2, [Replicate(), Replicate()])
+
+    def body(x, w, i, k, u):
+        p = jax.lax.psum((x * i) @ w, "tp") * k  # int i and k
+        return p, (i > 2).sum(), jax.lax.stop_gradient(p), i > 2, jnp.tanh(u)
+
+    in_pl = ([Shard(0), Shard(1)], [Replicate(), Shard(0)], [Shard(0), Shard(1)],
+             [Replicate(), Replicate()], [Replicate(), Replicate()])
+    # declared: the int k's adapter reduces over 'dp' (it meets data varying there),
+    # u is used only invariantly (Replicate), the int i has no declaration
+    in_grad = ([Shard(0), Shard(1)], [Partial(), Shard(0)], None, [Partial(), Replicate()],
+               [Replicate(), Replicate()]) if declared else None
+    out_pl = ([Shard(0), Replicate()], [Partial(), Partial()], [Shard(0), Replicate()],
+              [Shard(0), Shard(1)], [Replicate(), Replicate()])
+    f = jlm.local_map(body, out_pl, in_pl, in_grad)
+
+    def loss(x, w, i, k, u):
+        p, count, s, mask, _ = f(x, w, i, k, u)  # the tanh(u) output is ignored
+        return (jnp.tanh(p) ** 2).sum() + 0.1 * (s * p).sum(), (jlm.full_tensor(count), mask)
+
+    def reference(x, w, i, k, u):
+        p = (x * i) @ w * k
+        s = jax.lax.stop_gradient(p)
+        return (jnp.tanh(p) ** 2).sum() + 0.1 * (s * p).sum(), (jnp.sum(i > 2), i > 2)
+
+    argnums = (0, 1, 2, 3, 4)
+    with jax.set_mesh(mesh2x2):
+        (val, (count, mask)), g = maybe_jit(jax.value_and_grad(
+            loss, argnums, has_aux=True, allow_int=True), jit)(x, w, i, k, u)
+        # and with only the float inputs differentiated (eager jax.grad through a
+        # shard_map compiles op by op: once is enough)
+        g_float = jax.jit(jax.grad(lambda *a: loss(*a)[0], (0, 1, 4)))(x, w, i, k, u)
+    (rval, (rcount, rmask)), r = jax.value_and_grad(
+        reference, argnums, has_aux=True, allow_int=True)(X, W, I, K, U)
+    assert_close(val, rval, rtol=1e-4)
+    assert int(count) == int(rcount)
+    np.testing.assert_array_equal(np.asarray(mask), np.asarray(rmask))
+    for a, b in zip(g, r):
+        assert a.dtype == b.dtype and a.shape == b.shape
+    assert g[2].dtype == jax.dtypes.float0 and g[3].dtype == jax.dtypes.float0
+    for a, b in zip([g[0], g[1], g[4]], [r[0], r[1], r[4]]):
+        assert_close(a, b, rtol=1e-4)
+    for a, b in zip(g_float, [r[0], r[1], r[4]]):
+        assert_close(a, b, rtol=1e-4)
+    assert not np.any(np.asarray(g[4])) and not np.any(np.asarray(g_float[2]))
+
+
+@jax.custom_vjp
+def clip_gradient(v):
+    """The identity, whose backward clips the cotangent: not what autodiff gives."""
+    return v
+
+
+clip_gradient.defvjp(lambda v: (v, None), lambda _, ct: (jnp.clip(ct, -0.05, 0.05),))
+
+
+CLIPPED = {  # where: (local_map body, the unsharded computation)
+    "replicate": (lambda x, w: jnp.tanh(jax.lax.psum(x @ clip_gradient(w), "tp")),
+                  lambda x, w: jnp.tanh(x @ clip_gradient(w))),
+    "shard": (lambda x, w: jnp.tanh(jax.lax.psum(clip_gradient(x) @ w, "tp")),
+              lambda x, w: jnp.tanh(clip_gradient(x) @ w)),
+}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("where, in_grad", [
+    ("replicate", None), ("shard", None),
+    ("shard", ([Shard(0), Shard(1)], [Partial(), Shard(0)])),
+], ids=["replicate", "shard", "shard-declared"])
+def test_custom_vjp_in_the_body_keeps_its_backward(mesh2x2, rng, where, in_grad, jit):
+    """The body's own custom_vjp runs in the backward pass, on the cotangent the
+    unsharded computation gives it: for the replicated w, after JAX's all-reduce
+    over 'dp' (clipping before the reduction would give another result). Declaring
+    w's gradient Partial() is left out for the clip on w: its adapter marks w varying
+    at the body's entry, so a backward applied to w itself runs on each device's
+    unreduced cotangent (PyTorch's reading of that declaration)."""
+    X, W = randn(rng, 8, 6), randn(rng, 6, 4)
+    x = jlm.distribute_tensor(X, mesh2x2, [Shard(0), Shard(1)])
+    w = jlm.distribute_tensor(W, mesh2x2, [Replicate(), Shard(0)])
+    body, unsharded = CLIPPED[where]
+    f = jlm.local_map(body, [Shard(0), Replicate()], ([Shard(0), Shard(1)], [Replicate(), Shard(0)]),
+                      in_grad)
+    with jax.set_mesh(mesh2x2):
+        g = maybe_jit(jax.grad(lambda x, w: (f(x, w) ** 2).sum(), (0, 1)), jit)(x, w)
+    r = unsharded_grads(lambda x, w: (unsharded(x, w) ** 2).sum(), X, W)
+    plain = unsharded_grads(lambda x, w: (jnp.tanh(x @ w) ** 2).sum(), X, W)
+    for a, b in zip(g, r):
+        assert_close(a, b, rtol=1e-4)
+    k = 1 if where == "replicate" else 0  # the clipped input
+    assert np.abs(np.asarray(g[k]) - plain[k]).max() > 0.1  # the clipping mattered
+    assert np.abs(np.asarray(g[k])).max() <= 0.05 + 1e-6
