@@ -163,8 +163,10 @@ def test_regions_inside_scan_are_reported_once_like_the_body(mesh2x4):
     [r] = jlm.regions(jax.grad(loss), jax.ShapeDtypeStruct((8, 4), jnp.float32))
     assert r.differentiated and r.transform == "jvp()"
     assert [op.local_shape for op in r.inputs] == [(4, 4)]
-    assert "tanh" in [res.producer for res in r.residuals]
-    assert all(res.shape == (4, 4) for res in r.residuals)
+    # What tanh's derivative saves is JAX's choice (tanh and 1 - tanh**2 on jax
+    # 0.10, one_minus_square on 0.11): local-shaped values computed in the body.
+    assert r.residuals and all(res.shape == (4, 4) and res.producer in (
+        "tanh", "sub", "one_minus_square") for res in r.residuals)
 
 
 # -- REFERENCE section 4: context-parallel attention on 256 abstract devices -----
