@@ -164,13 +164,22 @@ def placements_of(x: Any, device_mesh: Optional[AnyMesh] = None) -> PlacementLis
     return placements
 
 
-def canonical(placements: Sequence[Placement], mesh: AnyMesh) -> PlacementList:
+def canonical(placements: Sequence[Placement], mesh: AnyMesh,
+              shape: Optional[Sequence[int]] = None) -> PlacementList:
     """Placements as stored: ``Partial('avg')`` is stored as ``Partial('sum')``,
-    and a Partial on an axis of size 1 is the replicated value."""
+    and a Partial on an axis of size 1, or of a value of ``shape`` with no
+    elements, is the replicated value (newer JAX cannot hold empty unreduced
+    arrays, and an empty value has no summands)."""
     sizes = axis_sizes(mesh)
-    return tuple(Replicate() if p.is_partial() and sizes[a] == 1
+    empty = shape is not None and is_empty(shape)
+    return tuple(Replicate() if p.is_partial() and (sizes[a] == 1 or empty)
                  else Partial("sum") if p == Partial("avg") else p
                  for a, p in zip(mesh.axis_names, placements))
+
+
+def is_empty(shape: Sequence[int]) -> bool:
+    """Whether a value of ``shape`` has no elements (symbolic dims are not 0)."""
+    return any(isinstance(n, (int, np.integer)) and n == 0 for n in shape)
 
 
 def partial_axes(placements: Sequence[Placement], mesh: AnyMesh) -> tuple[str, ...]:
@@ -256,8 +265,8 @@ def relayout(x: Any, mesh: AnyMesh, src: Optional[Sequence[Placement]],
     x = jnp.asarray(x)
     dst = as_placement_list(dst, mesh, what)
     local_shape(x.shape, dst, mesh, what=what)
-    src = None if src is None else canonical(src, mesh)
-    target = canonical(dst, mesh)
+    src = None if src is None else canonical(src, mesh, x.shape)
+    target = canonical(dst, mesh, x.shape)
     if src == target:
         return x
     new_partials = tuple(a for a, p, q in zip(
@@ -371,7 +380,8 @@ def redistribute(x: Any, device_mesh: Optional[AnyMesh],
     placements_to_spec(dst, mesh, len(x.shape))
     dst = normalize_placements(dst, len(x.shape))
     if isinstance(x, UnevenArray) or uneven_dims(x.shape, dst, mesh):
-        if isinstance(x, UnevenArray) and canonical(src, mesh) == canonical(dst, mesh):
+        if isinstance(x, UnevenArray) and canonical(src, mesh, x.shape) == \
+                canonical(dst, mesh, x.shape):
             return x
         return distribute_tensor(full_tensor(x), mesh, dst)
     return run_relayout(x, mesh, src, dst, "placements")

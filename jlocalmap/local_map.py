@@ -30,7 +30,7 @@ from jlocalmap._jax_compat import manual_axes
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_grad_reductions
 from jlocalmap.placements import PlacementList, Replicate
-from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
+from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh, global_shape,
                              local_shape, normalize_placements, placements_to_spec)
 from jlocalmap.outputs import to_out_layout, uneven_output_dims
 from jlocalmap.uneven import (UnevenArray, dim_splits, pad, padded_shape,
@@ -51,6 +51,7 @@ class _Input:
     uneven: tuple = ()                # uneven.uneven_dims of dst
     padded: bool = False              # the leaf is an UnevenArray's padded data
     chunks: tuple = ()                # (axes, local length, logical size if uneven)
+    empty: Optional[tuple] = None     # (local shape, dtype) of a value with no elements
 
     def stacked_axes(self, mesh: AnyMesh) -> tuple[str, ...]:
         return layouts.partial_axes(self.dst, mesh)
@@ -63,7 +64,9 @@ class _Trace:
     statics: dict = dataclasses.field(default_factory=dict)
     array_positions: list = dataclasses.field(default_factory=list)
     out_specs: list = dataclasses.field(default_factory=list)
-    out_placements: list = dataclasses.field(default_factory=list)
+    out_placements: list = dataclasses.field(default_factory=list)   # of region outputs
+    region_positions: list = dataclasses.field(default_factory=list)  # outputs j it returns
+    empty_outputs: dict = dataclasses.field(default_factory=dict)     # j -> (shape, dtype, pl.)
     uneven_outputs: dict = dataclasses.field(default_factory=dict)  # j -> (dims, placements)
 
 
@@ -257,15 +260,15 @@ class _LocalMapped:
                 raise PlacementValueError(
                     f"{what}: input {i} is on Auto-axis mesh {mesh}, whose placements "
                     f"JAX does not track under jax.jit; give in_placements explicitly.")
-            if src is not None and layouts.canonical(src, mesh) != layouts.canonical(dst, mesh) \
-                    and not self.redistribute_inputs:
+            if src is not None and layouts.canonical(src, mesh, leaf.shape) != \
+                    layouts.canonical(dst, mesh, leaf.shape) and not self.redistribute_inputs:
                 raise PlacementValueError(
                     f"{what}: input {i} has placements {list(src)}, but the local_map "
                     f"requires {list(dst)}; set redistribute_inputs=True to "
                     f"redistribute it, or call jlocalmap.redistribute(x, mesh, "
                     f"{list(dst)}) first.")
-            if isinstance(leaf, UnevenArray) and layouts.canonical(src, mesh) != \
-                    layouts.canonical(dst, mesh):
+            if isinstance(leaf, UnevenArray) and layouts.canonical(src, mesh, leaf.shape) != \
+                    layouts.canonical(dst, mesh, leaf.shape):
                 leaves[i] = leaf = layouts.full_tensor(leaf)  # re-laid out from whole
                 src = None
         elif is_array(leaf) or (is_number(leaf) and entry is not None):
@@ -285,8 +288,11 @@ class _LocalMapped:
                     f"in_grad_placements[{i}]: input {i} is a {type(leaf).__name__}, "
                     f"which has no gradient; its entry must be None.")
             return None
-        relayout = src is None or layouts.canonical(src, mesh) != layouts.canonical(dst, mesh)
         shape = tuple(leaf.shape) if isinstance(leaf, UnevenArray) else np.shape(leaf)
+        if layouts.is_empty(shape):  # no summands: stored replicated (layouts.canonical)
+            dst = tuple(Replicate() if p.is_partial() else p for p in dst)
+        relayout = src is None or layouts.canonical(src, mesh, shape) != \
+            layouts.canonical(dst, mesh, shape)
         placements_to_spec(dst, mesh, len(shape), what=what)
         declared = None if grad is None else normalize_placements(as_placement_list(
             grad, mesh, f"in_grad_placements[{i}]"), len(shape), f"in_grad_placements[{i}]")
@@ -300,8 +306,12 @@ class _LocalMapped:
         full = padded_shape(shape, dst, mesh, what)
         chunks = tuple((axes, full[d] // math.prod(ns), sizes.get(d))
                        for d, (axes, ns) in dim_splits(dst, mesh, len(shape)).items())
+        empty = None
+        if layouts.is_empty(shape):
+            dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
+            empty = (local_shape(full, dst, mesh), np.dtype(dtype))
         return _Input(i, src, tuple(dst), relayout, reductions, declared, uneven, padded,
-                      chunks)
+                      chunks, empty)
 
     @staticmethod
     def _key(in_tree, inputs, statics, kwargs, dyn):
@@ -320,8 +330,14 @@ class _LocalMapped:
 
     # -- the traced implementation -------------------------------------------
     def _impl(self, mesh, in_tree, inputs, statics, kwargs, trace, *dyn, pad_fill=0.0):
+        # Values with no elements carry no data: they are made, not passed, on
+        # either side of the region (jax 0.11's CPU runtime crashes on empty
+        # shard_map results next to others).
+        operands = tuple(p for p in inputs if p.empty is None)
         in_specs, laid_out, global_shapes = [], [], []
         for plan, x in zip(inputs, dyn):
+            if plan.empty is not None:
+                continue
             x = jnp.asarray(x)
             if plan.uneven and not plan.padded:
                 if plan.src is not None:  # gather the whole value, then pad it
@@ -342,7 +358,10 @@ class _LocalMapped:
 
         def body(*local, adapt=True):
             leaves = dict(statics)
-            for plan, v in zip(inputs, local):
+            for plan in inputs:
+                if plan.empty is not None:
+                    leaves[plan.index] = jnp.zeros(*plan.empty)
+            for plan, v in zip(operands, local):
                 if plan.stacked_axes(mesh):
                     v = v[0] * layouts.avg_scale(plan.dst, mesh)
                 # Unchecked bodies (check_vma=False) need no adapter: JAX's own
@@ -359,22 +378,25 @@ class _LocalMapped:
         probe = jax.shard_map(lambda *a: (body(*a, adapt=False), ())[1], mesh=mesh,
                               in_specs=tuple(in_specs), out_specs=(),
                               check_vma=self.check_vma)
-        verify = self.check_vma and any(p.declared_grad for p in inputs)
+        verify = self.check_vma and any(p.declared_grad for p in operands)
         if verify:
-            self._verify_grads(jax.make_jaxpr(probe)(*laid_out), inputs, mesh)
+            self._verify_grads(jax.make_jaxpr(probe)(*laid_out), operands, mesh)
         else:
             jax.eval_shape(probe, *laid_out)
         region = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
                                out_specs=tuple(trace.out_specs), check_vma=self.check_vma)
-        name = region_inspection.region_name(func_name, [p.dst for p in inputs],
+        name = region_inspection.region_name(func_name, [p.dst for p in operands],
                                              trace.out_placements,
-                                             [p.declared_grad for p in inputs])
+                                             [p.declared_grad for p in operands])
         with jax.named_scope(name):  # the region's name, in jaxprs and HLO metadata
             out = region(*laid_out)
-        region_inspection.record(self._region_call(name, func_name, mesh, inputs,
+        region_inspection.record(self._region_call(name, func_name, mesh, operands,
                                                    global_shapes, laid_out, trace, out),
                                  laid_out)
-        return out
+        results = dict(zip(trace.region_positions, out))
+        for j, (shape, dtype, placements) in trace.empty_outputs.items():
+            results[j] = layouts.relayout(jnp.zeros(shape, dtype), mesh, None, placements)
+        return tuple(results[j] for j in trace.array_positions)
 
     @staticmethod
     def _region_call(name, func_name, mesh, inputs, global_shapes, laid_out, trace,
@@ -393,7 +415,7 @@ class _LocalMapped:
         outs = tuple(operand(j, placements, y.shape, y.dtype,
                              [(d, size) for d, size, _, _ in
                               trace.uneven_outputs.get(j, ((), None))[0]])
-                     for j, placements, y in zip(trace.array_positions,
+                     for j, placements, y in zip(trace.region_positions,
                                                  trace.out_placements, out))
         return region_inspection.RegionCall(name, func_name,
                                             tuple(axis_sizes(mesh).items()), ins, outs)
@@ -460,8 +482,8 @@ class _LocalMapped:
             entries = assign_placements(self.out_placements, out, len(leaves), mesh,
                                         "out_placements", "outputs")
         trace.statics, trace.array_positions, trace.out_specs = {}, [], []
-        trace.out_placements = []
-        trace.uneven_outputs = {}
+        trace.out_placements, trace.region_positions = [], []
+        trace.uneven_outputs, trace.empty_outputs = {}, {}
         arrays = []
         for j, (leaf, entry) in enumerate(zip(leaves, entries)):
             what = f"out_placements[{j}]"
@@ -479,15 +501,24 @@ class _LocalMapped:
                     f"its entry must be None; found {entry!r}.")
             placements = as_placement_list(entry, mesh, what)
             placements = normalize_placements(placements, jnp.ndim(leaf), what)
-            value, placements = to_out_layout(jnp.asarray(leaf), placements, mesh, j)
-            spec = placements_to_spec(placements, mesh, value.ndim, what=what)
-            dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
+            value = jnp.asarray(leaf)
+            trace.array_positions.append(j)
+            if layouts.is_empty(value.shape):  # made outside the region
+                placements = tuple(Replicate() if p.is_partial() else p for p in placements)
+                placements_to_spec(placements, mesh, value.ndim, what=what)
+                dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
+                trace.empty_outputs[j] = (global_shape(value.shape, placements, mesh),
+                                          value.dtype, placements)
+            else:
+                value, placements = to_out_layout(value, placements, mesh, j)
+                trace.out_specs.append(placements_to_spec(placements, mesh, value.ndim,
+                                                          what=what))
+                dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
+                trace.region_positions.append(j)
+                trace.out_placements.append(placements)
+                arrays.append(value)
             if dims:
                 trace.uneven_outputs[j] = (dims, placements)
-            trace.array_positions.append(j)
-            trace.out_specs.append(spec)
-            trace.out_placements.append(placements)
-            arrays.append(value)
         return tuple(arrays)
 
 

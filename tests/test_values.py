@@ -460,6 +460,28 @@ def test_zero_size_dims(request, mesh_name, shape, placements):
         assert s.shape == () and float(s) == 0.0
 
 
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_zero_size_next_to_other_values(mesh2x2, jit):
+    """Empty values next to others in one call (jax 0.11's CPU runtime crashed on
+    a region returning both): they are made outside the region, and a Partial
+    of an empty value is stored as Replicate."""
+    rng = np.random.default_rng(3)
+    empty, x = np.zeros((0, 4), np.float32), rng.standard_normal((4, 4)).astype(np.float32)
+    f = jlm.local_map(lambda e, x: (e * 2, x * 3 + e.sum()),
+                      ([Partial(), Shard(1)], [Shard(0), Replicate()]),
+                      ([Partial(), Shard(1)], [Shard(0), Replicate()]), device_mesh=mesh2x2)
+    call = jax.jit(f) if jit else f
+    e2, x3 = block(call(empty, x))
+    assert e2.shape == (0, 4) and jlm.placements_of(e2) == (Replicate(), Shard(1))
+    np.testing.assert_allclose(host(x3), x * 3, rtol=1e-6)
+    with jax.set_mesh(mesh2x2):  # JAX's rule for eager sums of values on Explicit axes
+        grad = jax.grad(lambda e, x: f(e, x)[1].sum() + f(e, x)[0].sum(), (0, 1))(empty, x)
+    assert grad[0].shape == (0, 4)
+    np.testing.assert_allclose(host(grad[1]), np.full((4, 4), 3.0), rtol=1e-6)
+    [region] = jlm.regions(f, empty, x)
+    assert [op.index for op in region.inputs] == [1] and [op.index for op in region.outputs] == [1]
+
+
 # -- 0-d scalars --------------------------------------------------------------------------
 SCALARS = {
     "np.float32": lambda: np.float32(2.5),
