@@ -3,7 +3,7 @@ abstract 256-device mesh (dp=8, tp=8, cp=4): nothing runs, no devices needed.
 
 Each layer has a context-parallel attention region and a tensor-parallel MLP
 region. For 4 and 32 layers it times ``jax.make_jaxpr`` of the forward and of
-``jax.value_and_grad`` (best of 3), and the same model written with raw
+``jax.value_and_grad`` (best of 5), and the same model written with raw
 ``jax.shard_map`` (the baseline, same process), then ``jlocalmap.regions`` on the
 gradient. Prints time per region, the 32/4-layer ratio (8.0 is linear), and
 jlocalmap's ratio to the raw baseline.
@@ -85,7 +85,7 @@ def inputs(layers):
     return [layer] * layers, spec((B, T, E), P("dp", "cp"))
 
 
-def best_of(fn, repeat=3):
+def best_of(fn, repeat=5):
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
@@ -95,7 +95,7 @@ def best_of(fn, repeat=3):
 
 
 def trace_times(layers, regions):
-    """Best-of-3 make_jaxpr times; a fresh function each time, as make_jaxpr
+    """Best-of-5 make_jaxpr times; a fresh function each time, as make_jaxpr
     caches traces per function."""
     params, x = inputs(layers)
     with jax.sharding.use_abstract_mesh(MESH):
