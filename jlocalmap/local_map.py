@@ -30,7 +30,7 @@ from jlocalmap._jax_compat import manual_axes
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.gradients import grad_reductions, verify_grad_placements, with_grad_reductions
 from jlocalmap.placements import PlacementList, Replicate
-from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh, global_shape,
+from jlocalmap.specs import (AnyMesh, as_placement_list, axis_sizes, check_mesh,
                              local_shape, normalize_placements, placements_to_spec)
 from jlocalmap.outputs import to_out_layout, uneven_output_dims
 from jlocalmap.uneven import (UnevenArray, dim_splits, pad, padded_shape,
@@ -507,8 +507,10 @@ class _LocalMapped:
                 placements = tuple(Replicate() if p.is_partial() else p for p in placements)
                 placements_to_spec(placements, mesh, value.ndim, what=what)
                 dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
-                trace.empty_outputs[j] = (global_shape(value.shape, placements, mesh),
-                                          value.dtype, placements)
+                shape = list(value.shape)
+                for d, (_, splits) in dim_splits(placements, mesh, value.ndim).items():
+                    shape[d] *= math.prod(splits)
+                trace.empty_outputs[j] = (tuple(shape), value.dtype, placements)
             else:
                 value, placements = to_out_layout(value, placements, mesh, j)
                 trace.out_specs.append(placements_to_spec(placements, mesh, value.ndim,

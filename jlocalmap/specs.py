@@ -227,22 +227,3 @@ def local_shape(global_shape: Sequence[int], placements: Sequence[Placement],
                     f"this uneven layout.")
             shape[d] //= n
     return tuple(shape)
-
-
-def global_shape(local: Sequence[int], placements: Sequence[Placement],
-                 mesh: AnyMesh) -> tuple[int, ...]:
-    """The (padded) global shape whose shards under ``placements`` have shape
-    ``local``; the inverse of :func:`local_shape`.
-
-    Example:
-        >>> import jax, jlocalmap as jlm
-        >>> from jlocalmap.specs import global_shape
-        >>> mesh = jax.sharding.AbstractMesh((2, 4), ("a", "b"))
-        >>> global_shape((4, 2), [jlm.Shard(0), jlm.Shard(1)], mesh)
-        (8, 8)
-    """
-    shape = list(local)
-    for axis, p in zip(mesh.axis_names, placements):
-        if isinstance(p, Shard):
-            shape[normalize_dim(p.dim, len(shape), "placements")] *= axis_sizes(mesh)[axis]
-    return tuple(shape)
