@@ -7,7 +7,8 @@ from jlocalmap.layout_view import describe, print_layout
 from jlocalmap.local_map import local_map
 from jlocalmap.layouts import distribute_tensor, full_tensor, placements_of, redistribute
 from jlocalmap.placements import Partial, Placement, Replicate, Shard
-from jlocalmap.region_inspection import Operand, Region, Residual, regions
+from jlocalmap.region_inspection import (Operand, Region, RegionCall, Residual, region_settings,
+                                         regions)
 from jlocalmap.specs import placements_to_spec, spec_to_placements
 from jlocalmap.uneven import UnevenArray, local_valid_size
 
@@ -18,6 +19,6 @@ __all__ = [
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
     "collectives", "CommCounts", "count_collectives", "collectives_in_hlo",
     "describe", "print_layout",
-    "regions", "Region", "Operand", "Residual",
+    "regions", "region_settings", "Region", "RegionCall", "Operand", "Residual",
     "UnevenArray", "local_valid_size",
 ]

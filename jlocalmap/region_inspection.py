@@ -241,6 +241,26 @@ def name_in(name_stack: str) -> Optional[str]:
     return name_stack[start:end]
 
 
+def region_settings(eqn: Any) -> Optional[RegionCall]:
+    """The settings of the ``local_map`` region a jaxpr equation stages (name,
+    function, mesh, operands with placements and shapes), or None for any other
+    equation: how tools walking their own jaxprs find every region.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlocalmap as jlm
+        >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
+        >>> f = jlm.local_map(jnp.cos, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
+        >>> jaxpr = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((8,), jnp.float32)).jaxpr
+        >>> [(s.func_name, s.inputs[0].placements, s.inputs[0].local_shape)
+        ...  for s in map(jlm.region_settings, jaxpr.eqns) if s is not None]
+        [('cos', (Shard(dim=0),), (2,))]
+    """
+    if getattr(getattr(eqn, "primitive", None), "name", None) != "shard_map":
+        return None
+    name = name_in(str(eqn.source_info.name_stack))
+    return None if name is None else _recorded(name, eqn)
+
+
 def _balanced_end(text: str, open_at: int, opening: str, closing: str) -> int:
     depth = 0
     for k in range(open_at, len(text)):

@@ -47,6 +47,13 @@ def test_region_is_one_shard_map_equation_named_with_its_placements(mesh2x4, rng
     assert [v.aval.shape for v in eqn.params["jaxpr"].invars] == [(4, 4), (4, 4)]
     assert eqn.outvars[0].aval.shape == (8, 4)
     assert_close(f(x, w), x @ w)
+    # Tools walking the jaxpr read the settings back from the equation.
+    settings = jlm.region_settings(eqn)
+    assert settings.func_name == "matmul" and settings.mesh == (("dp", 2), ("tp", 4))
+    assert [op.placements for op in settings.inputs] == [(S(0), S(1)), (R(), S(0))]
+    assert [op.placements for op in settings.outputs] == [(S(0), R())]
+    assert [jlm.region_settings(e) for e in jaxpr.eqns if e is not eqn] == \
+        [None] * (len(jaxpr.eqns) - 1)
 
 
 def test_region_names_are_unique_per_settings_and_survive_jit_and_grad(mesh2x4, rng):
