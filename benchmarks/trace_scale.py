@@ -10,7 +10,11 @@ jlocalmap's ratio to the raw baseline.
 
 Run: python benchmarks/trace_scale.py
 """
+import pathlib
+import sys
 import time
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # a checkout works too
 
 import jax
 import jax.numpy as jnp

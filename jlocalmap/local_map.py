@@ -66,7 +66,8 @@ class _Trace:
     out_specs: list = dataclasses.field(default_factory=list)
     out_placements: list = dataclasses.field(default_factory=list)   # of region outputs
     region_positions: list = dataclasses.field(default_factory=list)  # outputs j it returns
-    empty_outputs: dict = dataclasses.field(default_factory=dict)     # j -> (shape, dtype, pl.)
+    out_avals: list = dataclasses.field(default_factory=list)         # their (local, dtype)
+    empty_outputs: dict = dataclasses.field(default_factory=dict)     # j -> (local, dtype, pl.)
     uneven_outputs: dict = dataclasses.field(default_factory=dict)  # j -> (dims, placements)
 
 
@@ -385,38 +386,40 @@ class _LocalMapped:
             jax.eval_shape(probe, *laid_out)
         region = jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs),
                                out_specs=tuple(trace.out_specs), check_vma=self.check_vma)
-        name = region_inspection.region_name(func_name, [p.dst for p in operands],
-                                             trace.out_placements,
-                                             [p.declared_grad for p in operands])
-        with jax.named_scope(name):  # the region's name, in jaxprs and HLO metadata
+        call = self._region_call(func_name, mesh, operands, global_shapes, laid_out, trace)
+        with jax.named_scope(call.name):  # the region's name, in jaxprs and HLO metadata
             out = region(*laid_out)
-        region_inspection.record(self._region_call(name, func_name, mesh, operands,
-                                                   global_shapes, laid_out, trace, out),
-                                 laid_out)
+        region_inspection.record(call, laid_out)
         results = dict(zip(trace.region_positions, out))
-        for j, (shape, dtype, placements) in trace.empty_outputs.items():
-            results[j] = layouts.relayout(jnp.zeros(shape, dtype), mesh, None, placements)
+        for j, (local, dtype, placements) in trace.empty_outputs.items():
+            results[j] = layouts.relayout(jnp.zeros(_padded_global(local, placements, mesh),
+                                                    dtype), mesh, None, placements)
         return tuple(results[j] for j in trace.array_positions)
 
     @staticmethod
-    def _region_call(name, func_name, mesh, inputs, global_shapes, laid_out, trace,
-                     out) -> region_inspection.RegionCall:
-        def operand(index, placements, shape, dtype, logical_sizes, grad=None):
-            logical = list(shape)
-            for d, size in logical_sizes:
+    def _region_call(func_name, mesh, operands, global_shapes, laid_out,
+                     trace) -> region_inspection.RegionCall:
+        """The region's settings, and its name from them."""
+        def operand(index, placements, padded, local, dtype, uneven, grad=None):
+            logical = list(padded)
+            for d, size, _, _ in uneven:
                 logical[d] = size
-            return region_inspection.Operand(
-                index, tuple(placements), tuple(logical), local_shape(shape, placements, mesh),
-                np.dtype(dtype), grad)
+            return region_inspection.Operand(index, tuple(placements), tuple(logical),
+                                             tuple(local), np.dtype(dtype), grad)
 
-        ins = tuple(operand(p.index, p.dst, shape, x.dtype,
-                            [(d, size) for d, size, _, _ in p.uneven], p.declared_grad)
-                    for p, shape, x in zip(inputs, global_shapes, laid_out))
-        outs = tuple(operand(j, placements, y.shape, y.dtype,
-                             [(d, size) for d, size, _, _ in
-                              trace.uneven_outputs.get(j, ((), None))[0]])
-                     for j, placements, y in zip(trace.region_positions,
-                                                 trace.out_placements, out))
+        ins = tuple(operand(p.index, p.dst, shape, local_shape(shape, p.dst, mesh), x.dtype,
+                            p.uneven, p.declared_grad)
+                    for p, shape, x in zip(operands, global_shapes, laid_out))
+        outs = tuple(operand(j, placements, _padded_global(local, placements, mesh), local,
+                             dtype, trace.uneven_outputs.get(j, ((), None))[0])
+                     for j, placements, (local, dtype) in zip(
+                         trace.region_positions, trace.out_placements, trace.out_avals))
+        name = region_inspection.region_name(
+            func_name, [op.placements for op in ins], [op.placements for op in outs],
+            [op.grad_placements for op in ins],
+            in_sizes=[op.global_shape if p.uneven else None for op, p in zip(ins, operands)],
+            out_sizes=[op.global_shape if op.index in trace.uneven_outputs else None
+                       for op in outs])
         return region_inspection.RegionCall(name, func_name,
                                             tuple(axis_sizes(mesh).items()), ins, outs)
 
@@ -482,7 +485,7 @@ class _LocalMapped:
             entries = assign_placements(self.out_placements, out, len(leaves), mesh,
                                         "out_placements", "outputs")
         trace.statics, trace.array_positions, trace.out_specs = {}, [], []
-        trace.out_placements, trace.region_positions = [], []
+        trace.out_placements, trace.region_positions, trace.out_avals = [], [], []
         trace.uneven_outputs, trace.empty_outputs = {}, {}
         arrays = []
         for j, (leaf, entry) in enumerate(zip(leaves, entries)):
@@ -507,10 +510,7 @@ class _LocalMapped:
                 placements = tuple(Replicate() if p.is_partial() else p for p in placements)
                 placements_to_spec(placements, mesh, value.ndim, what=what)
                 dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
-                shape = list(value.shape)
-                for d, (_, splits) in dim_splits(placements, mesh, value.ndim).items():
-                    shape[d] *= math.prod(splits)
-                trace.empty_outputs[j] = (tuple(shape), value.dtype, placements)
+                trace.empty_outputs[j] = (value.shape, value.dtype, placements)
             else:
                 value, placements = to_out_layout(value, placements, mesh, j)
                 trace.out_specs.append(placements_to_spec(placements, mesh, value.ndim,
@@ -518,10 +518,19 @@ class _LocalMapped:
                 dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
                 trace.region_positions.append(j)
                 trace.out_placements.append(placements)
+                trace.out_avals.append((value.shape, value.dtype))
                 arrays.append(value)
             if dims:
                 trace.uneven_outputs[j] = (dims, placements)
         return tuple(arrays)
+
+
+def _padded_global(local: Sequence[int], placements, mesh: AnyMesh) -> tuple:
+    """The padded global shape whose shards under ``placements`` are ``local``."""
+    shape = list(local)
+    for d, (_, splits) in dim_splits(placements, mesh, len(shape)).items():
+        shape[d] *= math.prod(splits)
+    return tuple(shape)
 
 
 def local_map(func: Optional[Callable] = None, out_placements: Any = None,

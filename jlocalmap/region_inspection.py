@@ -32,9 +32,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import collections
+import contextvars
 import dataclasses
 import hashlib
 import itertools
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
@@ -44,11 +47,13 @@ from jax.extend import core as jcore
 import numpy as np
 
 from jlocalmap import layouts
-from jlocalmap.placements import PlacementList, compact
+from jlocalmap.placements import Partial, PlacementList, Replicate, Shard, compact
 
 _NAME_LIMIT = 160      # longer names are shortened to func name + digest
+_DIGEST_CHARS = 10
 _REGISTRY_SIZE = 4096  # recorded region calls kept for regions() to look up
 _PREFIX = "local_map["
+_AMBIGUOUS = object()  # registry entry of a key recorded with different settings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,11 +61,12 @@ class Operand:
     """One array input or output of a region.
 
     ``index`` is the leaf's position among the call's flattened arguments (or
-    the body's flattened outputs); ``global_shape`` is the value's logical shape
+    the body's flattened outputs), or None where the equation alone cannot tell
+    (see :func:`region_settings`); ``global_shape`` is the value's logical shape
     outside, ``local_shape`` what one device's body sees (padded chunk length
-    along uneven dims).
+    along uneven dims; a Partial input's body value, without the summand dim).
     """
-    index: int
+    index: Optional[int]
     placements: PlacementList
     global_shape: tuple
     local_shape: tuple
@@ -69,13 +75,15 @@ class Operand:
 
     def __str__(self) -> str:
         grad = "" if self.grad_placements is None else f"  grad {compact(self.grad_placements)}"
-        return (f"[{self.index}] {_aval(self.global_shape, self.dtype)} "
+        index = "?" if self.index is None else self.index
+        return (f"[{index}] {_aval(self.global_shape, self.dtype)} "
                 f"{compact(self.placements)} -> local {_aval(self.local_shape, self.dtype)}{grad}")
 
 
 @dataclasses.dataclass(frozen=True)
 class RegionCall:
-    """What ``local_map`` records when it stages a region (see :func:`record`)."""
+    """A region's settings: what ``local_map`` records when it stages one, or
+    what the equation itself says (see :func:`region_settings`)."""
     name: str
     func_name: str
     mesh: tuple[tuple[str, int], ...]
@@ -89,7 +97,8 @@ class Residual:
 
     ``producer`` is the primitive that computed it inside the body (looking
     through calls, ``pvary`` casts and the identity of ``in_grad_placements``),
-    ``input <i>`` for a region input saved as is, or
+    ``input <i>`` for a region input saved as is (``operand <k>`` where the
+    leaf is not known), ``constant`` for a literal, or
     ``checkpoint_name:<name>`` for a value named with
     ``jax.ad_checkpoint.checkpoint_name``.
     """
@@ -105,31 +114,39 @@ class Residual:
 class Region:
     """One ``local_map`` call of a traced program (see :func:`regions`).
 
-    ``jaxpr`` is the body as staged (local shapes). For a region that JAX
-    differentiated, ``forward`` is the same body (its outputs plus the residuals
-    it saves), ``backward`` the body of the transposed region, ``recompute`` the
-    part ``jax.checkpoint`` reruns in the backward pass (None if none), and
-    ``residuals`` what passes from forward to backward. ``transform`` is JAX's
-    transformation path of the forward equation (e.g. ``jvp()``), ``eqn`` the
-    ``shard_map`` equation itself.
+    ``settings`` are its name, function, mesh and operands (also readable as
+    attributes of the region). ``jaxpr`` is the body as staged (local shapes);
+    for a region that JAX differentiated it is the forward pass (its outputs and
+    the residuals it saves), ``backward`` the body of the transposed region,
+    ``recompute`` the part ``jax.checkpoint`` around the call reruns in the
+    backward pass (None if none, or if it is spread over several pieces), and
+    ``residuals`` what passes from forward to backward. ``transform`` lists
+    JAX's transformations of the forward equation (e.g. ``jvp``), ``eqn`` is
+    the ``shard_map`` equation itself.
     """
-    name: str
-    func_name: str
-    mesh: tuple[tuple[str, int], ...]
-    inputs: tuple[Operand, ...]
-    outputs: tuple[Operand, ...]
+    settings: RegionCall
     jaxpr: jcore.Jaxpr
     transform: str
     eqn: Any
-    forward: Optional[jcore.Jaxpr] = None
     backward: Optional[jcore.Jaxpr] = None
     recompute: Optional[jcore.Jaxpr] = None
     residuals: Optional[tuple[Residual, ...]] = None
+
+    name = property(lambda self: self.settings.name, doc="The region's name.")
+    func_name = property(lambda self: self.settings.func_name, doc="The body's name.")
+    mesh = property(lambda self: self.settings.mesh, doc="((axis, size), ...).")
+    inputs = property(lambda self: self.settings.inputs, doc="The array inputs.")
+    outputs = property(lambda self: self.settings.outputs, doc="The array outputs.")
 
     @property
     def differentiated(self) -> bool:
         """Whether JAX produced a backward pass of this region."""
         return self.backward is not None
+
+    @property
+    def forward(self) -> Optional[jcore.Jaxpr]:
+        """The forward body of a differentiated region (``jaxpr``), else None."""
+        return self.jaxpr if self.differentiated else None
 
     def __str__(self) -> str:
         return self.pretty(jaxprs=False)
@@ -151,7 +168,7 @@ class Region:
               body: 1 equations (sin)
         """
         mesh = ", ".join(f"{a}={n}" for a, n in self.mesh)
-        how = (f"differentiated ({self.transform or 'grad'})" if self.differentiated
+        how = (f"differentiated ({self.transform})" if self.differentiated
                else f"traced under {self.transform}" if self.transform else "not differentiated")
         lines = [f"{self.name} on mesh ({mesh}), {how}"]
         lines += [f"  input  {op}" for op in self.inputs]
@@ -175,13 +192,19 @@ class Region:
 
 # -- naming and recording (called by local_map when it stages a region) ------
 _REGISTRY: OrderedDict = OrderedDict()
+# The regions staged while regions() traces: (name, mesh, avals) keys.
+_STAGED: contextvars.ContextVar = contextvars.ContextVar("jlocalmap_staged", default=None)
 
 
-def region_name(func_name: str, in_placements: Sequence[Optional[PlacementList]],
+def region_name(func_name: str, in_placements: Sequence[PlacementList],
                 out_placements: Sequence[PlacementList],
-                grad_placements: Sequence[Optional[PlacementList]] = ()) -> str:
-    """The name a region is staged under: the function and its placements in
-    DTensor's short notation; beyond 160 characters, the function and a digest.
+                grad_placements: Sequence[Optional[PlacementList]] = (),
+                in_sizes: Sequence[Optional[tuple]] = (),
+                out_sizes: Sequence[Optional[tuple]] = ()) -> str:
+    """The name a region is staged under: the function, the placements of its
+    array operands in DTensor's short notation (an uneven operand's logical
+    shape in brackets) and the declared gradient placements; beyond 160
+    characters, the function and a digest.
 
     Example:
         >>> import jlocalmap as jlm
@@ -189,36 +212,46 @@ def region_name(func_name: str, in_placements: Sequence[Optional[PlacementList]]
         >>> S, R = jlm.Shard, jlm.Replicate
         >>> region_name("attn", [(S(0), S(1)), (S(0), R())], [(S(0), S(1))])
         'local_map[attn](S(0)S(1), S(0)R -> S(0)S(1))'
+        >>> region_name("rows", [(S(0),)], [(S(0),)], in_sizes=[(7, 4)], out_sizes=[(7, 4)])
+        'local_map[rows](S(0)[7,4] -> S(0)[7,4])'
     """
-    text = (", ".join(compact(p) for p in in_placements) + " -> "
-            + ", ".join(compact(p) for p in out_placements))
+    def operands(placements, sizes):
+        sizes = list(sizes) + [None] * (len(placements) - len(sizes))
+        return ", ".join(compact(p) + ("" if n is None else f"[{','.join(map(str, n))}]")
+                         for p, n in zip(placements, sizes))
+    text = operands(in_placements, in_sizes) + " -> " + operands(out_placements, out_sizes)
     if any(g is not None for g in grad_placements):
         text += "; grad " + ", ".join(compact(g) for g in grad_placements)
     name = f"{_PREFIX}{func_name}]({text})"
     if len(name) > _NAME_LIMIT:
-        digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+        digest = hashlib.sha1(text.encode()).hexdigest()[:_DIGEST_CHARS]
         name = f"{_PREFIX}{func_name}]#{digest}"
     return name
 
 
 def record(call: RegionCall, staged_avals: Sequence[Any]) -> None:
-    """Remember a staged region by its name and the avals of the arrays it was
-    staged with, so :func:`regions` can report its settings."""
-    key = (call.name, _avals_key(staged_avals))
-    _REGISTRY[key] = call
-    _REGISTRY[(call.name, None)] = call
+    """Remember a staged region by its name, mesh and the avals of the arrays it
+    was staged with, so :func:`regions` and :func:`region_settings` can report
+    its settings (a key recorded with different settings is ambiguous)."""
+    key = (call.name, call.mesh, _avals_key(staged_avals))
+    known = _REGISTRY.get(key)
+    _REGISTRY[key] = call if known is None or known == call else _AMBIGUOUS
     _REGISTRY.move_to_end(key)
     while len(_REGISTRY) > _REGISTRY_SIZE:
         _REGISTRY.popitem(last=False)
+    staged = _STAGED.get()
+    if staged is not None:
+        staged.append(key)
 
 
 def _avals_key(avals: Sequence[Any]) -> tuple:
     return tuple((tuple(a.shape), str(a.dtype)) for a in avals)
 
 
-def _recorded(name: str, eqn) -> Optional[RegionCall]:
-    return (_REGISTRY.get((name, _avals_key([v.aval for v in eqn.invars])))
-            or _REGISTRY.get((name, None)))
+def _eqn_key(name: str, eqn) -> tuple:
+    mesh = eqn.params["mesh"]
+    return (name, tuple(zip(mesh.axis_names, mesh.axis_sizes)),
+            _avals_key([v.aval for v in eqn.invars]))
 
 
 def name_in(name_stack: str) -> Optional[str]:
@@ -237,7 +270,7 @@ def name_in(name_stack: str) -> Optional[str]:
     if end < len(name_stack) and name_stack[end] == "(":
         end = _balanced_end(name_stack, end, "(", ")")
     elif name_stack.startswith("#", end):
-        end += 11
+        end += 1 + _DIGEST_CHARS
     return name_stack[start:end]
 
 
@@ -245,6 +278,13 @@ def region_settings(eqn: Any) -> Optional[RegionCall]:
     """The settings of the ``local_map`` region a jaxpr equation stages (name,
     function, mesh, operands with placements and shapes), or None for any other
     equation: how tools walking their own jaxprs find every region.
+
+    Settings come from what ``local_map`` recorded when it staged the region,
+    else from the equation and its name (leaf indices are then None). JAX's
+    backward equations of a region are not regions: None where their name
+    stack says ``transpose(...)`` or their operands do not fit the placements
+    (inside ``jax.jit`` the name stack is relative, and a backward equation
+    whose operands match the forward's, e.g. of ``-x``, cannot be told apart).
 
     Example:
         >>> import jax, jax.numpy as jnp, jlocalmap as jlm
@@ -257,8 +297,117 @@ def region_settings(eqn: Any) -> Optional[RegionCall]:
     """
     if getattr(getattr(eqn, "primitive", None), "name", None) != "shard_map":
         return None
-    name = name_in(str(eqn.source_info.name_stack))
-    return None if name is None else _recorded(name, eqn)
+    stack = str(eqn.source_info.name_stack)
+    name = name_in(stack)
+    if name is None or "transpose(" in stack:
+        return None
+    call = _REGISTRY.get(_eqn_key(name, eqn))
+    return call if isinstance(call, RegionCall) else _settings_from_equation(name, eqn)
+
+
+_PLACEMENT = re.compile(r"S\((-?\d+)\)|P\((\w+)\)|R")
+
+
+def _parse_placements(text: str) -> Optional[tuple]:
+    """``S(0)RP(sum)[7,4]`` -> (placements, logical shape or None)."""
+    text = text.strip()
+    sizes = None
+    if text.endswith("]"):
+        text, _, inner = text[:-1].partition("[")
+        sizes = tuple(int(n) for n in inner.split(","))
+    found, pos = [], 0
+    while pos < len(text):
+        m = _PLACEMENT.match(text, pos)
+        if m is None:
+            return None
+        found.append(Shard(int(m.group(1))) if m.group(1) is not None
+                     else Partial(m.group(2)) if m.group(2) is not None else Replicate())
+        pos = m.end()
+    return tuple(found), sizes
+
+
+def _parse_name(name: str) -> Optional[tuple]:
+    """(func name, inputs, outputs, grads) of a readable region name, or None
+    (a digest name, or not one of jlocalmap's)."""
+    end = _balanced_end(name, len(_PREFIX) - 1, "[", "]")
+    func_name, rest = name[len(_PREFIX):end - 1], name[end:]
+    if not rest.startswith("(") or not rest.endswith(")"):
+        return None
+    body, _, grads = rest[1:-1].partition("; grad ")
+    ins, arrow, outs = body.partition(" -> ")
+    if not arrow:
+        return None
+    def operands(text):
+        return [_parse_placements(t) for t in text.split(", ")] if text.strip() else []
+    parsed_in, parsed_out = operands(ins), operands(outs)
+    parsed_grads = [None if g.strip() == "-" else _parse_placements(g)
+                    for g in grads.split(", ")] if grads else [None] * len(parsed_in)
+    if any(p is None for p in parsed_in + parsed_out):
+        return None
+    return (func_name, parsed_in, parsed_out,
+            [None if g is None else g[0] for g in parsed_grads])
+
+
+def _settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
+    """Settings from the equation and its name, where local_map's record is
+    missing or ambiguous (a call staged by another trace with other static
+    arguments, a region JAX rewrote under vmap or scan): None when the
+    operands do not fit the name's placements."""
+    parsed = _parse_name(name)
+    if parsed is None:
+        return None
+    func_name, ins, outs, grads = parsed
+    body = _body(eqn)
+    mesh = eqn.params["mesh"]
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    if len(eqn.invars) != len(ins) or len(eqn.outvars) < len(outs) or len(grads) != len(ins):
+        return None
+
+    def operand(placements, logical, outer, inner, grad=None, spec=None):
+        shape, local = tuple(outer.aval.shape), tuple(inner.aval.shape)
+        summed = tuple(a for a, p in zip(mesh.axis_names, placements)
+                       if p.is_partial() and sizes[a] > 1)
+        entries = tuple(spec) if spec is not None else ()
+        if summed and entries and entries[0] in (summed, summed[0] if len(summed) == 1 else None):
+            shape, local = shape[1:], local[1:]  # a Partial input's stacked summands
+        return Operand(None, placements, logical or shape, local, outer.aval.dtype, grad)
+
+    inputs = []
+    for (placements, logical), grad, outer, inner, spec in zip(
+            ins, grads, eqn.invars, body.invars, eqn.params["in_specs"]):
+        if len(placements) != len(mesh.axis_names):
+            return None
+        op = operand(placements, logical, outer, inner, grad, spec)
+        if not _fits(placements, logical or op.global_shape, op.local_shape, sizes, mesh):
+            return None
+        inputs.append(op)
+    # A forward pass of a differentiated region adds residual outputs (before
+    # the region's own, or after them): the ones whose local shapes fit.
+    n = len(outs)
+    for first in (len(eqn.outvars) - n, 0):
+        picked = list(zip(outs, eqn.outvars[first:first + n], body.outvars[first:first + n]))
+        if all(_fits(p, o.aval.shape, i.aval.shape, sizes, mesh) for (p, _), o, i in picked):
+            outputs = [operand(p, logical, o, i) for (p, logical), o, i in picked]
+            return RegionCall(name, func_name, tuple(sizes.items()), tuple(inputs),
+                              tuple(outputs))
+    return None
+
+
+def _fits(placements: PlacementList, global_shape: tuple, local: tuple, sizes: dict,
+          mesh) -> bool:
+    """Whether ``local`` is the (padded) shard of ``global_shape`` under ``placements``."""
+    if len(placements) != len(mesh.axis_names) or len(global_shape) != len(local):
+        return False
+    expected = list(global_shape)
+    for axis, p in zip(mesh.axis_names, placements):
+        if isinstance(p, Shard):
+            if not -len(expected) <= p.dim < len(expected):
+                return False
+            d = p.dim % len(expected)
+            if not jax.export.is_symbolic_dim(expected[d]):
+                expected[d] = -(-expected[d] // sizes[axis])  # padded chunk length
+    return all(jax.export.is_symbolic_dim(e) or jax.export.is_symbolic_dim(n) or e == n
+               for e, n in zip(expected, local))
 
 
 def _balanced_end(text: str, open_at: int, opening: str, closing: str) -> int:
@@ -274,20 +423,30 @@ def _balanced_end(text: str, open_at: int, opening: str, closing: str) -> int:
 @dataclasses.dataclass(eq=False)
 class _Occurrence:
     """A region equation found in the traced program, with data provenance:
-    tokens name values independently of the jaxpr level they pass through."""
+    each value carries the set of tokens naming it at every jaxpr level it
+    passes through (a set, as ``cond`` branches may return different ones)."""
     name: str
     eqn: Any
     context: str
     in_tokens: list
     out_tokens: list
+    staged: bool = False  # local_map staged it during this trace: a call
 
     @property
     def role(self) -> str:
+        if self.staged:
+            return "forward"
         if "rematted_computation" in self.context:
             return "recompute"
         if "transpose(" in self.context:
             return "backward"
         return "forward"
+
+    def produced(self) -> set:
+        return set().union(*self.out_tokens) if self.out_tokens else set()
+
+    def touched(self) -> set:
+        return self.produced().union(*self.in_tokens)
 
 
 def _sub_jaxprs(eqn) -> list:
@@ -302,34 +461,43 @@ def _sub_jaxprs(eqn) -> list:
 
 
 def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -> None:
-    def token(v):
-        return env.get(v, (visit, v)) if isinstance(v, jcore.Var) else None
+    def tokens(v) -> frozenset:
+        if not isinstance(v, jcore.Var):
+            return frozenset()
+        return env.get(v, frozenset({(visit, v)}))
 
     for eqn in jaxpr.eqns:
         stack = str(eqn.source_info.name_stack)
         here = "/".join(s for s in (context, stack) if s)
         name = name_in(stack) if eqn.primitive.name == "shard_map" else None
         if name is not None:
-            found.append(_Occurrence(name, eqn, here, [token(v) for v in eqn.invars],
-                                     [(visit, v) for v in eqn.outvars]))
+            found.append(_Occurrence(name, eqn, here, [tokens(v) for v in eqn.invars],
+                                     [frozenset({(visit, v)}) for v in eqn.outvars]))
             continue
+        merged: dict = {}
         for sub in _sub_jaxprs(eqn):
             child, child_env = next(counter), {}
+            # Sub-jaxpr inputs are the equation's last ones (cond's predicate and
+            # while's condition constants come first).
             tail = eqn.invars[len(eqn.invars) - len(sub.invars):] \
                 if len(sub.invars) <= len(eqn.invars) else []
             for inner, outer in zip(sub.invars, tail):
-                if token(outer) is not None:
-                    child_env[inner] = token(outer)
+                if tokens(outer):
+                    child_env[inner] = tokens(outer)
             _collect(sub, child_env, here, child, counter, found)
             if len(sub.outvars) == len(eqn.outvars):
                 for inner, outer in zip(sub.outvars, eqn.outvars):
                     if isinstance(inner, jcore.Var):
-                        env[outer] = child_env.get(inner, (child, inner))
+                        merged[outer] = merged.get(outer, frozenset()) | child_env.get(
+                            inner, frozenset({(child, inner)}))
+        env.update(merged)
 
 
 def _producer(jaxpr, var) -> tuple:
     """("input", k) if ``var`` is (a cast of) input k of ``jaxpr``, else
     ("op", text) naming the primitive that computed it."""
+    if not isinstance(var, jcore.Var):
+        return ("op", "constant")
     if var in jaxpr.invars:
         return ("input", jaxpr.invars.index(var))
     eqn = next((e for e in jaxpr.eqns if var in e.outvars), None)
@@ -337,24 +505,21 @@ def _producer(jaxpr, var) -> tuple:
         return ("op", "constant")
     name = eqn.primitive.name
     if name in ("pvary", "pcast") and len(eqn.invars) == 1:
-        return _producer(jaxpr, eqn.invars[0]) if isinstance(
-            eqn.invars[0], jcore.Var) else ("op", name)
+        return _producer(jaxpr, eqn.invars[0])
     if name == "reduce_precision" and _is_noop_rounding(eqn):
         # jax.checkpoint marks the values it saves with a rounding to their own
         # precision (against CSE): the value is the operand's.
         return _producer(jaxpr, eqn.invars[0])
     if name == "name":
         return ("op", f"checkpoint_name:{eqn.params['name']}")
+    if name in ("broadcast_in_dim", "convert_element_type", "reshape") and \
+            _producer(jaxpr, eqn.invars[0]) == ("op", "constant"):
+        return ("op", "constant")
     for sub in _sub_jaxprs(eqn):
         if len(sub.outvars) == len(eqn.outvars) and len(sub.invars) <= len(eqn.invars):
-            inner = sub.outvars[eqn.outvars.index(var)]
-            if not isinstance(inner, jcore.Var):
-                return ("op", "constant")
-            kind, what = _producer(sub, inner)
+            kind, what = _producer(sub, sub.outvars[eqn.outvars.index(var)])
             if kind == "input":
-                outer = eqn.invars[len(eqn.invars) - len(sub.invars) + what]
-                return (_producer(jaxpr, outer) if isinstance(outer, jcore.Var)
-                        else ("op", "constant"))
+                return _producer(jaxpr, eqn.invars[len(eqn.invars) - len(sub.invars) + what])
             return kind, what
     return ("op", name)
 
@@ -369,34 +534,49 @@ def _is_noop_rounding(eqn) -> bool:
 
 
 def _residuals(forward: _Occurrence, readers: Sequence[_Occurrence],
-               call: Optional[RegionCall]) -> tuple[Residual, ...]:
+               settings: RegionCall, exact: bool, pieces: dict) -> tuple[Residual, ...]:
+    """What the backward (and recompute) equations read of the forward pass:
+    the forward equation's outputs and inputs, and what loop-invariant pieces
+    of the region hoisted out of a scan computed."""
     body = _body(forward.eqn)
-    outs = {t: j for j, t in enumerate(forward.out_tokens)}
-    ins = {t: k for k, t in enumerate(forward.in_tokens) if t is not None}
+    sources: dict = {}
+    for j, ts in enumerate(forward.out_tokens):
+        for t in ts:
+            sources[t] = (body, body.outvars[j], forward)
+    for k, ts in enumerate(forward.in_tokens):
+        for t in ts:
+            sources.setdefault(t, (body, body.invars[k], forward))
+    for piece in pieces.get(id(forward), ()):
+        piece_body = _body(piece.eqn)
+        for j, ts in enumerate(piece.out_tokens):
+            for t in ts:
+                sources[t] = (piece_body, piece_body.outvars[j], piece)
     seen, found = set(), []
     for reader in readers:
-        for t in reader.in_tokens:
-            if t is None or t in seen or (t not in outs and t not in ins):
+        for ts in reader.in_tokens:
+            hit = next((sources[t] for t in ts if t in sources), None)
+            if hit is None or id(hit[1]) in seen:
                 continue
-            seen.add(t)
-            var = body.outvars[outs[t]] if t in outs else body.invars[ins[t]]
-            kind, what = _producer(body, var)
+            seen.add(id(hit[1]))
+            jaxpr, var, owner = hit
+            kind, what = _producer(jaxpr, var)
             if kind == "input":
-                what = f"input {_input_index(what, forward.eqn, call)}"
+                what = (_input_label(what, forward.eqn, settings, exact)
+                        if owner is forward else "loop-invariant input")
             found.append(Residual(tuple(var.aval.shape), var.aval.dtype, what))
     return tuple(found)
 
 
-def _input_index(k: int, eqn, call: Optional[RegionCall]) -> Any:
-    """Body input ``k`` of a forward equation as the call's leaf index. JAX's
-    partial evaluation may prepend inputs (hoisted constants): the call's own
-    inputs are then the last ones."""
-    if call is None:
-        return k
-    extra = len(eqn.invars) - len(call.inputs)
-    if extra < 0 or k < extra:
-        return "?"
-    return call.inputs[k - extra].index
+def _input_label(k: int, eqn, settings: RegionCall, exact: bool) -> str:
+    """Operand ``k`` of a forward equation as ``input <leaf index>``: directly
+    where the equation is the call as staged, else by a unique match of its
+    shape and dtype among the call's inputs; ``operand <k>`` otherwise."""
+    if exact:
+        return f"input {settings.inputs[k].index}"
+    aval = eqn.invars[k].aval
+    matches = [op for op in settings.inputs if op.index is not None and
+               tuple(op.global_shape) == tuple(aval.shape) and op.dtype == aval.dtype]
+    return f"input {matches[0].index}" if len(matches) == 1 else f"operand {k}"
 
 
 def _body(eqn):
@@ -404,73 +584,102 @@ def _body(eqn):
     return body.jaxpr if isinstance(body, jcore.ClosedJaxpr) else body
 
 
-def _overlap(a: Sequence, b: _Occurrence) -> int:
-    tokens = set(b.in_tokens) | set(b.out_tokens)
-    return sum(t is not None and t in tokens for t in a)
+def _transforms(context: str) -> str:
+    """JAX's transformations in a name stack, outermost first (``jvp``,
+    ``transpose(jvp)``), without user scopes."""
+    names = re.findall(r"\b(jvp|transpose|vmap)\(", context)
+    return "".join(f"{n}(" for n in names) + ")" * len(names) if names else ""
 
 
-def _assemble(found: list[_Occurrence]) -> list[Region]:
+def _assemble(found: list[_Occurrence], orphans: Sequence[tuple] = ()) -> list[Region]:
+    """Regions from the occurrences; ``orphans`` are keys of calls staged in
+    this trace that JAX rewrote (e.g. a scan body split by partial evaluation):
+    a rewritten forward takes the settings of the first of its name."""
     forwards = [o for o in found if o.role == "forward"]
-    # JAX's partial evaluation may hoist an input-free piece of a region (a
-    # loop-invariant constant, or nothing at all) out of a scan: it feeds the
-    # region, not a new one.
-    forwards = [o for o in forwards if o.in_tokens or (o.out_tokens and not any(
-        f is not o and f.name == o.name and set(o.out_tokens) & set(f.in_tokens)
-        for f in forwards))]
     recomputes = [o for o in found if o.role == "recompute"]
-    order = {id(f): k for k, f in enumerate(forwards)}
-    paired: dict[int, tuple] = {}
-    for back in (o for o in reversed(found) if o.role == "backward"):
+    # JAX's partial evaluation hoists loop-invariant pieces of a region out of
+    # a scan (constants, or work on closed-over inputs): an unstaged forward
+    # equation whose outputs only feed one of the same name is part of it.
+    pieces: dict = {}
+    regions_ = []
+    orphans = list(orphans)
+    logged = {o.name for o in found if o.staged} | {key[0] for key in orphans}
+    adopted: dict = {}
+    for o in forwards:
+        fed = [f for f in forwards if f is not o and f.name == o.name
+               and o.produced() & set().union(*f.in_tokens)]
+        if not o.staged and (fed or not o.out_tokens):
+            if fed:
+                pieces.setdefault(id(fed[0]), []).append(o)
+            continue
+        if not o.staged and o.name in logged:
+            # A rewrite of a call of this trace: the first takes the call's
+            # settings; others (linearize's tangent pass) are not calls.
+            key = next((k for k in orphans if k[0] == o.name), None)
+            if key is None:
+                continue
+            orphans.remove(key)
+            adopted[id(o)] = _REGISTRY.get(key)
+        regions_.append(o)
+    order = {id(f): k for k, f in enumerate(regions_)}
+    paired: dict = {}
+    for back in (o for o in found if o.role == "backward"):
         feeding = [c for c in recomputes if c.name == back.name
-                   and set(c.out_tokens) & set(back.in_tokens)]
-        reads = list(back.in_tokens) + [t for c in feeding for t in c.in_tokens]
-        candidates = [f for f in forwards if f.name == back.name and id(f) not in paired]
+                   and c.produced() & set().union(*back.in_tokens)]
+        reads = set().union(*back.in_tokens, *(t for c in feeding for t in c.in_tokens))
+        candidates = [f for f in regions_ if f.name == back.name and id(f) not in paired]
         if not candidates:
             continue
-        # Data flow names the forward pass; without any, the latest unpaired one
-        # (backward passes run in reverse order).
-        best = max(candidates, key=lambda f: (_overlap(reads, f), order[id(f)]))
+        # Data flow names the forward pass; without any, the latest unpaired
+        # forward before it (backward passes run in reverse order).
+        best = max(candidates, key=lambda f: (len(reads & f.touched()), order[id(f)]))
         paired[id(best)] = (back, feeding)
-    regions = []
-    for fwd in forwards:
-        call = _recorded(fwd.name, fwd.eqn)
-        body = _body(fwd.eqn)
+    result = []
+    for fwd in regions_:
+        call = _REGISTRY.get(_eqn_key(fwd.name, fwd.eqn))
+        exact = isinstance(call, RegionCall)
+        call = call if exact else adopted.get(id(fwd))
+        settings = (call if isinstance(call, RegionCall) else
+                    _settings_from_equation(fwd.name, fwd.eqn)
+                    or _unknown_settings(fwd.name, fwd.eqn))
         back, feeding = paired.get(id(fwd), (None, []))
-        inputs, outputs = _operands(call, fwd, body)
-        regions.append(Region(
-            name=fwd.name, func_name=call.func_name if call else fwd.name,
-            mesh=call.mesh if call else tuple(fwd.eqn.params["mesh"].shape.items()),
-            inputs=inputs, outputs=outputs, jaxpr=body,
-            transform=fwd.context.replace(fwd.name, "").strip("/"),
+        result.append(Region(
+            settings=settings, jaxpr=_body(fwd.eqn), transform=_transforms(fwd.context),
             eqn=fwd.eqn,
-            forward=body if back is not None else None,
             backward=_body(back.eqn) if back is not None else None,
-            recompute=(_body(feeding[0].eqn) if len(feeding) == 1 else None),
-            residuals=(_residuals(fwd, [back, *feeding], call) if back is not None else None)))
-    return regions
+            recompute=_body(feeding[0].eqn) if len(feeding) == 1 else None,
+            residuals=(_residuals(fwd, [back, *feeding], settings, exact, pieces)
+                       if back is not None else None)))
+    return result
 
 
-def _operands(call: Optional[RegionCall], fwd: _Occurrence, body) -> tuple[tuple, tuple]:
-    if call is not None:
-        return call.inputs, call.outputs
-    # A region staged before the registry forgot it: shapes from the equation.
+def _unknown_settings(name: str, eqn) -> RegionCall:
+    """Shapes only, for an equation whose name and operands say no more (a
+    digest name recorded by another process)."""
+    mesh = eqn.params["mesh"]
+    body = _body(eqn)
+
     def ops(outer, inner):
-        return tuple(Operand(k, (), tuple(o.aval.shape), tuple(i.aval.shape), o.aval.dtype)
-                     for k, (o, i) in enumerate(zip(outer, inner)))
-    return ops(fwd.eqn.invars, body.invars), ops(fwd.eqn.outvars, body.outvars)
+        return tuple(Operand(None, (), tuple(o.aval.shape), tuple(i.aval.shape), o.aval.dtype)
+                     for o, i in zip(outer, inner))
+    return RegionCall(name, name[len(_PREFIX):name.index("]")],
+                      tuple(zip(mesh.axis_names, mesh.axis_sizes)),
+                      ops(eqn.invars, body.invars), ops(eqn.outvars, body.outvars))
 
 
 def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
     """Trace ``fn(*args, **kwargs)`` and return one :class:`Region` per
-    ``local_map`` call it makes, in program order (forward passes).
+    ``local_map`` call it makes, in program order.
 
-    ``fn`` may use ``jax.jit``, ``jax.grad``, ``jax.checkpoint`` and
-    ``jax.lax.scan`` around its calls; ``args`` may be arrays or
-    ``jax.ShapeDtypeStruct``\\ s (with a ``NamedSharding`` on a ``Mesh`` or an
-    ``AbstractMesh`` where the mesh's axes are Explicit). Nothing runs: only
-    tracing, so a 256-device ``AbstractMesh`` works on one CPU. A region inside a
-    scan body is reported once, like the body. Regions named by a name stack but
-    recorded by another process report shapes from the jaxpr only.
+    ``fn`` may use ``jax.jit``, ``jax.grad``, ``jax.checkpoint``,
+    ``jax.lax.scan``, ``cond`` and ``while_loop`` around its calls, and
+    ``jax.custom_vjp`` functions whose forward and backward call regions;
+    ``args`` may be arrays or ``jax.ShapeDtypeStruct``\\ s (with a
+    ``NamedSharding`` on a ``Mesh`` or an ``AbstractMesh`` where the mesh's axes
+    are Explicit). Nothing runs: only tracing, so a 256-device ``AbstractMesh``
+    works on one CPU. A region inside a scan body is reported once, like the
+    body. Higher-order derivatives report each call once, with its first
+    backward pass.
 
     Example:
         >>> import jax, jax.numpy as jnp, jlocalmap as jlm
@@ -484,12 +693,36 @@ def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
     mesh = next((m for m in map(_mesh_of_spec, jax.tree_util.tree_leaves((args, kwargs)))
                  if m is not None), None)
     context = _mesh_scope(mesh) if mesh is not None else contextlib.nullcontext()
-    with context:
-        closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    staged: list = []
+    token = _STAGED.set(staged)
+    try:
+        with context:
+            closed = jax.make_jaxpr(fn)(*args, **kwargs)
+    finally:
+        _STAGED.reset(token)
     found: list[_Occurrence] = []
-    counter = itertools.count(1)
-    _collect(closed.jaxpr, {}, "", 0, counter, found)
-    return _assemble(found)
+    _collect(closed.jaxpr, {}, "", 0, itertools.count(1), found)
+    # Equations local_map staged in this trace are calls, whatever JAX's name
+    # stack says (a custom_vjp backward is traced under transpose(...)). The
+    # rest are JAX's rewrites of them (or calls traced before, inside a cached
+    # jax.jit): their name stacks tell.
+    remaining = collections.Counter(staged)
+    for occurrence in found:
+        key = _eqn_key(occurrence.name, occurrence.eqn)
+        if remaining[key] > 0:
+            remaining[key] -= 1
+            occurrence.staged = True
+    # One staged equation reached twice (a jitted function called twice shares
+    # its jaxpr) is two calls.
+    staged_eqns = {id(o.eqn) for o in found if o.staged}
+    for occurrence in found:
+        occurrence.staged = occurrence.staged or id(occurrence.eqn) in staged_eqns
+    orphans = []  # staged, but no equation of the trace is the call as staged
+    for key in staged:
+        if remaining[key] > 0:
+            remaining[key] -= 1
+            orphans.append(key)
+    return _assemble(found, orphans)
 
 
 def _mesh_of_spec(leaf: Any):

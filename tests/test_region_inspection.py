@@ -335,3 +335,127 @@ def test_regions_inside_cond_and_while(mesh2x4):
     assert not loop.differentiated and loop.inputs[0].local_shape == (4, 4)
     [cond] = jlm.regions(jax.grad(lambda x: jax.lax.cond(True, f, lambda c: c, x).sum()), x)
     assert [(res.producer, res.shape) for res in cond.residuals] == [("sin", (4, 4))]
+
+
+# -- records stay right in harder programs (found by review) ----------------------
+def test_same_name_on_two_meshes_and_uneven_next_to_even():
+    """Records are keyed by name, mesh and operands: calls that share a name
+    report their own local shapes (and an uneven operand its logical size)."""
+    wide = AbstractMesh((2, 4), ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2)
+    tall = AbstractMesh((4, 2), ("dp", "tp"), axis_types=(AxisType.Explicit,) * 2)
+    x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    for mesh, local in ((wide, (4, 2)), (tall, (2, 4))):
+        f = jlm.local_map(jnp.sin, [S(0), S(1)], ([S(0), S(1)],), device_mesh=mesh)
+        [r] = jlm.regions(f, x)
+        assert r.inputs[0].local_shape == local == r.jaxpr.invars[0].aval.shape
+        assert r.mesh == tuple(zip(mesh.axis_names, mesh.axis_sizes))
+    mesh = jax.make_mesh((2,), ("dp",))
+    g = jlm.local_map(jnp.sin, [S(0)], ([S(0)],), device_mesh=mesh)
+    rs = jlm.regions(lambda a, b: (g(a), g(b)), np.ones((7, 4), np.float32),
+                     np.ones((8, 4), np.float32))
+    assert [r.inputs[0].global_shape for r in rs] == [(7, 4), (8, 4)]
+    assert [r.inputs[0].local_shape for r in rs] == [(4, 4), (4, 4)]
+    assert rs[0].name == "local_map[sin](S(0)[7,4] -> S(0)[7,4])"
+
+
+def test_regions_in_a_custom_vjp_forward_and_backward(mesh2x4, rng):
+    """A hand-written backward (ring attention, all-to-all expert dispatch)
+    calls regions of its own: each call is a region, none is taken for JAX's
+    backward of another."""
+    tanh = jlm.local_map(jnp.tanh, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
+    tanh_grad = jlm.local_map(lambda t, g: g * (1 - t * t), [S(0), R()],
+                              ([S(0), R()], [S(0), R()]), device_mesh=mesh2x4)
+
+    @jax.custom_vjp
+    def act(x):
+        return tanh(x)
+    def act_fwd(x):
+        t = tanh(x)
+        return t, t
+    act.defvjp(act_fwd, lambda t, g: (tanh_grad(t, g),))
+    grad = jax.grad(lambda x: act(x).sum())
+    rs = jlm.regions(grad, jax.ShapeDtypeStruct((8, 4), jnp.float32))
+    assert [(r.func_name, r.differentiated) for r in rs] == [("tanh", False), ("<lambda>", False)]
+    x = randn(rng, 8, 4)
+    with jax.set_mesh(mesh2x4):
+        assert_close(grad(x), 1 - np.tanh(x) ** 2, rtol=1e-5)
+
+
+def test_each_backward_pairs_with_its_own_forward_without_residuals(mesh2x4):
+    f = jlm.local_map(lambda x: -x, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
+    shapes = [(8, 4), (16, 4), (24, 4)]
+    rs = jlm.regions(jax.grad(lambda *xs: sum(f(x).sum() for x in xs), (0, 1, 2)),
+                     *[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
+    assert [r.backward.outvars[0].aval.shape for r in rs] == [(4, 4), (8, 4), (12, 4)]
+    assert all(r.residuals == () for r in rs)
+
+
+def test_scan_over_layers_with_a_closed_over_weight(mesh2x4):
+    """Partial evaluation hoists the loop-invariant part of the region out of the
+    scan: still one region, with the call's operands, and what the hoisted part
+    saves counts among its residuals."""
+    f = jlm.local_map(lambda x, w: jax.lax.psum(jnp.sin(x @ w), "tp"), [S(0), R()],
+                      ([S(0), S(1)], [R(), S(0)]), device_mesh=mesh2x4,
+                      redistribute_inputs=True)
+
+    def loss(x, w):
+        return jax.lax.scan(lambda c, _: (f(c, w), None), x, None, length=3)[0].sum()
+    def spec(shape, p):
+        return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh2x4, p))
+    [r] = jlm.regions(jax.grad(loss, (0, 1)), spec((8, 16), P("dp")), spec((16, 16), P()))
+    assert [(op.index, op.local_shape) for op in r.inputs] == [(0, (4, 4)), (1, (4, 16))]
+    # Saved: x's shard, cos(x @ w), and w's shard, which the hoisted part passes.
+    assert sorted((res.producer, res.shape) for res in r.residuals) == [
+        ("cos", (4, 16)), ("input 0", (4, 4)), ("loop-invariant input", (4, 16))]
+
+
+@pytest.mark.parametrize("branch", [0, 1, 2])
+def test_residuals_of_a_region_in_any_branch(mesh2x4, branch):
+    f = jlm.local_map(jnp.sin, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
+    branches = [lambda c: c * 2.0, lambda c: c + 1.0, lambda c: c - 3.0]
+    branches[branch] = f
+    [r] = jlm.regions(jax.grad(lambda x: jax.lax.switch(branch, branches, x).sum()),
+                      jax.ShapeDtypeStruct((8, 4), jnp.float32))
+    assert [(res.producer, res.shape) for res in r.residuals] == [("cos", (4, 4))]
+
+
+def test_shared_jit_calls_linearize_and_user_scopes(mesh2x4):
+    f = jlm.local_map(jnp.exp, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
+    layer = jax.jit(lambda x: f(x) * 0.5)
+    x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    # A jitted function called twice stages its region once and runs it twice.
+    rs = jlm.regions(jax.grad(lambda x: layer(layer(x)).sum()), x)
+    assert len(rs) == 2 and all(r.differentiated for r in rs)
+    # jax.linearize: one call, not its tangent pass as a second region.
+    assert len(jlm.regions(lambda x: jax.linearize(f, x)[1](x), x)) == 1
+
+    def scoped(x):
+        with jax.named_scope("layer3"):
+            return f(x).sum()
+    [r] = jlm.regions(jax.grad(scoped), x)
+    assert r.transform == "jvp()"
+    # JAX's backward equation of a region is not a region.
+    eqns = jax.make_jaxpr(jax.grad(lambda x: f(x).sum()))(x).jaxpr.eqns
+    settings = [jlm.region_settings(e) for e in eqns if e.primitive.name == "shard_map"]
+    assert [s is not None for s in settings] == [True, False]
+
+
+def test_settings_read_from_the_equation_when_no_record_fits(mesh2x4):
+    """Calls whose record does not fit (the same name and operand types staged
+    with the static argument in another position) are described from the
+    equation and its name: placements and shapes, leaf indices unknown."""
+    def body(*args):
+        return tuple(a * 2 for a in args if not isinstance(a, str))
+    f = jlm.local_map(body, ([S(0), Partial()],), ([S(0), Partial()], None),
+                      device_mesh=mesh2x4)
+    g = jlm.local_map(body, ([S(0), Partial()],), (None, [S(0), Partial()]),
+                      device_mesh=mesh2x4)
+    x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    jax.make_jaxpr(lambda x: f(x, "a"))(x)
+    [r] = jlm.regions(lambda x: g("a", x), x)  # same name, mesh and operands
+    assert r.name == "local_map[body](S(0)P(sum) -> S(0)P(sum))"
+    [op] = r.inputs
+    assert (op.index, op.placements, op.global_shape, op.local_shape) == (
+        None, (S(0), Partial()), (8, 4), (4, 4))
+    assert str(op).startswith("[?] f32[8,4] S(0)P(sum) -> local f32[4,4]")
+    assert r.outputs[0].placements == (S(0), Partial())
