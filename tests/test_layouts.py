@@ -227,35 +227,26 @@ def test_partial_on_axis_of_size_one_is_replicate(rng):
 
 
 # -- collectives ---------------------------------------------------------------------
-@pytest.mark.parametrize("src, dst, expected", [
-    ([Partial()], [Replicate()], {"all-reduce": 1}),
-    ([Partial("avg")], [Replicate()], {"all-reduce": 1}),
-    ([Shard(0)], [Replicate()], {"all-gather": 1}),
-    ([Shard(1)], [Replicate()], {"all-gather": 1}),
-    ([Replicate()], [Shard(0)], {}),
-    ([Replicate()], [Shard(1)], {}),
-    ([Shard(0)], [Shard(0)], {}),
+@pytest.mark.parametrize("mesh_name, src, dst, expected", [
+    ("mesh4", [Partial()], [Replicate()], {"all-reduce": 1}),
+    ("mesh4", [Partial("avg")], [Replicate()], {"all-reduce": 1}),
+    ("mesh4", [Shard(0)], [Replicate()], {"all-gather": 1}),
+    ("mesh4", [Shard(1)], [Replicate()], {"all-gather": 1}),
+    ("mesh4", [Replicate()], [Shard(0)], {}),
+    ("mesh4", [Replicate()], [Shard(1)], {}),
+    ("mesh4", [Shard(0)], [Shard(0)], {}),
+    ("mesh2x4", [Partial(), Shard(0)], [Replicate(), Shard(0)], {"all-reduce": 1}),
+    ("mesh2x4", [Shard(0), Partial()], [Shard(0), Replicate()], {"all-reduce": 1}),
+    ("mesh2x4", [Replicate(), Shard(1)], [Replicate(), Replicate()], {"all-gather": 1}),
+    ("mesh2x4", [Replicate(), Replicate()], [Shard(0), Shard(1)], {}),
+    ("mesh2x4", [Replicate(), Replicate()], [Shard(0), Shard(0)], {}),
 ], ids=repr)
-def test_redistribute_collectives_1d(mesh4, rng, src, dst, expected):
+def test_redistribute_collectives(request, rng, mesh_name, src, dst, expected):
+    mesh = request.getfixturevalue(mesh_name)
     X = randn(rng, 8, 8)
-    x = jlm.distribute_tensor(X, mesh4, src)
-    with jax.set_mesh(mesh4):
-        counts = count_collectives(lambda x: jlm.redistribute(x, mesh4, dst), x)
-    assert counts == {**NONE, **expected}
-
-
-@pytest.mark.parametrize("src, dst, expected", [
-    ([Partial(), Shard(0)], [Replicate(), Shard(0)], {"all-reduce": 1}),
-    ([Shard(0), Partial()], [Shard(0), Replicate()], {"all-reduce": 1}),
-    ([Replicate(), Shard(1)], [Replicate(), Replicate()], {"all-gather": 1}),
-    ([Replicate(), Replicate()], [Shard(0), Shard(1)], {}),
-    ([Replicate(), Replicate()], [Shard(0), Shard(0)], {}),
-], ids=repr)
-def test_redistribute_collectives_2d(mesh2x4, rng, src, dst, expected):
-    X = randn(rng, 8, 8)
-    x = jlm.distribute_tensor(X, mesh2x4, src)
-    with jax.set_mesh(mesh2x4):
-        counts = count_collectives(lambda x: jlm.redistribute(x, mesh2x4, dst), x)
+    x = jlm.distribute_tensor(X, mesh, src)
+    with jax.set_mesh(mesh):
+        counts = count_collectives(lambda x: jlm.redistribute(x, mesh, dst), x)
     assert counts == {**NONE, **expected}
 
 
