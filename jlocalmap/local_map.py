@@ -290,8 +290,9 @@ class _LocalMapped:
                     f"which has no gradient; its entry must be None.")
             return None
         shape = tuple(leaf.shape) if isinstance(leaf, UnevenArray) else np.shape(leaf)
-        if layouts.is_empty(shape):  # no summands: stored replicated (layouts.canonical)
-            dst = tuple(Replicate() if p.is_partial() else p for p in dst)
+        empty = layouts.is_empty(shape)
+        if empty:  # no summands: a Partial of it is stored replicated
+            dst = layouts.canonical(dst, mesh, shape)
         relayout = src is None or layouts.canonical(src, mesh, shape) != \
             layouts.canonical(dst, mesh, shape)
         placements_to_spec(dst, mesh, len(shape), what=what)
@@ -307,12 +308,11 @@ class _LocalMapped:
         full = padded_shape(shape, dst, mesh, what)
         chunks = tuple((axes, full[d] // math.prod(ns), sizes.get(d))
                        for d, (axes, ns) in dim_splits(dst, mesh, len(shape)).items())
-        empty = None
-        if layouts.is_empty(shape):
+        if empty:
             dtype = leaf.dtype if hasattr(leaf, "dtype") else np.result_type(leaf)
             empty = (local_shape(full, dst, mesh), np.dtype(dtype))
         return _Input(i, src, tuple(dst), relayout, reductions, declared, uneven, padded,
-                      chunks, empty)
+                      chunks, empty or None)
 
     @staticmethod
     def _key(in_tree, inputs, statics, kwargs, dyn):
@@ -507,7 +507,7 @@ class _LocalMapped:
             value = jnp.asarray(leaf)
             trace.array_positions.append(j)
             if layouts.is_empty(value.shape):  # made outside the region
-                placements = tuple(Replicate() if p.is_partial() else p for p in placements)
+                placements = layouts.canonical(placements, mesh, value.shape)
                 placements_to_spec(placements, mesh, value.ndim, what=what)
                 dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
                 trace.empty_outputs[j] = (value.shape, value.dtype, placements)
