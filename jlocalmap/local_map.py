@@ -487,6 +487,10 @@ class _LocalMapped:
         trace.statics, trace.array_positions, trace.out_specs = {}, [], []
         trace.out_placements, trace.region_positions, trace.out_avals = [], [], []
         trace.uneven_outputs, trace.empty_outputs = {}, {}
+        marked: dict = {}  # axis -> inputs the gradient adapter marks varying over it
+        for plan in inputs:
+            for axis, _ in plan.grad:
+                marked.setdefault(axis, []).append(plan.index)
         arrays = []
         for j, (leaf, entry) in enumerate(zip(leaves, entries)):
             what = f"out_placements[{j}]"
@@ -512,7 +516,7 @@ class _LocalMapped:
                 dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)
                 trace.empty_outputs[j] = (value.shape, value.dtype, placements)
             else:
-                value, placements = to_out_layout(value, placements, mesh, j)
+                value, placements = to_out_layout(value, placements, mesh, j, marked)
                 trace.out_specs.append(placements_to_spec(placements, mesh, value.ndim,
                                                           what=what))
                 dims = uneven_output_dims(value.shape, placements, mesh, inputs, j)

@@ -14,7 +14,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,9 +89,12 @@ def _reduce_extreme(v: jax.Array, op: str, axis: str) -> jax.Array:
 
 
 def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
-                   j: int) -> tuple[jax.Array, PlacementList]:
+                   j: int, marked_varying: Optional[Mapping[str, Sequence[int]]] = None
+                   ) -> tuple[jax.Array, PlacementList]:
     """The local output ``v`` as the storage of its declared placements:
-    avg-partials are stored as sums, max/min partials are reduced here."""
+    avg-partials are stored as sums, max/min partials are reduced here.
+    ``marked_varying`` maps mesh axes to the inputs the body sees as varying
+    over them because their gradients are declared Partial there (for errors)."""
     varying = varying_axes(v)
     sizes = axis_sizes(mesh)
     stored, summed, scale = [], [], 1
@@ -100,7 +104,12 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
                 f"out_placements[{j}]: output {j} is declared Replicate() on mesh axis "
                 f"{axis!r}, but its value varies over {axis!r} (devices hold different "
                 f"values). Reduce it in the body (jax.lax.psum(y, {axis!r})) or "
-                f"declare Partial() so that a later redistribute reduces it.")
+                f"declare Partial() so that a later redistribute reduces it."
+                + (f" Inputs {list(marked_varying[axis])} vary over {axis!r} in the body "
+                   f"because in_grad_placements declares their gradients Partial() "
+                   f"there; a value computed from them alone varies too (leave those "
+                   f"entries None to let JAX reduce their gradients instead)."
+                   if marked_varying and axis in marked_varying else ""))
         if p.is_partial() and sizes[axis] == 1:
             # One summand is the value: stored as Replicate (see specs.placements_to_spec).
             v = jax.lax.psum(v, axis) if axis in varying else v

@@ -412,3 +412,19 @@ def test_custom_vjp_in_the_body_keeps_its_backward(mesh2x2, rng, where, in_grad,
     k = 1 if where == "replicate" else 0  # the clipped input
     assert np.abs(np.asarray(g[k]) - plain[k]).max() > 0.1  # the clipping mattered
     assert np.abs(np.asarray(g[k])).max() <= 0.05 + 1e-6
+
+
+def test_declared_partial_gradient_marks_the_input_varying_and_says_so(mesh2x2):
+    """The adapter behind a Partial() gradient declaration makes the input vary
+    in the body: an output computed from it alone cannot be Replicate(), and
+    the error names the input and the declaration."""
+    f = jlm.local_map(lambda x, w: (x @ w, jnp.tanh(w).sum()), ([Shard(0), Replicate()],
+                      [Replicate(), Replicate()]),
+                      ([Shard(0), Replicate()], [Replicate(), Replicate()]),
+                      in_grad_placements=([Shard(0), Replicate()], [Partial(), Replicate()]),
+                      device_mesh=mesh2x2)
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"out_placements\[1\]: output 1 is declared Replicate\(\) on mesh "
+                             r"axis 'dp'.*Inputs \[1\] vary over 'dp' in the body because "
+                             r"in_grad_placements declares their gradients Partial\(\)"):
+        f(np.ones((4, 3), np.float32), np.ones((3, 3), np.float32))
