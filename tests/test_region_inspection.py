@@ -3,6 +3,7 @@ outside and local inside (on a 256-device abstract mesh too), forward/backward
 bodies and residuals under checkpoint policies, trace-time count errors."""
 
 import collections
+import re
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +55,12 @@ def test_region_is_one_shard_map_equation_named_with_its_placements(mesh2x4, rng
     assert [op.placements for op in settings.outputs] == [(S(0), R())]
     assert [jlm.region_settings(e) for e in jaxpr.eqns if e is not eqn] == \
         [None] * (len(jaxpr.eqns) - 1)
+    # The name prefixes the compiled program's op metadata inside the region
+    # (and only there).
+    hlo = f.lower(x, w).compile().as_text()
+    names = re.findall(r' (dot|all-reduce)\(.*op_name="([^"]*)"', hlo)
+    assert names and all(n.startswith(
+        "jit(matmul)/local_map[matmul](S(0)S(1), RS(0) -> S(0)R)/") for _, n in names)
 
 
 def test_region_names_are_unique_per_settings_and_survive_jit_and_grad(mesh2x4, rng):
