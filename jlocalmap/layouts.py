@@ -196,12 +196,17 @@ def avg_scale(placements: Sequence[Placement], mesh: AnyMesh) -> int:
                      if p == Partial("avg"))
 
 
-def _constrain(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec) -> jax.Array:
+def _constrain(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
+               carry_devices: bool = True) -> jax.Array:
     sharding = NamedSharding(mesh, spec)
     if any(is_explicit(mesh, a) for a in mesh.axis_names):
-        if isinstance(mesh, Mesh) and mesh_of(x) is None:
+        if isinstance(mesh, Mesh) and mesh_of(x) is None and (
+                carry_devices or not isinstance(x, jax.core.Tracer) or is_empty(x.shape)):
             # A host value: device_put carries the devices, so a jax.jit with no
-            # other distributed argument still knows where the program runs.
+            # other distributed value still knows where the program runs. Its
+            # transpose leaves a traced value's cotangent in the target layout
+            # (not the value's type), so where a region already carries the
+            # devices (carry_devices=False), traced values take reshard.
             return jax.device_put(x, sharding)
         return jax.reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)
@@ -258,10 +263,14 @@ def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
 
 
 def relayout(x: Any, mesh: AnyMesh, src: Optional[Sequence[Placement]],
-             dst: Sequence[Placement], *, what: str = "placements") -> jax.Array:
+             dst: Sequence[Placement], *, what: str = "placements",
+             carry_devices: bool = True) -> jax.Array:
     """Move ``x`` from placements ``src`` (None: a global host value) to ``dst``;
     traceable. Partial -> Shard is one reduce-scatter, Partial -> Replicate one
-    all-reduce; Partial targets are reached through Replicate."""
+    all-reduce; Partial targets are reached through Replicate. With
+    ``carry_devices=False`` (the value feeds a region on the mesh, which tells
+    the program its devices) a traced host value is resharded, so its
+    cotangent comes back in its own type."""
     x = jnp.asarray(x)
     dst = as_placement_list(dst, mesh, what)
     local_shape(x.shape, dst, mesh, what=what)
@@ -277,7 +286,7 @@ def relayout(x: Any, mesh: AnyMesh, src: Optional[Sequence[Placement]],
     staged_spec = placements_to_spec(staged, mesh, x.ndim, what=what)
     if src is not None:
         x = _scatter_partials(x, mesh, src, staged_spec)
-    x = _constrain(x, mesh, staged_spec)
+    x = _constrain(x, mesh, staged_spec, carry_devices)
     if new_partials:
         x = _partition(x, mesh, placements_to_spec(dst, mesh, x.ndim, what=what),
                        new_partials)

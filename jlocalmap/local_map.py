@@ -342,12 +342,13 @@ class _LocalMapped:
             x = jnp.asarray(x)
             if plan.uneven and not plan.padded:
                 if plan.src is not None:  # gather the whole value, then pad it
-                    x = layouts.relayout(x, mesh, plan.src, [Replicate()] * len(mesh.axis_names))
+                    x = layouts.relayout(x, mesh, plan.src, [Replicate()] * len(mesh.axis_names),
+                                         carry_devices=False)
                 x = pad(x, plan.uneven, pad_fill)  # fill != 0 only in _check_padding
                 plan = dataclasses.replace(plan, src=None)
             if plan.relayout:
                 x = layouts.relayout(x, mesh, plan.src, plan.dst,
-                                     what=f"in_placements[{plan.index}]")
+                                     what=f"in_placements[{plan.index}]", carry_devices=False)
             spec = placements_to_spec(plan.dst, mesh, x.ndim,
                                       what=f"in_placements[{plan.index}]")
             global_shapes.append(x.shape)

@@ -428,3 +428,29 @@ def test_declared_partial_gradient_marks_the_input_varying_and_says_so(mesh2x2):
                              r"axis 'dp'.*Inputs \[1\] vary over 'dp' in the body because "
                              r"in_grad_placements declares their gradients Partial\(\)"):
         f(np.ones((4, 3), np.float32), np.ones((3, 3), np.float32))
+
+
+def test_gradients_of_mesh_less_traced_values(mesh2x4, rng):
+    """A traced value with no mesh (a numpy argument of jax.jit, a scan carry
+    that starts as one) is laid out for a region by reshard, whose transpose
+    gives its cotangent its own type: used under two layouts, or carried
+    through a scan, its gradient equals the unsharded one."""
+    a = jlm.local_map(jnp.sin, [Shard(0), Replicate()], ([Shard(0), Replicate()],),
+                      device_mesh=mesh2x4)
+    b = jlm.local_map(jnp.cos, [Replicate(), Replicate()], ([Replicate(), Replicate()],),
+                      device_mesh=mesh2x4)
+    x = randn(rng, 8, 8)
+    got = jax.jit(jax.grad(lambda x: (a(x) * b(x)).sum()))(x)
+    assert_close(got, jax.grad(lambda x: (jnp.sin(x) * jnp.cos(x)).sum())(x))
+
+    layer = jlm.local_map(lambda x, w: jnp.sin(jax.lax.psum(x @ w, "tp")),
+                          [Shard(0), Replicate()], ([Shard(0), Shard(1)], [Replicate(), Shard(0)]),
+                          device_mesh=mesh2x4)
+
+    def loss(layer, x, w):
+        return jax.lax.scan(lambda c, _: (layer(c, w), None), x, None, length=3)[0].sum()
+    X, W = randn(rng, 8, 16), randn(rng, 16, 16) * 0.2
+    got = jax.jit(jax.grad(lambda x, w: loss(layer, x, w), (0, 1)))(X, W)
+    want = jax.grad(lambda x, w: loss(lambda c, w: jnp.sin(c @ w), x, w), (0, 1))(X, W)
+    for g, expected in zip(got, want):
+        assert_close(g, expected, rtol=1e-4, atol=1e-5)
