@@ -75,9 +75,11 @@ def as_placement_list(placements: Any, mesh: AnyMesh, what: str) -> PlacementLis
 def normalize_dim(dim: int, ndim: int, what: str) -> int:
     """Resolve a possibly negative tensor dim against ``ndim``; raise when out of range."""
     if not -ndim <= dim < ndim:
+        valid = (f"valid dims are {-ndim}..{ndim - 1}" if ndim else
+                 "a scalar has no dims to shard")
         raise PlacementValueError(
             f"{what}: Shard(dim={dim}) is out of range for a value of rank {ndim} "
-            f"(valid dims are {-ndim}..{ndim - 1}); shard an existing dim or use Replicate().")
+            f"({valid}); shard an existing dim or use Replicate().")
     return dim % ndim
 
 

@@ -515,7 +515,8 @@ def test_zero_d_scalar_without_mesh_runs_plainly():
     assert f(2.5) == 5.0 and f(np.float32(1.5)) == np.float32(3.0)
 
 
-RANK0 = r"Shard\(dim={}\) is out of range for a value of rank 0"
+RANK0 = (r"Shard\(dim={}\) is out of range for a value of rank 0 \(a scalar has no dims to "
+         r"shard\); shard an existing dim or use Replicate\(\)\.")
 
 
 @pytest.mark.parametrize("dim", [0, -1, 1])
