@@ -18,3 +18,15 @@ def manual_axes() -> frozenset:
     """Mesh axes that are manual at this point of tracing (inside ``shard_map``)."""
     mesh = jax.sharding.get_abstract_mesh()
     return frozenset(() if mesh.empty else mesh.manual_axes)
+
+
+def sub_jaxprs(eqn) -> list:
+    """The jaxprs an equation's parameters hold (bodies of jit, scan, cond
+    branches, remat, shard_map, custom_vjp ...), open (not closed)."""
+    found = []
+    for value in eqn.params.values():
+        for item in value if isinstance(value, (tuple, list)) else (value,):
+            inner = getattr(item, "jaxpr", item)
+            if hasattr(inner, "eqns"):
+                found.append(inner)
+    return found

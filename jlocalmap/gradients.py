@@ -25,6 +25,7 @@ from collections.abc import Sequence
 
 import jax
 
+from jlocalmap._jax_compat import sub_jaxprs
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.placements import Placement
 from jlocalmap.specs import AnyMesh
@@ -86,14 +87,6 @@ _reduce_cotangent.defvjp(_reduce_cotangent_fwd, _reduce_cotangent_bwd)
 
 
 # -- verification against JAX's varying-axes typing ---------------------------
-def _sub_jaxprs(eqn):
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            inner = getattr(item, "jaxpr", item)
-            if hasattr(inner, "eqns"):
-                yield inner
-
-
 def _is_var(v) -> bool:
     return type(v).__name__ != "Literal"
 
@@ -116,7 +109,7 @@ def _taint_hits(jaxpr, tainted: set, axis: str) -> tuple[bool, set]:
         ins = [v for v in eqn.invars if _is_var(v) and v in tainted]
         if not ins:
             continue
-        subs = list(_sub_jaxprs(eqn))
+        subs = sub_jaxprs(eqn)
         if subs:
             outs_tainted = set()
             for sub in subs:

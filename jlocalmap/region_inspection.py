@@ -31,14 +31,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import collections
+import contextlib
 import contextvars
 import dataclasses
 import hashlib
 import itertools
 import re
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
@@ -47,6 +46,7 @@ from jax.extend import core as jcore
 import numpy as np
 
 from jlocalmap import layouts
+from jlocalmap._jax_compat import sub_jaxprs
 from jlocalmap.placements import Partial, PlacementList, Replicate, Shard, compact
 
 _NAME_LIMIT = 160      # longer names are shortened to func name + digest
@@ -191,7 +191,7 @@ class Region:
 
 
 # -- naming and recording (called by local_map when it stages a region) ------
-_REGISTRY: OrderedDict = OrderedDict()
+_REGISTRY: collections.OrderedDict = collections.OrderedDict()
 # The regions staged while regions() traces: (name, mesh, avals) keys.
 _STAGED: contextvars.ContextVar = contextvars.ContextVar("jlocalmap_staged", default=None)
 
@@ -449,17 +449,6 @@ class _Occurrence:
         return self.produced().union(*self.in_tokens)
 
 
-def _sub_jaxprs(eqn) -> list:
-    found = []
-    for value in eqn.params.values():
-        for item in value if isinstance(value, (tuple, list)) else (value,):
-            if isinstance(item, jcore.ClosedJaxpr):
-                found.append(item.jaxpr)
-            elif isinstance(item, jcore.Jaxpr):
-                found.append(item)
-    return found
-
-
 def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -> None:
     def tokens(v) -> frozenset:
         if not isinstance(v, jcore.Var):
@@ -475,7 +464,7 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
                                      [frozenset({(visit, v)}) for v in eqn.outvars]))
             continue
         merged: dict = {}
-        for sub in _sub_jaxprs(eqn):
+        for sub in sub_jaxprs(eqn):
             child, child_env = next(counter), {}
             # Sub-jaxpr inputs are the equation's last ones (cond's predicate and
             # while's condition constants come first).
@@ -515,7 +504,7 @@ def _producer(jaxpr, var) -> tuple:
     if name in ("broadcast_in_dim", "convert_element_type", "reshape") and \
             _producer(jaxpr, eqn.invars[0]) == ("op", "constant"):
         return ("op", "constant")
-    for sub in _sub_jaxprs(eqn):
+    for sub in sub_jaxprs(eqn):
         if len(sub.outvars) == len(eqn.outvars) and len(sub.invars) <= len(eqn.invars):
             kind, what = _producer(sub, sub.outvars[eqn.outvars.index(var)])
             if kind == "input":
