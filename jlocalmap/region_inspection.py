@@ -378,7 +378,7 @@ def _settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
         if len(placements) != len(mesh.axis_names):
             return None
         op = operand(placements, logical, outer, inner, grad, spec)
-        if not _fits(placements, logical or op.global_shape, op.local_shape, sizes, mesh):
+        if not _fits(placements, logical or op.global_shape, op.local_shape, mesh):
             return None
         inputs.append(op)
     # A forward pass of a differentiated region adds residual outputs (before
@@ -386,16 +386,16 @@ def _settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
     n = len(outs)
     for first in (len(eqn.outvars) - n, 0):
         picked = list(zip(outs, eqn.outvars[first:first + n], body.outvars[first:first + n]))
-        if all(_fits(p, o.aval.shape, i.aval.shape, sizes, mesh) for (p, _), o, i in picked):
+        if all(_fits(p, o.aval.shape, i.aval.shape, mesh) for (p, _), o, i in picked):
             outputs = [operand(p, logical, o, i) for (p, logical), o, i in picked]
             return RegionCall(name, func_name, tuple(sizes.items()), tuple(inputs),
                               tuple(outputs))
     return None
 
 
-def _fits(placements: PlacementList, global_shape: tuple, local: tuple, sizes: dict,
-          mesh) -> bool:
+def _fits(placements: PlacementList, global_shape: tuple, local: tuple, mesh) -> bool:
     """Whether ``local`` is the (padded) shard of ``global_shape`` under ``placements``."""
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     if len(placements) != len(mesh.axis_names) or len(global_shape) != len(local):
         return False
     expected = list(global_shape)
