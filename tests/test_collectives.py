@@ -255,3 +255,105 @@ def test_outside_a_body_is_an_error(mesh1, rng):
     with pytest.raises(jlm.PlacementValueError,
                        match="no mesh axis is manual here.*inside the body of a jlocalmap.local_map"):
         C.all_reduce(randn(rng, 2), "sum", mesh1)
+
+
+# -- collective matmuls: rings of ppermutes equal the plain collective + matmul -------
+def _ring_mesh(n):
+    return jax.make_mesh((n,), ("tp",), devices=jax.devices()[:n])
+
+
+def _check_against_unsharded(mesh, f, unsharded, X, W, in_pl, out_pl, rng):
+    """Value and both gradients of a random linear loss, against the unsharded math."""
+    R = randn(rng, *jax.eval_shape(unsharded, X, W).shape)
+    g = jlm.local_map(f, out_pl, in_pl, device_mesh=mesh)
+    with jax.set_mesh(mesh):
+        value, grads = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(g(x, w) * R),
+                                                  argnums=(0, 1)))(X, W)
+        out = jax.jit(g)(X, W)
+    ref_value, ref_grads = jax.value_and_grad(lambda x, w: jnp.sum(unsharded(x, w) * R),
+                                              argnums=(0, 1))(X, W)
+    assert_close(jlm.full_tensor(out), unsharded(X, W), rtol=1e-4, atol=1e-4)
+    assert_close(value, ref_value, rtol=1e-4, atol=1e-3)
+    for got, ref in zip(grads, ref_grads):
+        assert_close(jlm.full_tensor(got), ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("n, bidirectional", [(2, None), (3, None), (4, False), (4, True),
+                                              (8, None)])
+def test_all_gather_matmul_equals_unsharded(rng, n, bidirectional):
+    mesh = _ring_mesh(n)
+    X, W = randn(rng, 4 * n, 3, 6), randn(rng, 6, 2 * n)  # rows gathered; w column-sharded
+    _check_against_unsharded(
+        mesh, lambda x, w: C.all_gather_matmul(x, w, 0, "tp", bidirectional=bidirectional),
+        lambda x, w: x @ w, X, W, ([Shard(0)], [Shard(1)]), [Shard(2)], rng)
+
+
+@pytest.mark.parametrize("n, bidirectional, dim", [(2, None, 0), (3, None, 1), (4, False, 0),
+                                                   (4, True, 0), (4, True, 1), (8, None, 0)])
+def test_matmul_reduce_scatter_equals_unsharded(rng, n, bidirectional, dim):
+    mesh = _ring_mesh(n)
+    X, W = randn(rng, 4 * n, 3 * n), randn(rng, 3 * n, 2 * n)  # k sharded: partial sums
+    _check_against_unsharded(
+        mesh, lambda x, w: C.matmul_reduce_scatter(x, w, dim, "tp", bidirectional=bidirectional),
+        lambda x, w: x @ w, X, W, ([Shard(1)], [Shard(0)]), [Shard(dim)], rng)
+
+
+def test_sequence_parallel_mlp_with_collective_matmuls(mesh2x4, rng):
+    """Both rings in one Megatron sequence-parallel MLP on a (dp, tp) mesh, against
+    the plain all-gather / reduce-scatter body and the unsharded MLP."""
+    X, W1, W2 = randn(rng, 16, 8), randn(rng, 8, 16), randn(rng, 16, 8)
+    in_pl = ([Shard(0), Shard(0)], [Replicate(), Shard(1)], [Replicate(), Shard(0)])
+
+    def ring(x, w1, w2):
+        return C.matmul_reduce_scatter(jnp.tanh(C.all_gather_matmul(x, w1, 0, "tp")), w2, 0, "tp")
+
+    def plain(x, w1, w2):
+        h = jnp.tanh(C.all_gather_tensor(x, 0, "tp") @ w1)
+        return C.reduce_scatter_tensor(h @ w2, "sum", 0, "tp")
+
+    def unsharded(x, w1, w2):
+        return jnp.tanh(x @ w1) @ w2
+    R = randn(rng, 16, 8)
+    with jax.set_mesh(mesh2x4):
+        results = [jax.jit(jax.value_and_grad(
+            lambda *a: jnp.sum(jlm.local_map(body, [Shard(0), Shard(0)], in_pl,
+                                             device_mesh=mesh2x4)(*a) * R),
+            argnums=(0, 1, 2)))(X, W1, W2) for body in (ring, plain)]
+    expected = jax.value_and_grad(lambda *a: jnp.sum(unsharded(*a) * R), argnums=(0, 1, 2))(
+        X, W1, W2)
+    for value, grads in results:
+        assert_close(value, expected[0], rtol=1e-4, atol=1e-3)
+        for got, ref in zip(grads, expected[1]):
+            assert_close(jlm.full_tensor(got), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_collective_matmuls_are_rings_of_permutes(mesh4, rng):
+    """n - 1 collective-permutes per ring, no all-gather or reduce-scatter left."""
+    X, W = randn(rng, 16, 8), randn(rng, 8, 16)
+    for bidirectional, permutes in ((False, 3), (True, 6)):
+        f = jlm.local_map(lambda x, w: C.all_gather_matmul(x, w, 0, mesh4,
+                                                           bidirectional=bidirectional),
+                          [Shard(1)], ([Shard(0)], [Shard(1)]), device_mesh=mesh4)
+        g = jlm.local_map(lambda x, w: C.matmul_reduce_scatter(x, w, 0, mesh4,
+                                                               bidirectional=bidirectional),
+                          [Shard(0)], ([Shard(1)], [Shard(0)]), device_mesh=mesh4)
+        for fn, args in ((f, (X, W)), (g, (W.T, X.T))):
+            counts = count_collectives(fn, *args)
+            assert counts["collective-permute"] == permutes
+            assert sum(counts.values()) == permutes
+
+
+@pytest.mark.parametrize("body, match", [
+    (lambda x, m: C.all_gather_matmul(x, x[None], 0, m), r"all_gather_matmul: expected x of shape"),
+    (lambda x, m: C.all_gather_matmul(x, x.T, 1, m), r"gather_dim: expected a dim of x other"),
+    (lambda x, m: C.matmul_reduce_scatter(x, x.T, 2, m), r"scatter_dim: expected a dim of the"),
+    (lambda x, m: C.matmul_reduce_scatter(x[:3], x.T[:, :3], 0, m),
+     r"scatter_dim: dim 0 .* size 3, .* 2 equal chunks.*pad"),
+    (lambda x, m: C.all_gather_matmul(x[:3], x.T, 0, m, bidirectional=True),
+     r"bidirectional: .*3 rows per device, an odd number"),
+    (lambda x, m: C.all_gather_matmul(x, x.T, 0, m, bidirectional="yes"),
+     r"bidirectional: expected True, False or None"),
+])
+def test_collective_matmul_errors(mesh1, rng, body, match):
+    with pytest.raises((jlm.PlacementValueError, jlm.PlacementTypeError), match=match):
+        _run_body(mesh1, lambda x: body(x, mesh1), randn(rng, 8, 4))
