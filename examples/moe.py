@@ -146,6 +146,13 @@ def reference_moe(x, params, cfg: MoEConfig, groups: int):
     return x + y, aux
 
 
+def dropped(x, router, cfg: MoEConfig, groups: int) -> int:
+    """How many of the top-k assignments the capacity drops."""
+    grouped = x.reshape(groups, -1, x.shape[-1])
+    dispatch = jax.vmap(route, in_axes=(0, None, None))(grouped, router, cfg)[0]
+    return int(x.shape[0] * cfg.top_k - dispatch.sum())
+
+
 def make_train_step(layer, optimizer):
     def loss_fn(params, x, target):
         y, aux = layer(x, params)
@@ -202,6 +209,8 @@ def report_communication(mesh, step, *args):
     with jax.set_mesh(mesh):
         comms = jlm.count_collectives(step, *args)
     done = comms.executed
+    # The backward has one all-to-all, not two: x is data, so no cotangent flows
+    # back through the dispatch.
     print(f"collectives per train step: {done['all-to-all']} all-to-all, "
           f"{done['all-reduce']} all-reduce, {done['all-gather']} all-gather, "
           f"{done['reduce-scatter']} reduce-scatter")
@@ -254,7 +263,9 @@ def main():
     with jax.set_mesh(mesh):
         ys, auxs = make_sharded_moe(mesh, cfg)(x, host_params)
     forward = max(max_diff(ys, y), abs(float(auxs) - float(aux)))
-    print(f"forward: max |diff| {forward:.1e} (aux loss {float(aux):.4f})")
+    print(f"forward: max |diff| {forward:.1e} (aux loss {float(aux):.4f}; capacity drops "
+          f"{dropped(x, host_params['router'], cfg, mesh.size)} of {args.tokens * cfg.top_k} "
+          f"assignments)")
 
     worst = max(forward, train(mesh, cfg, args, host_params, x, target))
     print(f"run time {time.perf_counter() - start:.1f} s")
