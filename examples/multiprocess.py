@@ -10,7 +10,8 @@ script, each with ``--process-id``; each calls ``jax.distributed.initialize``
 global ``(dp=2, tp=4)`` mesh, whose ``dp`` axis spans the two processes. Both
 run the same program (SPMD), and each checks its results against numpy:
 
-* ``distribute_tensor`` from host data (every process passes the same global value);
+* ``distribute_tensor`` from host data (every process passes the same global value),
+  and ``jax.make_array_from_process_local_data`` (each passes only its own rows);
 * a ``local_map`` tensor-parallel matmul, forward and ``jax.grad`` under ``jax.jit``;
 * a ``Partial()`` output redistributed to ``Shard`` (a reduce-scatter across processes);
 * an uneven input (7 rows over dp=2), handled as a ``jlm.UnevenArray``;
@@ -202,6 +203,18 @@ def check_partial_to_shard(mesh, check, x, w, X, W):
               f"{comms.counts['all-reduce']} all-reduce")
 
 
+def check_process_local_data(mesh, check, w, X, W):
+    """Host data, the other way: each process holds only its own rows (dp spans the
+    processes) and JAX assembles the global array from the parts."""
+    placements = [Shard(0), Shard(1)]
+    rows = X.shape[0] // jax.process_count()
+    mine = X[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+    sharding = jax.NamedSharding(mesh, jlm.placements_to_spec(placements, mesh, X.ndim))
+    x = jax.make_array_from_process_local_data(sharding, mine, X.shape)
+    assert jlm.placements_of(x) == tuple(placements)
+    check("process-local rows -> one global input", host(tp_layer(mesh)(x, w)), np.tanh(X) @ W)
+
+
 def check_uneven(mesh, check, rng):
     U = rng.standard_normal((7, 8)).astype(np.float32)          # 7 rows over dp=2: 4 + 3
     u = jlm.distribute_tensor(U, mesh, [Shard(0), Replicate()])
@@ -238,6 +251,7 @@ def worker(args) -> int:
     W = rng.standard_normal((16, 4)).astype(np.float32)
     x, w = check_forward_and_grad(mesh, check, X, W)
     check_partial_to_shard(mesh, check, x, w, X, W)
+    check_process_local_data(mesh, check, w, X, W)
     check_uneven(mesh, check, rng)
     check_eager_calls(mesh, check, rng, w, W)
     check.say(f"max |sharded - unsharded| = {check.worst:.2e}")

@@ -9,7 +9,8 @@ import sys
 
 EXAMPLE = pathlib.Path(__file__).parents[1] / "examples" / "multiprocess.py"
 CHECKS = ("local_map forward under jit", "jax.grad under jit: d/dx", "jax.grad under jit: d/dw",
-          "Partial() output -> redistribute to Shard(1)", "uneven input (7 rows over dp=2)",
+          "Partial() output -> redistribute to Shard(1)",
+          "process-local rows -> one global input", "uneven input (7 rows over dp=2)",
           "eager call 1", "eager call 3")
 
 
