@@ -1,0 +1,76 @@
+"""jlocalmap's docstrings, made readable for mkdocstrings' Google-style parser.
+
+Two rewrites, done by this griffe extension (listed under the Python handler's
+``extensions`` in mkdocs.yml) before a docstring is parsed:
+
+- ``Example:`` becomes ``Examples:``: griffe renders an ``Examples`` section's
+  ``>>>`` lines as highlighted code, and would read ``Example:`` as a generic
+  admonition whose doctest output is then parsed as Markdown (brackets become
+  broken links).
+- Sphinx roles. The docstrings say ``:class:`Shard``` and ``:func:`~jlocalmap.uneven.pad```
+  (reStructuredText), which Markdown would show as the literal text ``:class:``.
+  A name that jlocalmap exports becomes a link to its API entry
+  (``[`Shard`][jlocalmap.Shard]``), any other name plain code. Links go to the
+  public path, so moving a definition between internal modules changes nothing.
+
+Example:
+    >>> convert_example_header("Example:\n    >>> 1")
+    'Examples:\n    >>> 1'
+    >>> convert_roles("see :class:`~jlocalmap.uneven.UnevenArray` and :func:`pad`",
+    ...               {"UnevenArray"})
+    'see [`UnevenArray`][jlocalmap.UnevenArray] and `pad`'
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+import griffe
+
+_ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):`(~?)([\w.]+)`")
+
+
+def convert_roles(text: str, public_names: Iterable[str]) -> str:
+    """``text`` with every Sphinx role replaced by an API link or inline code
+    (``~`` shows the last component of the name, as in Sphinx)."""
+    public = set(public_names)
+
+    def replace(match: re.Match) -> str:
+        tilde, target = match.groups()
+        short = target.rsplit(".", 1)[-1]
+        shown = short if tilde else target
+        if short in public and (target == short or target.startswith("jlocalmap.")):
+            return f"[`{shown}`][jlocalmap.{short}]"
+        return f"`{shown}`"
+    return _ROLE.sub(replace, text)
+
+
+_EXAMPLE_HEADER = re.compile(r"^(\s*)Example:[ \t]*$", re.MULTILINE)
+
+
+def convert_example_header(text: str) -> str:
+    """``Example:`` section headers renamed ``Examples:`` (griffe's examples section)."""
+    return _EXAMPLE_HEADER.sub(r"\1Examples:", text)
+
+
+def _public_names() -> list[str]:
+    # The public list is read from the package itself, so it cannot drift.
+    import jlocalmap
+    return list(jlocalmap.__all__)
+
+
+class MarkdownDocstrings(griffe.Extension):
+    """Rewrite every jlocalmap docstring (see the module docstring)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._public: list[str] | None = None
+
+    def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
+        if obj.docstring is None or not obj.path.startswith("jlocalmap"):
+            return
+        if self._public is None:
+            self._public = _public_names()
+        obj.docstring.value = convert_example_header(
+            convert_roles(obj.docstring.value, self._public))
