@@ -263,21 +263,23 @@ def make_train_step(ops: Ops, optimizer, head_dim: int):
     def train_step(params, opt_state, tokens, labels):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens, labels, ops, head_dim)
         updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+        return optax.apply_updates(params, updates), opt_state, loss, grads
     return jax.jit(train_step)
 
 
-def max_diff(params, ref_params) -> float:
-    """Largest |sharded - unsharded| over every parameter entry."""
+def max_diff(tree, ref_tree) -> float:
+    """Largest |sharded - unsharded| over every entry of two trees of arrays."""
     return max(float(np.max(np.abs(np.asarray(jlm.full_tensor(a)) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(ref_params)))
+               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree)))
 
 
 def train_and_compare(mesh, cfg: Config, ops: Ops, *, steps: int = 5, lr: float = 1e-2,
-                      seed: int = 0, log=print) -> list[tuple[float, float, float]]:
+                      seed: int = 0, log=print) -> list[dict]:
     """Train the sharded model (``ops`` on ``mesh``) and the unsharded reference
-    from the same random start on the same random batch; per step return
-    (loss, |loss diff|, max |param diff|). Logs the collectives of a step first."""
+    from the same random start on the same random batch. Per step, return the
+    loss and the largest differences of loss, parameters and gradients (Adam's
+    update is blind to a gradient's scale, so the gradients are compared too).
+    Logs the collectives of the compiled step first."""
     rng = np.random.default_rng(seed)
     host = init_params(cfg, rng)
     tokens, labels = random_batch(cfg, rng)
@@ -297,12 +299,14 @@ def train_and_compare(mesh, cfg: Config, ops: Ops, *, steps: int = 5, lr: float 
     history = []
     for i in range(1, steps + 1):
         with jax.set_mesh(mesh):
-            params, opt_state, loss = step(params, opt_state, *batch)
-        ref_params, ref_state, ref_loss = ref_step(ref_params, ref_state, *ref[1:])
-        history.append((float(loss), abs(float(loss) - float(ref_loss)),
-                        max_diff(params, ref_params)))
-        log("step {}: loss {:.6f}  max |loss diff| {:.2e}  max |param diff| {:.2e}".format(
-            i, *history[-1]))
+            params, opt_state, loss, grads = step(params, opt_state, *batch)
+        ref_params, ref_state, ref_loss, ref_grads = ref_step(ref_params, ref_state, *ref[1:])
+        history.append({"loss": float(loss),
+                        "loss_diff": abs(float(loss) - float(ref_loss)),
+                        "param_diff": max_diff(params, ref_params),
+                        "grad_diff": max_diff(grads, ref_grads)})
+        log("step {}: loss {loss:.6f}  max |loss diff| {loss_diff:.2e}  max |param diff| "
+            "{param_diff:.2e}  max |grad diff| {grad_diff:.2e}".format(i, **history[-1]))
     return history
 
 
@@ -349,7 +353,7 @@ def main(argv=None) -> float:
           f"axes); attention: {args.attention}")
     ops = sharded_ops(mesh, cfg, args.attention)
     history = train_and_compare(mesh, cfg, ops, steps=args.steps, lr=args.lr)
-    worst = max(max(loss_diff, param_diff) for _, loss_diff, param_diff in history)
+    worst = max(max(h["loss_diff"], h["param_diff"], h["grad_diff"]) for h in history)
     print(f"max |sharded - unsharded| = {worst:.2e}")
     return worst
 
