@@ -1,4 +1,4 @@
-"""jlocalmap's docstrings, made readable for mkdocstrings' Google-style parser.
+r"""jlocalmap's docstrings, made readable for mkdocstrings' Google-style parser.
 
 Two rewrites, done by this griffe extension (listed under the Python handler's
 ``extensions`` in mkdocs.yml) before a docstring is parsed:

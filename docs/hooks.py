@@ -3,13 +3,20 @@
 - ``figures/*.svg``: the placement figures of docs/gen_figures.py, drawn from
   ``jlm.describe`` of real layouts on simulated CPU devices;
 - ``api/*.md``: the API reference of docs/gen_api.py, one mkdocstrings entry
-  per name in ``jlocalmap.__all__``.
+  per name in ``jlocalmap.__all__``;
+- ``source/<path>.md``: a page showing a repository file that a page links to
+  outside docs/ (``[the test](../tests/test_x.py)``), so that such links
+  resolve in the built site too; the links are rewritten to those pages.
 
-Neither is written into the source tree: both exist only in the build, so
-neither can drift from the library.
+None is written into the source tree: all exist only in the build, so none
+can drift from the library.
 """
 
 from __future__ import annotations
+
+import posixpath
+import re
+from pathlib import Path
 
 # mkdocs puts this file's folder on sys.path only while it imports the file:
 # its siblings are imported now (both are light; jax starts later, in on_files).
@@ -29,8 +36,55 @@ def generated_files() -> dict[str, str]:
     return _generated
 
 
+# A Markdown link's target: ](path) or ](path#anchor), not a URL or an absolute path.
+_LINK = re.compile(r"\]\((?![a-z]+:|/|#)([^)\s#]+)(#[^)\s]*)?\)")
+_LANGUAGES = {".py": "python", ".sh": "bash", ".toml": "toml", ".yml": "yaml", ".yaml": "yaml",
+              ".md": "markdown", ".txt": "text"}
+_source_links: dict[tuple[str, str], str] = {}  # (page, link target) -> repository path
+
+
+def _repository_files(page_uri: str, markdown: str, docs_dir: Path) -> dict[str, str]:
+    """The link targets of a page that are files of the repository outside docs/."""
+    root = docs_dir.parent
+    found = {}
+    for target, _ in _LINK.findall(markdown):
+        path = (docs_dir / posixpath.dirname(page_uri) / target).resolve()
+        if path.is_file() and docs_dir not in path.parents and root in path.parents:
+            found[target] = path.relative_to(root).as_posix()
+    return found
+
+
+def _source_page(repository_path: str) -> str:
+    language = _LANGUAGES.get(Path(repository_path).suffix, "text")
+    return (f"# `{repository_path}`\n\n```{language}\n"
+            f"--8<-- \"{repository_path}\"\n```\n")
+
+
 def on_files(files, config):
     from mkdocs.structure.files import File
     for path, content in generated_files().items():
         files.append(File.generated(config, path, content=content))
+    docs_dir = Path(config["docs_dir"]).resolve()
+    sources = set()
+    for page in list(files.documentation_pages()):
+        if page.abs_src_path is None:  # generated pages link only inside docs/
+            continue
+        markdown = Path(page.abs_src_path).read_text(encoding="utf-8")
+        for target, path in _repository_files(page.src_uri, markdown, docs_dir).items():
+            _source_links[(page.src_uri, target)] = path
+            sources.add(path)
+    for path in sorted(sources):
+        files.append(File.generated(config, f"source/{path}.md", content=_source_page(path)))
     return files
+
+
+def on_page_markdown(markdown, page, config, files):
+    """Links to repository files outside docs/ point at their source pages instead."""
+    def relink(match: re.Match) -> str:
+        target, anchor = match.group(1), match.group(2) or ""
+        path = _source_links.get((page.file.src_uri, target))
+        if path is None:
+            return match.group(0)
+        here = posixpath.dirname(page.file.src_uri)
+        return f"]({posixpath.relpath(f'source/{path}.md', here or '.')}{anchor})"
+    return _LINK.sub(relink, markdown)
