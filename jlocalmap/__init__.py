@@ -5,12 +5,13 @@ from jlocalmap.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
 from jlocalmap.layout_view import describe, print_layout
 from jlocalmap.local_map import local_map
-from jlocalmap.layouts import distribute_tensor, full_tensor, placements_of, redistribute
+from jlocalmap.distribute import distribute_tensor, full_tensor, redistribute
 from jlocalmap.placements import Partial, Placement, Replicate, Shard
-from jlocalmap.region_inspection import (Operand, Region, RegionCall, Residual, region_settings,
-                                         regions)
+from jlocalmap.region_inspection import Region, Residual, regions
+from jlocalmap.region_record import Operand, RegionCall, region_settings
 from jlocalmap.specs import placements_to_spec, spec_to_placements
 from jlocalmap.uneven import UnevenArray, local_valid_size
+from jlocalmap.value_layout import placements_of
 
 __all__ = [
     "LocalMapError", "PlacementTypeError", "PlacementValueError",

@@ -28,7 +28,7 @@ import jax
 from jlocalmap._jax_compat import sub_jaxprs
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.placements import Placement
-from jlocalmap.specs import AnyMesh
+from jlocalmap.meshes import AnyMesh
 
 
 def grad_reductions(input_placements: Sequence[Placement],

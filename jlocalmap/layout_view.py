@@ -36,7 +36,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
-from jlocalmap.specs import format_spec, spec_entries, spec_to_placements
+from jlocalmap.specs import format_spec, spec_entries
+from jlocalmap.value_layout import layout_of
 
 _COLUMNS = ("device", "mesh coords", "holds")
 
@@ -68,7 +69,7 @@ def _header(x: jax.Array) -> list[str]:
     axes = ", ".join(f"{a}={n} ({t.name})" for a, n, t in
                      zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types))
     try:
-        placements = str(list(spec_to_placements(spec, mesh)))
+        placements = str(list(layout_of(x).placements))
     except PlacementValueError:
         placements = "none (a dim is split over mesh axes out of mesh order)"
     lines += [f"mesh: {axes}", f"placements: {placements}",

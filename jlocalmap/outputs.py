@@ -1,5 +1,6 @@
-"""Outputs of a local_map body: the storage of their declared placements, and
-which of their dims are uneven.
+"""Outputs of a local_map body: which leaves are arrays, the layout each one
+becomes (its declared placements as stored, its logical global shape with
+uneven dims), and what the region returns. Runs inside the body's trace.
 
 Example:
     >>> import jax, jax.numpy as jnp, jlocalmap as jlm
@@ -14,17 +15,123 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping, Sequence
-from typing import Optional
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 
 from jlocalmap._jax_compat import varying_axes
+from jlocalmap.arguments import assign_placements, is_array, is_none
+from jlocalmap.chunks import dim_splits
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.layout import Layout, is_empty
+from jlocalmap.meshes import AnyMesh, axis_sizes
 from jlocalmap.placements import Partial, PlacementList, Replicate
-from jlocalmap.specs import AnyMesh, axis_sizes
-from jlocalmap.uneven import dim_splits
+from jlocalmap.specs import as_placement_list, normalize_placements
+
+
+@dataclasses.dataclass(frozen=True)
+class Output:
+    """One array output: its leaf index, its layout (logical global shape,
+    placements as stored) and the local value's shape and dtype."""
+    index: int
+    layout: Layout
+    local: tuple
+
+    @property
+    def in_region(self) -> bool:
+        """Empty values carry no data: they are made outside the region."""
+        return not self.layout.is_empty
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class OutputFacts:
+    """What tracing the body found out about its outputs."""
+    tree: Any
+    statics: tuple            # (leaf index, value) of non-array outputs
+    arrays: tuple             # Output per array leaf, in leaf order
+
+    @property
+    def region_outputs(self) -> tuple:
+        return tuple(o for o in self.arrays if o.in_region)
+
+    @property
+    def out_specs(self) -> tuple:
+        return tuple(o.layout.spec for o in self.region_outputs)
+
+    def matches(self, other: "OutputFacts") -> bool:
+        """Whether a new trace of the body found the same (a body may read state)."""
+        try:
+            return (self.tree == other.tree and self.arrays == other.arrays
+                    and len(self.statics) == len(other.statics)
+                    and all(i == j and type(a) is type(b) and bool(a == b)
+                            for (i, a), (j, b) in zip(self.statics, other.statics)))
+        except Exception:  # statics without a truth value: trace again
+            return False
+
+
+def finish_outputs(out: Any, out_placements: Any, mesh: AnyMesh, inputs: Sequence,
+                   marked: Mapping[str, Sequence[int]]) -> tuple[tuple, OutputFacts]:
+    """The body's outputs ``out`` laid out by ``out_placements``: the local
+    values the region returns, and the facts. ``inputs`` are the call's input
+    plans (uneven outputs follow uneven inputs); ``marked`` maps mesh axes to
+    the inputs varying over them because of their gradient declarations."""
+    leaves, tree = jax.tree_util.tree_flatten(out, is_leaf=is_none)
+    entries = ([None] * len(leaves) if out_placements is None else assign_placements(
+        out_placements, out, len(leaves), mesh, "out_placements", "outputs"))
+    statics, arrays, values = [], [], []
+    for j, (leaf, entry) in enumerate(zip(leaves, entries)):
+        if not _is_array_output(j, leaf, entry, mesh):
+            statics.append((j, leaf))
+            continue
+        value, output = _array_output(j, jnp.asarray(leaf), entry, mesh, inputs, marked)
+        arrays.append(output)
+        if output.in_region:
+            values.append(value)
+    return tuple(values), OutputFacts(tree, tuple(statics), tuple(arrays))
+
+
+def _is_array_output(j: int, leaf: Any, entry: Any, mesh: AnyMesh) -> bool:
+    what = f"out_placements[{j}]"
+    if entry is None:
+        if isinstance(leaf, jax.Array):
+            raise PlacementValueError(
+                f"{what}: output {j} is an array, so it needs placements to "
+                f"become a distributed value, found None; give e.g. "
+                f"{[Replicate()] * len(mesh.axis_names)}.")
+        return False
+    if not is_array(leaf):
+        raise PlacementValueError(
+            f"{what}: output {j} is a {type(leaf).__name__}, not an array, so "
+            f"its entry must be None; found {entry!r}.")
+    return True
+
+
+def _array_output(j: int, value: jax.Array, entry: Any, mesh: AnyMesh, inputs: Sequence,
+                  marked: Mapping) -> tuple[jax.Array, Output]:
+    what = f"out_placements[{j}]"
+    placements = normalize_placements(as_placement_list(entry, mesh, what), value.ndim, what)
+    if is_empty(value.shape):  # no summands: stored replicated
+        placements = tuple(Replicate() if p.is_partial() else p for p in placements)
+    else:
+        value, placements = to_out_layout(value, placements, mesh, j, marked)
+    padded = padded_global(value.shape, placements, mesh)
+    logical = list(padded)
+    for d, size, _, _ in uneven_output_dims(value.shape, placements, mesh, inputs, j):
+        logical[d] = size
+    layout = Layout.of(mesh, placements, logical, value.dtype, what=what)
+    return value, Output(j, layout, tuple(value.shape))
+
+
+def padded_global(local: Sequence[int], placements: Sequence, mesh: AnyMesh) -> tuple:
+    """The padded global shape whose shards under ``placements`` are ``local``."""
+    shape = list(local)
+    for d, (_, splits) in dim_splits(placements, mesh, len(shape)).items():
+        shape[d] *= math.prod(splits)
+    return tuple(shape)
 
 
 def uneven_output_dims(local: Sequence[int], placements: PlacementList, mesh: AnyMesh,
@@ -36,7 +143,7 @@ def uneven_output_dims(local: Sequence[int], placements: PlacementList, mesh: An
     from an uneven input shows up in the padding check.)"""
     known: dict = {}
     for plan in inputs:
-        for axes, width, size in plan.chunks:
+        for axes, width, size in plan.dst.chunks:
             known.setdefault((axes, width), set()).add(size)
     uneven_axes = {axes for (axes, _), sizes in known.items() if sizes - {None}}
     dims = []

@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import dataclasses
-import hashlib
 import itertools
 import re
 from collections.abc import Callable, Sequence
@@ -45,51 +43,13 @@ import jax
 from jax.extend import core as jcore
 import numpy as np
 
-from jlocalmap import layouts
 from jlocalmap._jax_compat import sub_jaxprs
-from jlocalmap.placements import Partial, PlacementList, Replicate, Shard, compact
-
-_NAME_LIMIT = 160      # longer names are shortened to func name + digest
-_DIGEST_CHARS = 10
-_REGISTRY_SIZE = 4096  # recorded region calls kept for regions() to look up
-_PREFIX = "local_map["
-_AMBIGUOUS = object()  # registry entry of a key recorded with different settings
-
-
-@dataclasses.dataclass(frozen=True)
-class Operand:
-    """One array input or output of a region.
-
-    ``index`` is the leaf's position among the call's flattened arguments (or
-    the body's flattened outputs), or None where the equation alone cannot tell
-    (see :func:`region_settings`); ``global_shape`` is the value's logical shape
-    outside, ``local_shape`` what one device's body sees (padded chunk length
-    along uneven dims; a Partial input's body value, without the summand dim).
-    """
-    index: Optional[int]
-    placements: PlacementList
-    global_shape: tuple
-    local_shape: tuple
-    dtype: np.dtype
-    grad_placements: Optional[PlacementList] = None
-
-    def __str__(self) -> str:
-        grad = "" if self.grad_placements is None else f"  grad {compact(self.grad_placements)}"
-        index = "?" if self.index is None else self.index
-        return (f"[{index}] {_aval(self.global_shape, self.dtype)} "
-                f"{compact(self.placements)} -> local {_aval(self.local_shape, self.dtype)}{grad}")
-
-
-@dataclasses.dataclass(frozen=True)
-class RegionCall:
-    """A region's settings: what ``local_map`` records when it stages one, or
-    what the equation itself says (see :func:`region_settings`)."""
-    name: str
-    func_name: str
-    mesh: tuple[tuple[str, int], ...]
-    inputs: tuple[Operand, ...]
-    outputs: tuple[Operand, ...]
-
+from jlocalmap.meshes import mesh_context
+from jlocalmap.placements import compact
+from jlocalmap.region_names import name_in
+from jlocalmap.region_record import (RegionCall, aval_text, body_of, eqn_key, lookup, recorded,
+                                     settings_from_equation, staging, unknown_settings)
+from jlocalmap.value_layout import mesh_of
 
 @dataclasses.dataclass(frozen=True)
 class Residual:
@@ -101,13 +61,21 @@ class Residual:
     leaf is not known), ``constant`` for a literal, or
     ``checkpoint_name:<name>`` for a value named with
     ``jax.ad_checkpoint.checkpoint_name``.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlocalmap as jlm
+        >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
+        >>> f = jlm.local_map(jnp.exp, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
+        >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
+        >>> [(res.shape, res.producer) for res in r.residuals]
+        [((2,), 'exp')]
     """
     shape: tuple
     dtype: np.dtype
     producer: str
 
     def __str__(self) -> str:
-        return f"{_aval(self.shape, self.dtype)} from {self.producer}"
+        return f"{aval_text(self.shape, self.dtype)} from {self.producer}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,6 +91,14 @@ class Region:
     ``residuals`` what passes from forward to backward. ``transform`` lists
     JAX's transformations of the forward equation (e.g. ``jvp``), ``eqn`` is
     the ``shard_map`` equation itself.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jlocalmap as jlm
+        >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
+        >>> f = jlm.local_map(jnp.tanh, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
+        >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
+        >>> r.name, r.differentiated, r.backward is not None
+        ('local_map[tanh](S(0) -> S(0))', True, True)
     """
     settings: RegionCall
     jaxpr: jcore.Jaxpr
@@ -188,235 +164,6 @@ class Region:
                     text = str(jaxpr).replace("\n", "\n    ")
                     lines.append(f"  {title} jaxpr:\n    {text}")
         return "\n".join(lines)
-
-
-# -- naming and recording (called by local_map when it stages a region) ------
-_REGISTRY: collections.OrderedDict = collections.OrderedDict()
-# The regions staged while regions() traces: (name, mesh, avals) keys.
-_STAGED: contextvars.ContextVar = contextvars.ContextVar("jlocalmap_staged", default=None)
-
-
-def region_name(func_name: str, in_placements: Sequence[PlacementList],
-                out_placements: Sequence[PlacementList],
-                grad_placements: Sequence[Optional[PlacementList]] = (),
-                in_sizes: Sequence[Optional[tuple]] = (),
-                out_sizes: Sequence[Optional[tuple]] = ()) -> str:
-    """The name a region is staged under: the function, the placements of its
-    array operands in DTensor's short notation (an uneven operand's logical
-    shape in brackets) and the declared gradient placements; beyond 160
-    characters, the function and a digest.
-
-    Example:
-        >>> import jlocalmap as jlm
-        >>> from jlocalmap.region_inspection import region_name
-        >>> S, R = jlm.Shard, jlm.Replicate
-        >>> region_name("attn", [(S(0), S(1)), (S(0), R())], [(S(0), S(1))])
-        'local_map[attn](S(0)S(1), S(0)R -> S(0)S(1))'
-        >>> region_name("rows", [(S(0),)], [(S(0),)], in_sizes=[(7, 4)], out_sizes=[(7, 4)])
-        'local_map[rows](S(0)[7,4] -> S(0)[7,4])'
-    """
-    def operands(placements, sizes):
-        sizes = list(sizes) + [None] * (len(placements) - len(sizes))
-        return ", ".join(compact(p) + ("" if n is None else f"[{','.join(map(str, n))}]")
-                         for p, n in zip(placements, sizes))
-    text = operands(in_placements, in_sizes) + " -> " + operands(out_placements, out_sizes)
-    if any(g is not None for g in grad_placements):
-        text += "; grad " + ", ".join(compact(g) for g in grad_placements)
-    name = f"{_PREFIX}{func_name}]({text})"
-    if len(name) > _NAME_LIMIT:
-        digest = hashlib.sha1(text.encode()).hexdigest()[:_DIGEST_CHARS]
-        name = f"{_PREFIX}{func_name}]#{digest}"
-    return name
-
-
-def record(call: RegionCall, staged_avals: Sequence[Any]) -> None:
-    """Remember a staged region by its name, mesh and the avals of the arrays it
-    was staged with, so :func:`regions` and :func:`region_settings` can report
-    its settings (a key recorded with different settings is ambiguous)."""
-    key = (call.name, call.mesh, _avals_key(staged_avals))
-    known = _REGISTRY.get(key)
-    _REGISTRY[key] = call if known is None or known == call else _AMBIGUOUS
-    _REGISTRY.move_to_end(key)
-    while len(_REGISTRY) > _REGISTRY_SIZE:
-        _REGISTRY.popitem(last=False)
-    staged = _STAGED.get()
-    if staged is not None:
-        staged.append(key)
-
-
-def _avals_key(avals: Sequence[Any]) -> tuple:
-    return tuple((tuple(a.shape), str(a.dtype)) for a in avals)
-
-
-def _eqn_key(name: str, eqn) -> tuple:
-    mesh = eqn.params["mesh"]
-    return (name, tuple(zip(mesh.axis_names, mesh.axis_sizes)),
-            _avals_key([v.aval for v in eqn.invars]))
-
-
-def name_in(name_stack: str) -> Optional[str]:
-    """The region name inside an equation's name stack (JAX may wrap it, as in
-    ``transpose(jvp(local_map[f](...)))``), or None.
-
-    Example:
-        >>> from jlocalmap.region_inspection import name_in
-        >>> name_in("transpose(jvp(local_map[f](S(0) -> R)))")
-        'local_map[f](S(0) -> R)'
-    """
-    start = name_stack.find(_PREFIX)
-    if start < 0:
-        return None
-    end = _balanced_end(name_stack, start + len(_PREFIX) - 1, "[", "]")
-    if end < len(name_stack) and name_stack[end] == "(":
-        end = _balanced_end(name_stack, end, "(", ")")
-    elif name_stack.startswith("#", end):
-        end += 1 + _DIGEST_CHARS
-    return name_stack[start:end]
-
-
-def region_settings(eqn: Any) -> Optional[RegionCall]:
-    """The settings of the ``local_map`` region a jaxpr equation stages (name,
-    function, mesh, operands with placements and shapes), or None for any other
-    equation: how tools walking their own jaxprs find every region.
-
-    Settings come from what ``local_map`` recorded when it staged the region,
-    else from the equation and its name (leaf indices are then None). JAX's
-    backward equations of a region are not regions: None where their name
-    stack says ``transpose(...)`` or their operands do not fit the placements
-    (inside ``jax.jit`` the name stack is relative, and a backward equation
-    whose operands match the forward's, e.g. of ``-x``, cannot be told apart).
-
-    Example:
-        >>> import jax, jax.numpy as jnp, jlocalmap as jlm
-        >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
-        >>> f = jlm.local_map(jnp.cos, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
-        >>> jaxpr = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((8,), jnp.float32)).jaxpr
-        >>> [(s.func_name, s.inputs[0].placements, s.inputs[0].local_shape)
-        ...  for s in map(jlm.region_settings, jaxpr.eqns) if s is not None]
-        [('cos', (Shard(dim=0),), (2,))]
-    """
-    if getattr(getattr(eqn, "primitive", None), "name", None) != "shard_map":
-        return None
-    stack = str(eqn.source_info.name_stack)
-    name = name_in(stack)
-    if name is None or "transpose(" in stack:
-        return None
-    call = _REGISTRY.get(_eqn_key(name, eqn))
-    return call if isinstance(call, RegionCall) else _settings_from_equation(name, eqn)
-
-
-_PLACEMENT = re.compile(r"S\((-?\d+)\)|P\((\w+)\)|R")
-
-
-def _parse_placements(text: str) -> Optional[tuple]:
-    """``S(0)RP(sum)[7,4]`` -> (placements, logical shape or None)."""
-    text = text.strip()
-    sizes = None
-    if text.endswith("]"):
-        text, _, inner = text[:-1].partition("[")
-        sizes = tuple(int(n) for n in inner.split(","))
-    found, pos = [], 0
-    while pos < len(text):
-        m = _PLACEMENT.match(text, pos)
-        if m is None:
-            return None
-        found.append(Shard(int(m.group(1))) if m.group(1) is not None
-                     else Partial(m.group(2)) if m.group(2) is not None else Replicate())
-        pos = m.end()
-    return tuple(found), sizes
-
-
-def _parse_name(name: str) -> Optional[tuple]:
-    """(func name, inputs, outputs, grads) of a readable region name, or None
-    (a digest name, or not one of jlocalmap's)."""
-    end = _balanced_end(name, len(_PREFIX) - 1, "[", "]")
-    func_name, rest = name[len(_PREFIX):end - 1], name[end:]
-    if not rest.startswith("(") or not rest.endswith(")"):
-        return None
-    body, _, grads = rest[1:-1].partition("; grad ")
-    ins, arrow, outs = body.partition(" -> ")
-    if not arrow:
-        return None
-    def operands(text):
-        return [_parse_placements(t) for t in text.split(", ")] if text.strip() else []
-    parsed_in, parsed_out = operands(ins), operands(outs)
-    parsed_grads = [None if g.strip() == "-" else _parse_placements(g)
-                    for g in grads.split(", ")] if grads else [None] * len(parsed_in)
-    if any(p is None for p in parsed_in + parsed_out):
-        return None
-    return (func_name, parsed_in, parsed_out,
-            [None if g is None else g[0] for g in parsed_grads])
-
-
-def _settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
-    """Settings from the equation and its name, where local_map's record is
-    missing or ambiguous (a call staged by another trace with other static
-    arguments, a region JAX rewrote under vmap or scan): None when the
-    operands do not fit the name's placements."""
-    parsed = _parse_name(name)
-    if parsed is None:
-        return None
-    func_name, ins, outs, grads = parsed
-    body = _body(eqn)
-    mesh = eqn.params["mesh"]
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    if len(eqn.invars) != len(ins) or len(eqn.outvars) < len(outs) or len(grads) != len(ins):
-        return None
-
-    def operand(placements, logical, outer, inner, grad=None, spec=None):
-        shape, local = tuple(outer.aval.shape), tuple(inner.aval.shape)
-        summed = tuple(a for a, p in zip(mesh.axis_names, placements)
-                       if p.is_partial() and sizes[a] > 1)
-        entries = tuple(spec) if spec is not None else ()
-        if summed and entries and entries[0] in (summed, summed[0] if len(summed) == 1 else None):
-            shape, local = shape[1:], local[1:]  # a Partial input's stacked summands
-        return Operand(None, placements, logical or shape, local, outer.aval.dtype, grad)
-
-    inputs = []
-    for (placements, logical), grad, outer, inner, spec in zip(
-            ins, grads, eqn.invars, body.invars, eqn.params["in_specs"]):
-        if len(placements) != len(mesh.axis_names):
-            return None
-        op = operand(placements, logical, outer, inner, grad, spec)
-        if not _fits(placements, logical or op.global_shape, op.local_shape, mesh):
-            return None
-        inputs.append(op)
-    # A forward pass of a differentiated region adds residual outputs (before
-    # the region's own, or after them): the ones whose local shapes fit.
-    n = len(outs)
-    for first in (len(eqn.outvars) - n, 0):
-        picked = list(zip(outs, eqn.outvars[first:first + n], body.outvars[first:first + n]))
-        if all(_fits(p, o.aval.shape, i.aval.shape, mesh) for (p, _), o, i in picked):
-            outputs = [operand(p, logical, o, i) for (p, logical), o, i in picked]
-            return RegionCall(name, func_name, tuple(sizes.items()), tuple(inputs),
-                              tuple(outputs))
-    return None
-
-
-def _fits(placements: PlacementList, global_shape: tuple, local: tuple, mesh) -> bool:
-    """Whether ``local`` is the (padded) shard of ``global_shape`` under ``placements``."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    if len(placements) != len(mesh.axis_names) or len(global_shape) != len(local):
-        return False
-    expected = list(global_shape)
-    for axis, p in zip(mesh.axis_names, placements):
-        if isinstance(p, Shard):
-            if not -len(expected) <= p.dim < len(expected):
-                return False
-            d = p.dim % len(expected)
-            if not jax.export.is_symbolic_dim(expected[d]):
-                expected[d] = -(-expected[d] // sizes[axis])  # padded chunk length
-    return all(jax.export.is_symbolic_dim(e) or jax.export.is_symbolic_dim(n) or e == n
-               for e, n in zip(expected, local))
-
-
-def _balanced_end(text: str, open_at: int, opening: str, closing: str) -> int:
-    depth = 0
-    for k in range(open_at, len(text)):
-        depth += (text[k] == opening) - (text[k] == closing)
-        if depth == 0:
-            return k + 1
-    return len(text)
 
 
 # -- finding regions -----------------------------------------------------------
@@ -527,7 +274,7 @@ def _residuals(forward: _Occurrence, readers: Sequence[_Occurrence],
     """What the backward (and recompute) equations read of the forward pass:
     the forward equation's outputs and inputs, and what loop-invariant pieces
     of the region hoisted out of a scan computed."""
-    body = _body(forward.eqn)
+    body = body_of(forward.eqn)
     sources: dict = {}
     for j, ts in enumerate(forward.out_tokens):
         for t in ts:
@@ -536,7 +283,7 @@ def _residuals(forward: _Occurrence, readers: Sequence[_Occurrence],
         for t in ts:
             sources.setdefault(t, (body, body.invars[k], forward))
     for piece in pieces.get(id(forward), ()):
-        piece_body = _body(piece.eqn)
+        piece_body = body_of(piece.eqn)
         for j, ts in enumerate(piece.out_tokens):
             for t in ts:
                 sources[t] = (piece_body, piece_body.outvars[j], piece)
@@ -566,11 +313,6 @@ def _input_label(k: int, eqn, settings: RegionCall, exact: bool) -> str:
     matches = [op for op in settings.inputs if op.index is not None and
                tuple(op.global_shape) == tuple(aval.shape) and op.dtype == aval.dtype]
     return f"input {matches[0].index}" if len(matches) == 1 else f"operand {k}"
-
-
-def _body(eqn):
-    body = eqn.params["jaxpr"]
-    return body.jaxpr if isinstance(body, jcore.ClosedJaxpr) else body
 
 
 def _transforms(context: str) -> str:
@@ -608,7 +350,7 @@ def _assemble(found: list[_Occurrence], orphans: Sequence[tuple] = ()) -> list[R
             if key is None:
                 continue
             orphans.remove(key)
-            adopted[id(o)] = _REGISTRY.get(key)
+            adopted[id(o)] = lookup(key)
         regions_.append(o)
     order = {id(f): k for k, f in enumerate(regions_)}
     paired: dict = {}
@@ -625,35 +367,21 @@ def _assemble(found: list[_Occurrence], orphans: Sequence[tuple] = ()) -> list[R
         paired[id(best)] = (back, feeding)
     result = []
     for fwd in regions_:
-        call = _REGISTRY.get(_eqn_key(fwd.name, fwd.eqn))
-        exact = isinstance(call, RegionCall)
+        call = recorded(fwd.name, fwd.eqn)
+        exact = call is not None
         call = call if exact else adopted.get(id(fwd))
         settings = (call if isinstance(call, RegionCall) else
-                    _settings_from_equation(fwd.name, fwd.eqn)
-                    or _unknown_settings(fwd.name, fwd.eqn))
+                    settings_from_equation(fwd.name, fwd.eqn)
+                    or unknown_settings(fwd.name, fwd.eqn))
         back, feeding = paired.get(id(fwd), (None, []))
         result.append(Region(
-            settings=settings, jaxpr=_body(fwd.eqn), transform=_transforms(fwd.context),
+            settings=settings, jaxpr=body_of(fwd.eqn), transform=_transforms(fwd.context),
             eqn=fwd.eqn,
-            backward=_body(back.eqn) if back is not None else None,
-            recompute=_body(feeding[0].eqn) if len(feeding) == 1 else None,
+            backward=body_of(back.eqn) if back is not None else None,
+            recompute=body_of(feeding[0].eqn) if len(feeding) == 1 else None,
             residuals=(_residuals(fwd, [back, *feeding], settings, exact, pieces)
                        if back is not None else None)))
     return result
-
-
-def _unknown_settings(name: str, eqn) -> RegionCall:
-    """Shapes only, for an equation whose name and operands say no more (a
-    digest name recorded by another process)."""
-    mesh = eqn.params["mesh"]
-    body = _body(eqn)
-
-    def ops(outer, inner):
-        return tuple(Operand(None, (), tuple(o.aval.shape), tuple(i.aval.shape), o.aval.dtype)
-                     for o, i in zip(outer, inner))
-    return RegionCall(name, name[len(_PREFIX):name.index("]")],
-                      tuple(zip(mesh.axis_names, mesh.axis_sizes)),
-                      ops(eqn.invars, body.invars), ops(eqn.outvars, body.outvars))
 
 
 def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
@@ -682,13 +410,8 @@ def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
     mesh = next((m for m in map(_mesh_of_spec, jax.tree_util.tree_leaves((args, kwargs)))
                  if m is not None), None)
     context = _mesh_scope(mesh) if mesh is not None else contextlib.nullcontext()
-    staged: list = []
-    token = _STAGED.set(staged)
-    try:
-        with context:
-            closed = jax.make_jaxpr(fn)(*args, **kwargs)
-    finally:
-        _STAGED.reset(token)
+    with staging() as staged, context:
+        closed = jax.make_jaxpr(fn)(*args, **kwargs)
     found: list[_Occurrence] = []
     _collect(closed.jaxpr, {}, "", 0, itertools.count(1), found)
     # Equations local_map staged in this trace are calls, whatever JAX's name
@@ -697,7 +420,7 @@ def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
     # jax.jit): their name stacks tell.
     remaining = collections.Counter(staged)
     for occurrence in found:
-        key = _eqn_key(occurrence.name, occurrence.eqn)
+        key = eqn_key(occurrence.name, occurrence.eqn)
         if remaining[key] > 0:
             remaining[key] -= 1
             occurrence.staged = True
@@ -718,17 +441,13 @@ def _mesh_of_spec(leaf: Any):
     if isinstance(leaf, jax.ShapeDtypeStruct):
         mesh = getattr(getattr(leaf, "sharding", None), "mesh", None)
         return None if mesh is None or mesh.empty else mesh
-    return layouts.mesh_of(leaf)
+    return mesh_of(leaf)
 
 
 def _mesh_scope(mesh):
     if isinstance(mesh, jax.sharding.Mesh):
-        return layouts.mesh_context(mesh)
+        return mesh_context(mesh)
     return jax.sharding.use_abstract_mesh(mesh)
-
-
-def _aval(shape: tuple, dtype) -> str:
-    return jax.core.ShapedArray(tuple(shape), dtype).str_short(short_dtypes=True)
 
 
 def _summary(jaxpr) -> str:

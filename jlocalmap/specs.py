@@ -15,35 +15,13 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Union
+from typing import Any
 
-from jax.sharding import AbstractMesh, AxisType, Mesh, PartitionSpec
+from jax.sharding import PartitionSpec
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.meshes import AnyMesh, axis_sizes, axis_type, check_mesh, is_explicit
 from jlocalmap.placements import Partial, Placement, PlacementList, Replicate, Shard
-
-AnyMesh = Union[Mesh, AbstractMesh]
-
-
-def check_mesh(mesh: Any, what: str = "device_mesh") -> AnyMesh:
-    """Return ``mesh`` if it is a ``jax.sharding.Mesh`` or ``AbstractMesh``; else raise."""
-    if not isinstance(mesh, (Mesh, AbstractMesh)):
-        raise PlacementTypeError(
-            f"{what}: expected a jax.sharding.Mesh or AbstractMesh, found "
-            f"{type(mesh).__name__}; build one with jax.make_mesh((2, 4), ('dp', 'tp')).")
-    return mesh
-
-
-def axis_sizes(mesh: AnyMesh) -> dict[str, int]:
-    """Mesh axis name -> size, in mesh order."""
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))
-
-
-def is_explicit(mesh: AnyMesh, axis: str) -> bool:
-    """Whether ``axis`` of ``mesh`` is an Explicit axis (the only kind that carries
-    unreduced, i.e. Partial, values)."""
-    return dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Explicit
-
 
 def as_placement_list(placements: Any, mesh: AnyMesh, what: str) -> PlacementList:
     """Validate one placement list for ``mesh``: a list or tuple of Placement
@@ -130,7 +108,7 @@ def placements_to_spec(placements: Sequence[Placement], device_mesh: AnyMesh,
             if not is_explicit(mesh, axis):
                 raise PlacementValueError(
                     f"{what}: Partial() on mesh axis {axis!r} needs an Explicit axis, "
-                    f"found {dict(zip(mesh.axis_names, mesh.axis_types))[axis]}; JAX "
+                    f"found {axis_type(mesh, axis)}; JAX "
                     f"holds partial values only as unreduced arrays on Explicit axes. "
                     f"Build the mesh with jax.make_mesh(..., axis_types=(AxisType.Explicit, ...)) "
                     f"or redistribute to Replicate() inside the body (jax.lax.psum).")

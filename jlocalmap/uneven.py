@@ -16,123 +16,37 @@ two different paddings and refuses a body whose outputs change.
 
 Example:
     >>> import jax, numpy as np, jlocalmap as jlm
-    >>> from jlocalmap.uneven import chunk_bounds
-    >>> chunk_bounds(5, [2])          # 5 rows over 2 devices: 3 + 2
-    [(0, 3), (3, 2)]
-    >>> chunk_bounds(9, [2, 2])       # nested: 5 -> 3 + 2, 4 -> 2 + 2
-    [(0, 3), (3, 2), (5, 2), (7, 2)]
+    >>> mesh = jax.make_mesh((2,), ("tp",))
+    >>> x = jlm.distribute_tensor(np.arange(5.0), mesh, [jlm.Shard(0)])   # 3 + 2 rows
+    >>> np.asarray(x.padded).tolist()                                       # padded 3 + 3
+    [0.0, 1.0, 2.0, 3.0, 4.0, 0.0]
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jlocalmap.errors import PlacementValueError
-from jlocalmap.placements import Placement, PlacementList
-from jlocalmap.specs import AnyMesh, axis_sizes, normalize_dim
+from jlocalmap.chunks import chunk_bounds, padding_index
+from jlocalmap.layout import Layout
 
 
-def chunk_bounds(size: int, splits: Sequence[int]) -> list[tuple[int, int]]:
-    """(start, length) of each chunk when ``size`` is split by ``torch.chunk``
-    into ``splits[0]`` parts, each of them into ``splits[1]`` parts, and so on;
-    chunks are listed in row-major order of the splits (mesh order).
-
-    Example:
-        >>> from jlocalmap.uneven import chunk_bounds
-        >>> chunk_bounds(9, [4])
-        [(0, 3), (3, 3), (6, 3), (9, 0)]
-    """
-    pieces = [(0, size)]
-    for n in splits:
-        nxt = []
-        for start, length in pieces:
-            step = -(-length // n) if length else 0
-            for i in range(n):
-                lo = min(i * step, length)
-                nxt.append((start + lo, min(step, length - lo)))
-        pieces = nxt
-    return pieces
-
-
-def dim_splits(placements: Sequence[Placement], mesh: AnyMesh, ndim: int
-               ) -> dict[int, tuple[tuple[str, ...], tuple[int, ...]]]:
-    """For each sharded dim: the mesh axes splitting it and their sizes, in mesh order."""
-    sizes = axis_sizes(mesh)
-    out: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
-    for axis, p in zip(mesh.axis_names, placements):
-        if p.is_shard():
-            d = normalize_dim(p.dim, ndim, "placements")
-            axes, ns = out.get(d, ((), ()))
-            out[d] = (axes + (axis,), ns + (sizes[axis],))
-    return out
-
-
-def uneven_dims(shape: Sequence[int], placements: Sequence[Placement], mesh: AnyMesh,
-                what: str = "placements"
-                ) -> tuple[tuple[int, int, tuple[str, ...], tuple[int, ...]], ...]:
-    """(dim, logical size, axes, axis sizes) of every dim that ``placements``
-    split unevenly: where any chunk is shorter than the first. ``what`` names
-    the argument in errors."""
-    found = []
-    for d, (axes, ns) in sorted(dim_splits(placements, mesh, len(shape)).items()):
-        if jax.export.is_symbolic_dim(shape[d]):  # jax.export's shape polymorphism
-            rest = shape[d] % math.prod(ns)
-            if isinstance(rest, (int, np.integer)) and rest == 0:
-                continue  # provably even
-            raise PlacementValueError(
-                f"{what}: dim {d} of symbolic size {shape[d]} (shape {tuple(shape)}) "
-                f"is split {math.prod(ns)} ways over mesh axes {axes}, which does not "
-                f"provably divide it, and uneven shards need concrete sizes. Export with "
-                f"a size the split divides (a multiple of {math.prod(ns)}), or "
-                f"Replicate() the dim over {axes}.")
-        if shape[d] % math.prod(ns) or any(
-                length != shape[d] // math.prod(ns) for _, length in chunk_bounds(shape[d], ns)):
-            found.append((d, shape[d], axes, ns))
-    return tuple(found)
-
-
-def padded_shape(shape: Sequence[int], placements: Sequence[Placement],
-                 mesh: AnyMesh, what: str = "placements") -> tuple[int, ...]:
-    """The shape of the padded layout of a value of ``shape``."""
-    out = list(shape)
-    for d, size, _, splits in uneven_dims(shape, placements, mesh, what):
-        out[d] = len(padding_index(size, splits)[0])
-    return tuple(out)
-
-
-@functools.lru_cache(maxsize=256)
-def padding_index(size: int, splits: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(gather, valid): ``gather[p]`` is the logical row at padded position p
-    (``size`` for padding); ``valid`` lists the padded positions of rows 0..size-1."""
-    bounds = chunk_bounds(size, splits)
-    width = max(length for _, length in bounds)
-    gather = np.full(width * len(bounds), size, dtype=np.int32)
-    for k, (start, length) in enumerate(bounds):
-        gather[k * width:k * width + length] = np.arange(start, start + length)
-    valid = np.nonzero(gather < size)[0].astype(np.int32)
-    return gather, valid
-
-
-def pad(x: jax.Array, dims, fill: float = 0.0) -> jax.Array:
-    """The padded layout of logical ``x`` for its ``uneven_dims``."""
-    for d, size, _, splits in dims:
+def pad(x: jax.Array, layout: Layout, fill: float = 0.0) -> jax.Array:
+    """The padded storage of logical ``x`` laid out by ``layout``."""
+    for d, size, _, splits in layout.uneven:
         gather, _ = padding_index(size, splits)
         filler = jnp.full(x.shape[:d] + (1,) + x.shape[d + 1:], fill, x.dtype)
         x = jnp.take(jnp.concatenate([x, filler], axis=d), jnp.asarray(gather), axis=d)
     return x
 
 
-def unpad(x: jax.Array, dims) -> jax.Array:
+def unpad(x: jax.Array, layout: Layout) -> jax.Array:
     """The logical value of padded ``x`` (the inverse of :func:`pad`)."""
-    for d, size, _, splits in dims:
+    for d, size, _, splits in layout.uneven:
         _, valid = padding_index(size, splits)
         x = jnp.take(x, jnp.asarray(valid), axis=d)
     return x
@@ -167,9 +81,10 @@ def local_valid_size(global_size: int, axes: str | Sequence[str]) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class UnevenArray:
     """A value laid out with uneven shards: ``padded`` (an evenly sharded
-    ``jax.Array``), its logical ``shape``, ``placements`` and ``mesh``.
-    ``jlocalmap.full_tensor`` gives the logical array; ``local_map`` takes and
-    returns it. It is a pytree, so it passes through ``jax.jit`` and ``jax.grad``.
+    ``jax.Array``) and its :class:`~jlocalmap.layout.Layout` (logical ``shape``,
+    ``placements``, ``mesh``). ``jlocalmap.full_tensor`` gives the logical
+    array; ``local_map`` takes and returns it. It is a pytree, so it passes
+    through ``jax.jit`` and ``jax.grad``.
 
     Example:
         >>> import jax, numpy as np, jlocalmap as jlm
@@ -180,24 +95,16 @@ class UnevenArray:
     """
 
     padded: Any
-    shape: tuple[int, ...]
-    placements: PlacementList
-    mesh: Any
+    layout: Layout
 
-    @property
-    def dtype(self):
-        return self.padded.dtype
-
-    @property
-    def ndim(self) -> int:
-        return len(self.shape)
-
-    @property
-    def dims(self):
-        return uneven_dims(self.shape, self.placements, self.mesh)
+    shape = property(lambda self: self.layout.shape, doc="The logical shape.")
+    placements = property(lambda self: self.layout.placements, doc="The placements.")
+    mesh = property(lambda self: self.layout.mesh, doc="The mesh it lives on.")
+    dtype = property(lambda self: self.padded.dtype, doc="The dtype.")
+    ndim = property(lambda self: self.layout.ndim, doc="The logical rank.")
 
     def tree_flatten(self):
-        return (self.padded,), (self.shape, self.placements, self.mesh)
+        return (self.padded,), (self.layout,)
 
     @classmethod
     def tree_unflatten(cls, aux, children):

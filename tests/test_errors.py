@@ -67,6 +67,9 @@ MESH_FIX = (r"device_mesh: expected a jax\.sharding\.Mesh or AbstractMesh, found
             r"with jax\.make_mesh")
 OTHER_MESH = (r"in_placements\[{0}\]: input {0} lives on .*but this local_map runs on .*move it "
               r"with jlocalmap\.distribute_tensor\(x, mesh, placements\) or set redistribute_inputs=True")
+OTHER_MESH_TRACED = (r"in_placements\[{0}\]: input {0} lives on .*but this local_map runs on .*Under "
+                     r"jax\.jit .* carries only its abstract mesh, not its devices.*move it before "
+                     r"the trace with jlocalmap\.distribute_tensor\(x, mesh, placements\)")
 MISMATCH = (r"in_placements\[{0}\]: input {0} has placements \[{1}\], but the local_map requires "
             r"\[{2}\]; set redistribute_inputs=True")
 VARIES = (r"out_placements\[0\]: output 0 is declared Replicate\(\) on mesh axis '{0}', but its "
@@ -219,7 +222,7 @@ CASES = [
     pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh=e.m1)(e.x_devs), VE,
                  r"in_placements\[0\]: .*devic", id="other-mesh-devices-message-says-devices"),
     pytest.param(lambda e: jax.jit(L(ident, [S0], ([S0],), device_mesh=e.m1))(e.x_names), VE,
-                 OTHER_MESH.format(0), id="other-mesh-under-jit"),
+                 OTHER_MESH_TRACED.format(0), id="other-mesh-under-jit"),
     # -- placements that differ from the input's --------------------------------------------
     pytest.param(lambda e: L(ident, [S0], ([R],))(e.x), VE,
                  MISMATCH.format(0, r"Shard\(dim=0\)", r"Replicate\(\)")

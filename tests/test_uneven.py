@@ -9,7 +9,8 @@ import pytest
 import jlocalmap as jlm
 from helpers import assert_close, randn
 from jlocalmap import Partial, Replicate, Shard
-from jlocalmap.uneven import UnevenArray, chunk_bounds, local_valid_size
+from jlocalmap.chunks import chunk_bounds
+from jlocalmap.uneven import UnevenArray, local_valid_size
 
 
 @pytest.mark.parametrize("size, splits, lengths", [
