@@ -1,0 +1,93 @@
+"""The benchmark harness at tiny sizes: jlocalmap's programs compile to the same
+collectives (kinds and counts) as the hand-written jax.shard_map ones, their
+results agree, and the harness runs end to end and writes its JSON and plots.
+No timing is asserted."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks import report, run, workloads
+from benchmarks.workloads import BlockSize, MlpSize
+
+
+def assert_same_collectives(work):
+    assert work.collectives, "no collective comparison recorded"
+    for program, ours, hand in work.collectives:
+        assert ours == hand, f"{program}: jlocalmap {ours} != hand-written {hand}"
+
+
+def assert_results_agree(work, rtol):
+    for row in work.rows:
+        if row.baseline in work.outputs and row.name in work.outputs:
+            diff = report.relative_difference(work.outputs[row.name], work.outputs[row.baseline])
+            assert diff < rtol, f"{row.name} differs from {row.baseline} by {diff:.2e}"
+
+
+def test_mlp_steps_match_hand_written():
+    work = workloads.mlp_workload(jax.devices(), 4, MlpSize(16, 8, 32, "float32"), overlap=True)
+    assert [c[0] for c in work.collectives] == ["mlp", "mlp-sp"]
+    assert_same_collectives(work)
+    assert work.collectives[0][1]["all-reduce"] >= 1  # the loss keeps the forward psum
+    assert_results_agree(work, rtol=1e-5)  # the rings and XLA's partitioning included
+    ring = work.info["overlap_collectives"]
+    assert ring["collective-permute"] > 0 and ring["all-gather"] == ring["reduce-scatter"] == 0
+
+
+def test_block_step_matches_hand_written_and_unsharded():
+    """jlocalmap's block step has the hand-written one's collectives and results,
+    and the hand-written block (the baseline of every block ratio) computes the
+    unsharded block: loss and weight gradients against the same math, one device."""
+    size = BlockSize(2, 8, 16, 2, 32, "float32")
+    work = workloads.block_workload(jax.devices(), (1, 2, 2), size)
+    assert_same_collectives(work)
+    assert_results_agree(work, rtol=1e-6)
+    assert work.info["flops_per_device"] > 0
+    loss, grads = work.outputs["block/shard_map"]
+    params, x, dy = jax.tree.map(np.asarray, work.inputs["block"])
+
+    def attention(x, wq, wk, wv, wo):
+        b, t, _ = x.shape
+        q, k, v = ((x @ w).reshape(b, t, -1, size.head_dim) for w in (wq, wk, wv))
+        s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(size.head_dim)
+        s = jnp.where(np.tril(np.ones((t, t), bool)), s, -jnp.inf)
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v).reshape(b, t, -1) @ wo
+
+    def mlp(x, w1, w2):
+        return workloads.gelu(x @ w1) @ w2
+    forward = workloads.block_forward((attention, mlp))
+    ref_loss, ref_grads = jax.value_and_grad(lambda p: jnp.sum(forward(p, x) * dy))(params)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_eager_call_matches_hand_written():
+    work = workloads.eager_workload(jax.devices(), 8)
+    assert_same_collectives(work)
+    assert_results_agree(work, rtol=1e-6)
+
+
+def test_harness_runs_and_writes_json(tmp_path):
+    code = run.main(["--quick", "--only", "eager,depth", "--depths", "1,2", "--rounds", "2",
+                     "--round-s", "0.001", "--compile-depth-max", "0", "--no-progress",
+                     "--out", str(tmp_path)])
+    assert code == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert {"eager/jit(shard_map)", "eager/jlocalmap"} <= set(result["rows"])
+    assert len(result["rows"]["eager/jlocalmap"]["times"]) == 2
+    assert set(result["depth"]) == {"shard_map", "jlocalmap"}
+    verdicts = {t["target"]: t["passed"] for t in result["targets"]}
+    assert verdicts["eager: same collectives as hand-written"] is True
+    assert "eager/jlocalmap call / jitted hand-written call" in verdicts
+    assert (tmp_path / "step_times.png").stat().st_size > 0
+    assert (tmp_path / "trace_depth.png").stat().st_size > 0
+
+
+def test_linear_exponent_and_paired_ratio():
+    assert report.linear_exponent({8: 1.0, 16: 2.0, 32: 4.0, 64: 8.0}) == pytest.approx(1.0)
+    assert report.linear_exponent({8: 1.0, 16: 4.0, 32: 16.0}) == pytest.approx(2.0)
+    assert report.paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 3.0]) == 2.0
