@@ -97,7 +97,7 @@ def _index(package: ModuleType, pages: list[tuple[str, str, list[str]]],
              "`import jlocalmap as jlm`.", ""]
     for path, title, names in pages:
         lines += [f"## [{title}]({path.removeprefix('api/')})", "",
-                  "| name | |", "| --- | --- |"]
+                  "| name | summary |", "| --- | --- |"]
         lines += [f"| [`{n}`][{package.__name__}.{n}] | {summary(package, n)} |" for n in names]
         lines.append("")
     if others:

@@ -242,7 +242,7 @@ def _device_cell(x, y, w, held, shape, colors, chunk_rows):
 
 
 def _width_of(text: str, size: float) -> float:
-    return 0.56 * size * len(text)  # a sans-serif average, enough to size the canvas
+    return 0.52 * size * len(text)  # a sans-serif average, enough to size the canvas
 
 
 def render(figure: Figure, described: Described) -> str:
@@ -276,8 +276,8 @@ def render(figure: Figure, described: Described) -> str:
            _rect(0, 0, width, height, "#ffffff", stroke="#e0e0e0", extra='rx="8"')]
     out += [_text(16, 24 + 19 * k, t, size=size, anchor="start", weight=weight, fill=fill)
             for k, (t, size, weight, fill) in enumerate(lines)]
-    label = "blocks: the devices holding them" if not partial else \
-        "the devices holding summands"
+    label = "global value: devices per block" if not partial else \
+        "global value: every device a summand"
     out.append(_text(20, top + 8, label, size=11.5, anchor="start", fill="#424242"))
     out += _array(20, top + 18, cell, figure.shape, blocks, colors, partial_ids=partial)
     for k, held in enumerate(rows):

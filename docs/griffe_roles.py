@@ -1,6 +1,6 @@
 r"""jlocalmap's docstrings, made readable for mkdocstrings' Google-style parser.
 
-Two rewrites, done by this griffe extension (listed under the Python handler's
+Three rewrites, done by this griffe extension (listed under the Python handler's
 ``extensions`` in mkdocs.yml) before a docstring is parsed:
 
 - ``Example:`` becomes ``Examples:``: griffe renders an ``Examples`` section's
@@ -12,6 +12,8 @@ Two rewrites, done by this griffe extension (listed under the Python handler's
   A name that jlocalmap exports becomes a link to its API entry
   (``[`Shard`][jlocalmap.Shard]``), any other name plain code. Links go to the
   public path, so moving a definition between internal modules changes nothing.
+- reStructuredText's escaped space after inline code (``ShapeDtypeStruct``\ s,
+  a plural) is dropped; Markdown would show the backslash.
 
 Example:
     >>> convert_example_header("Example:\n    >>> 1")
@@ -19,6 +21,8 @@ Example:
     >>> convert_roles("see :class:`~jlocalmap.uneven.UnevenArray` and :func:`pad`",
     ...               {"UnevenArray"})
     'see [`UnevenArray`][jlocalmap.UnevenArray] and `pad`'
+    >>> convert_roles("``Region``\\ s", ())
+    '``Region``s'
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ def convert_roles(text: str, public_names: Iterable[str]) -> str:
         if short in public and (target == short or target.startswith("jlocalmap.")):
             return f"[`{shown}`][jlocalmap.{short}]"
         return f"`{shown}`"
-    return _ROLE.sub(replace, text)
+    return _ROLE.sub(replace, text).replace("`\\ ", "`")
 
 
 _EXAMPLE_HEADER = re.compile(r"^(\s*)Example:[ \t]*$", re.MULTILINE)
