@@ -255,8 +255,11 @@ def render(figure: Figure, described: Described) -> str:
     mesh_rows = figure.mesh_shape[0] if len(figure.mesh_shape) > 1 else 1
     mesh_cols = len(rows) // mesh_rows
     cell = min(170 / figure.shape[0], 170 / figure.shape[1])
+    partial = {r.index for r in rows if r.partial}
+    label = ("global value: every device a summand" if partial
+             else "global value: devices per block")
     cell_w, top = 132, 84
-    left_w = 40 + max(figure.shape[1] * cell, 150)
+    left_w = 40 + max(figure.shape[1] * cell, _width_of(label, 11.5))
     chunk_rows = max(r.index[0][1] - r.index[0][0] + r.padding for r in rows) \
         if any(r.padding for r in rows) else 0
     lines = [(described.placements, 16, "bold", "#212121"),
@@ -266,7 +269,6 @@ def render(figure: Figure, described: Described) -> str:
     width = max(left_w + mesh_cols * (cell_w + 10) + 10,
                 *(32 + _width_of(t, size) for t, size, _, _ in lines))
     height = max(top + mesh_rows * 128, top + 24 + figure.shape[0] * cell) + 12
-    partial = {r.index for r in rows if r.partial}
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" '
            f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="{FONT}" role="img">',
            f'<title>{html.escape(described.placements)}: {html.escape(figure.caption)}</title>',
@@ -276,8 +278,6 @@ def render(figure: Figure, described: Described) -> str:
            _rect(0, 0, width, height, "#ffffff", stroke="#e0e0e0", extra='rx="8"')]
     out += [_text(16, 24 + 19 * k, t, size=size, anchor="start", weight=weight, fill=fill)
             for k, (t, size, weight, fill) in enumerate(lines)]
-    label = "global value: devices per block" if not partial else \
-        "global value: every device a summand"
     out.append(_text(20, top + 8, label, size=11.5, anchor="start", fill="#424242"))
     out += _array(20, top + 18, cell, figure.shape, blocks, colors, partial_ids=partial)
     for k, held in enumerate(rows):
