@@ -95,10 +95,13 @@ def targets(result: dict) -> list:
         found.append({"target": "eager/jlocalmap call / jitted hand-written call",
                       "value": round(ratio, 4), "limit": EAGER_RATIO_MAX,
                       "passed": ratio <= EAGER_RATIO_MAX})
-    depth = result.get("depth", {}).get("jlocalmap", {})
-    if len(depth) >= 2:
-        exponent = linear_exponent({int(d): t["trace"] for d, t in depth.items()})
-        found.append({"target": "jlocalmap trace time linear in depth (exponent)",
+    exponents = {impl: linear_exponent({int(d): t["trace"] for d, t in times.items()})
+                 for impl, times in result.get("depth", {}).items() if len(times) >= 2}
+    if "jlocalmap" in exponents:
+        exponent = exponents["jlocalmap"]
+        hand = exponents.get("shard_map")
+        found.append({"target": "jlocalmap trace time linear in depth (exponent"
+                                + (f"; hand-written: {hand:.3f})" if hand is not None else ")"),
                       "value": round(exponent, 3), "limit": DEPTH_EXPONENT_MAX,
                       "passed": exponent <= DEPTH_EXPONENT_MAX})
     for ours, theirs in (("mlp/jlocalmap", "mlp/torch-eager"),
@@ -203,15 +206,20 @@ def _step_plot(plt, result: dict, path: pathlib.Path) -> pathlib.Path:
 def _depth_plot(plt, depth: dict, path: pathlib.Path) -> pathlib.Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, phase in zip(axes, ("trace", "compile")):
+        deepest = None
         for impl, times in depth.items():
             points = sorted((int(d), t[phase]) for d, t in times.items()
                             if t.get(phase) is not None)
             if points:
                 ax.plot(*zip(*points), marker="o", label=impl)
+                deepest = max(deepest or points[-1], points[-1])
+        if deepest is not None:  # a line through the deepest point, slope 1: linear
+            d, t = deepest
+            ax.plot([1, d], [t / d, t], "k--", lw=0.8, label="linear in depth")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("layers (attention + MLP region each)")
-        ax.set_ylabel(f"{phase} time (s, best of rounds)")
+        ax.set_ylabel(f"{phase} time (s, {'best of rounds' if phase == 'trace' else 'one compile'})")
         ax.grid(True, which="both", alpha=0.3)
         if ax.get_lines():
             ax.legend()

@@ -75,7 +75,7 @@ def default_settings(accelerator: bool, quick: bool) -> Settings:
                    else BlockSize(1, 1024, 1024, 8, 4096, dtype)),
             depth_block=BlockSize(1, 128, 256, 8, 512, dtype),
             depths=(1, 2, 4, 8, 16, 32, 64) if big else (1, 4, 16),
-            compile_max=64 if big else 16, rounds=20 if big else 5,
+            compile_max=16, rounds=20 if big else 5,
             round_s=0.3 if big else 0.1, depth_rounds=3)
     if quick:
         return Settings(mlp=MlpSize(128, 128, 512, "float32"),
@@ -240,7 +240,7 @@ def assemble(works: list, depth: dict, torch_result: dict, settings: Settings, p
             entries[name]["rel_diff"] = report.relative_difference(outputs[name],
                                                                    outputs[row.baseline])
     _add_torch_rows(entries, torch_result, rows, rate)
-    result = {"machine": machine_info(plan["devices"]),
+    result = {"machine": plan["machine"],
               "config": {"mode": "quick" if args.quick else "full", "label": args.label,
                          "tp": plan["tp"], "block_mesh": plan["block_mesh"],
                          "settings": dataclasses.asdict(settings)},
@@ -266,7 +266,8 @@ def _add_torch_rows(entries: dict, torch_result: dict, rows: dict, rate) -> None
     from benchmarks.timing import Row
     for name, data in torch_result.get("rows", {}).items():
         group = name.split("/")[0]
-        baseline = "eager/jit(shard_map)" if group == "eager" else f"{group}/shard_map"
+        baseline = {"eager": "eager/jit(shard_map)", "matmul": "matmul/local"}.get(
+            group, f"{group}/shard_map")
         flops = rows[baseline].flops if baseline in rows else None
         row = Row(name, lambda: None, baseline=baseline, flops=flops,
                   note="PyTorch, its own launch (not interleaved with the JAX rows)",
@@ -279,7 +280,8 @@ def main(argv=None) -> int:
     settings, plan = resolve(args)
     out = args.out or ROOT / "benchmarks" / "results" / ("quick" if args.quick else "full")
     out.mkdir(parents=True, exist_ok=True)
-    print(f"devices: {machine_info(plan['devices'])['devices']}; jax {jax.__version__}; "
+    plan["machine"] = machine_info(plan["devices"])  # the load average at the start
+    print(f"devices: {plan['machine']['devices']}; jax {jax.__version__}; "
           f"mode {'quick' if args.quick else 'full'}; out {out}", flush=True)
     start = time.perf_counter()
     progress = Progress(_progress_total(settings, plan), enabled=not args.no_progress)

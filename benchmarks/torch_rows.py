@@ -9,7 +9,9 @@ Rows (same sizes as the JAX rows; rank 0 times, every rank runs):
 * ``mlp/torch-eager(funcol)``: the same with ``funcol.all_reduce`` in the body
   as PyTorch documents it (its backward all-reduces again: gradients 2x);
 * ``mlp/torch.compile``: ``torch.compile`` of the first;
-* ``eager/torch-eager``: the tiny ``all_reduce(x @ w)`` called eagerly.
+* ``eager/torch-eager``: the tiny ``all_reduce(x @ w)`` called eagerly;
+* ``matmul/torch-local``: the step's five matmuls on each process's shards, no
+  communication (torch's matmul rate at these shapes).
 
 Each MLP variant's weight gradients are compared once with the unsharded
 computation on rank 0 (``grad_check``: the ratio of norms, 1.0 when right).
@@ -183,8 +185,22 @@ def _rows(torch, dist, mesh, config: dict, cuda: bool, report: dict) -> dict:
             rows[name] = step(mlp)
         except Exception as error:  # noqa: BLE001 - a row that cannot run is reported
             report["errors"][name] = f"{type(error).__name__}: {error}"[:500]
+    rows["matmul/torch-local"] = _local_matmuls(torch, x, w1, w2, dy)
     rows["eager/torch-eager"] = _tiny_call(torch, mesh, reduce["funcol"], device)
     return rows
+
+
+def _local_matmuls(torch, x, w1, w2, dy):
+    """The step's five matmuls on this process's shards, nothing else: torch's
+    own matmul rate at these shapes (the JAX row matmul/local's twin)."""
+    x, w1, w2 = (t.to_local().detach() for t in (x, w1, w2))
+    dy = dy.to(x.dtype)
+
+    def run():
+        h = x @ w1
+        dh = dy @ w2.T
+        return h @ w2, h.T @ dy, x.T @ dh
+    return run
 
 
 def _tiny_call(torch, mesh, reduce, device: str):

@@ -91,3 +91,12 @@ def test_linear_exponent_and_paired_ratio():
     assert report.linear_exponent({8: 1.0, 16: 2.0, 32: 4.0, 64: 8.0}) == pytest.approx(1.0)
     assert report.linear_exponent({8: 1.0, 16: 4.0, 32: 16.0}) == pytest.approx(2.0)
     assert report.paired_ratio([2.0, 4.0, 3.0], [1.0, 2.0, 3.0]) == 2.0
+
+
+def test_docstring_examples():
+    """The harness's own modules are outside the doctest paths: run their examples."""
+    import doctest
+
+    from benchmarks import timing
+    for module in (timing, report):
+        assert doctest.testmod(module).failed == 0
