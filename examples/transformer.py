@@ -288,6 +288,11 @@ def train_and_compare(mesh, cfg: Config, ops: Ops, *, steps: int = 5, lr: float 
     batch = [jlm.distribute_tensor(a, mesh, TOKENS) for a in (tokens, labels)]
     ref = jax.device_put((host, tokens, labels), jax.devices()[0])
     optimizer = make_optimizer(lr)
+    # Workaround (jax 0.10.2, Explicit axes): differentiate under the mesh context.
+    # Without it JAX compiles some backward-pass broadcasts for one device and
+    # fails ("Please enter your `jit` into a mesh context via `jax.set_mesh`"):
+    # eagerly always, under jit where a gradient does not depend on the inputs.
+    # See docs/transformer.md, "Explicit axes".
     with jax.set_mesh(mesh):
         opt_state = optimizer.init(params)
         # Compile once: the collectives are read from the program that then runs.
