@@ -6,7 +6,9 @@
   per name in ``jlocalmap.__all__``;
 - ``source/<path>.md``: a page showing a repository file that a page links to
   outside docs/ (``[the test](../tests/test_x.py)``), so that such links
-  resolve in the built site too; the links are rewritten to those pages.
+  resolve in the built site too; the links are rewritten to those pages (a
+  link to ``examples/<name>.py`` goes to the example's page instead, which
+  shows the source and its output).
 
 None is written into the source tree: all exist only in the build, so none
 can drift from the library.
@@ -40,7 +42,7 @@ def generated_files() -> dict[str, str]:
 _LINK = re.compile(r"\]\((?![a-z]+:|/|#)([^)\s#]+)(#[^)\s]*)?\)")
 _LANGUAGES = {".py": "python", ".sh": "bash", ".toml": "toml", ".yml": "yaml", ".yaml": "yaml",
               ".md": "markdown", ".txt": "text"}
-_source_links: dict[tuple[str, str], str] = {}  # (page, link target) -> repository path
+_source_links: dict[tuple[str, str], str] = {}  # (page, link target) -> page it points to now
 
 
 def _repository_files(page_uri: str, markdown: str, docs_dir: Path) -> dict[str, str]:
@@ -71,8 +73,12 @@ def on_files(files, config):
             continue
         markdown = Path(page.abs_src_path).read_text(encoding="utf-8")
         for target, path in _repository_files(page.src_uri, markdown, docs_dir).items():
-            _source_links[(page.src_uri, target)] = path
-            sources.add(path)
+            example_page = f"{Path(path).with_suffix('.md')}"  # examples/x.py -> examples/x.md
+            if path.startswith("examples/") and (docs_dir / example_page).is_file():
+                _source_links[(page.src_uri, target)] = example_page  # source and output
+            else:
+                _source_links[(page.src_uri, target)] = f"source/{path}.md"
+                sources.add(path)
     for path in sorted(sources):
         files.append(File.generated(config, f"source/{path}.md", content=_source_page(path)))
     return files
@@ -82,9 +88,9 @@ def on_page_markdown(markdown, page, config, files):
     """Links to repository files outside docs/ point at their source pages instead."""
     def relink(match: re.Match) -> str:
         target, anchor = match.group(1), match.group(2) or ""
-        path = _source_links.get((page.file.src_uri, target))
-        if path is None:
+        page_uri = _source_links.get((page.file.src_uri, target))
+        if page_uri is None:
             return match.group(0)
-        here = posixpath.dirname(page.file.src_uri)
-        return f"]({posixpath.relpath(f'source/{path}.md', here or '.')}{anchor})"
+        here = posixpath.dirname(page.file.src_uri) or "."
+        return f"]({posixpath.relpath(page_uri, here)}{anchor})"
     return _LINK.sub(relink, markdown)
