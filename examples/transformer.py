@@ -26,8 +26,8 @@ Where torchtitan uses ``local_map``, so does this program:
 The projections, norms and MLP between them are plain JAX on Explicit-axis
 shardings (the JAX counterpart of DTensor ops). Five ``optax.adamw`` steps are
 compared, step by step, with the same model run unsharded in float32 on one
-device; the script exits with status 1 if loss or parameters differ by more
-than 1e-4. See docs/transformer.md.
+device; the script exits with status 1 if loss, parameters or gradients differ
+by more than 1e-4. See docs/transformer.md.
 
 Run:  python examples/transformer.py [--attention ring] [--steps 5]
 (uses the GPUs if there are any, else 8 simulated CPU devices).
@@ -119,10 +119,13 @@ class Ops:
 
 
 def rms_norm(x, weight, eps=1e-6):
+    """x / rms(x) * weight over the last dim (whole on every tp rank)."""
     return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * weight
 
 
 def attention_block(layer, h, ops: Ops, head_dim: int):
+    """Column-parallel q/k/v projections (heads split over tp), the attention,
+    and the row-parallel output projection."""
     b, t, _ = h.shape
     q, k, v = ((h @ layer[w]).reshape(b, t, -1, head_dim) for w in ("wq", "wk", "wv"))
     o = ops.attention(q, k, v).reshape(b, t, -1)
@@ -130,6 +133,7 @@ def attention_block(layer, h, ops: Ops, head_dim: int):
 
 
 def mlp_block(layer, h, ops: Ops):
+    """SwiGLU: column-parallel w1 and w3 (hidden units split over tp), row-parallel w2."""
     gated = jax.nn.silu(h @ layer["w1"]) * (h @ layer["w3"])
     return jnp.matmul(gated, layer["w2"], out_sharding=ops.row_out)
 
@@ -154,6 +158,7 @@ def causal_softmax_attention(q, k, v, q_offset=0):
 
 
 def dense_loss(h, head, labels):
+    """Mean cross-entropy of the full logits (the reference)."""
     logits = h @ head
     return jnp.mean(jax.nn.logsumexp(logits, -1)
                     - jnp.take_along_axis(logits, labels[..., None], -1)[..., 0])
@@ -171,6 +176,7 @@ def vocab_shard(ids, local_size):
 
 
 def make_embedding(mesh):
+    """Vocab-parallel lookup: (table, tokens) -> activations [S0, S1, R]."""
     # A tp rank finds only the tokens of its vocabulary rows: its lookup is one
     # summand of the embedding (Partial over tp), as in torchtitan.
     @jlm.local_map(out_placements=[S0, S1, Partial()], in_placements=([R, R, S0], TOKENS),
@@ -184,6 +190,7 @@ def make_embedding(mesh):
 
 
 def make_loss(mesh, n_tokens: int):
+    """Vocab-parallel cross-entropy: (h, head, labels) -> the replicated mean loss."""
     @jlm.local_map(out_placements=[Partial(), Partial(), R],
                    in_placements=(ACTIVATION, [R, R, S1], TOKENS), device_mesh=mesh)
     def vocab_parallel_cross_entropy(h, head, labels):
@@ -245,6 +252,7 @@ def make_attention(mesh, variant: str, kv_grad_placements=KV_GRAD):
 
 
 def sharded_ops(mesh, cfg: Config, variant: str, **attention_kw) -> Ops:
+    """The model's sharded pieces on ``mesh``; ``attention_kw`` go to make_attention."""
     return Ops(embed=make_embedding(mesh), attention=make_attention(mesh, variant, **attention_kw),
                loss=make_loss(mesh, cfg.batch * cfg.seq),
                row_out=jax.sharding.NamedSharding(mesh, P("dp", "cp", None)))
@@ -260,6 +268,7 @@ def make_optimizer(lr: float):
 
 
 def make_train_step(ops: Ops, optimizer, head_dim: int):
+    """The jitted step: (params, opt_state, tokens, labels) -> (params, opt_state, loss, grads)."""
     def train_step(params, opt_state, tokens, labels):
         loss, grads = jax.value_and_grad(loss_fn)(params, tokens, labels, ops, head_dim)
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -273,6 +282,17 @@ def max_diff(tree, ref_tree) -> float:
                for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree)))
 
 
+def starting_point(mesh, cfg: Config, seed: int):
+    """Random parameters and batch, laid out on ``mesh``, and the same on one device."""
+    rng = np.random.default_rng(seed)
+    host = init_params(cfg, rng)
+    tokens, labels = random_batch(cfg, rng)
+    params = jax.tree.map(lambda x, p: jlm.distribute_tensor(x, mesh, p), host,
+                          param_placements(host), is_leaf=lambda x: isinstance(x, np.ndarray))
+    batch = [jlm.distribute_tensor(a, mesh, TOKENS) for a in (tokens, labels)]
+    return params, batch, jax.device_put((host, tokens, labels), jax.devices()[0])
+
+
 def train_and_compare(mesh, cfg: Config, ops: Ops, *, steps: int = 5, lr: float = 1e-2,
                       seed: int = 0, log=print) -> list[dict]:
     """Train the sharded model (``ops`` on ``mesh``) and the unsharded reference
@@ -280,13 +300,7 @@ def train_and_compare(mesh, cfg: Config, ops: Ops, *, steps: int = 5, lr: float 
     loss and the largest differences of loss, parameters and gradients (Adam's
     update is blind to a gradient's scale, so the gradients are compared too).
     Logs the collectives of the compiled step first."""
-    rng = np.random.default_rng(seed)
-    host = init_params(cfg, rng)
-    tokens, labels = random_batch(cfg, rng)
-    params = jax.tree.map(lambda x, p: jlm.distribute_tensor(x, mesh, p), host,
-                          param_placements(host), is_leaf=lambda x: isinstance(x, np.ndarray))
-    batch = [jlm.distribute_tensor(a, mesh, TOKENS) for a in (tokens, labels)]
-    ref = jax.device_put((host, tokens, labels), jax.devices()[0])
+    params, batch, ref = starting_point(mesh, cfg, seed)
     optimizer = make_optimizer(lr)
     # Workaround (jax 0.10.2, Explicit axes): differentiate under the mesh context.
     # Without it JAX compiles some backward-pass broadcasts for one device and
@@ -316,6 +330,7 @@ def train_and_compare(mesh, cfg: Config, ops: Ops, *, steps: int = 5, lr: float 
 
 
 def random_batch(cfg: Config, rng: np.random.Generator):
+    """Random token sequences and their next tokens, (batch, seq) int32 each."""
     seqs = rng.integers(0, cfg.vocab, (cfg.batch, cfg.seq + 1), dtype=np.int32)
     return seqs[:, :-1], seqs[:, 1:]  # next-token prediction
 
@@ -328,6 +343,7 @@ def mesh_shape(n: int) -> tuple[int, int, int]:
 
 
 def check_sizes(parser, cfg: Config, dp: int, cp: int, tp: int) -> None:
+    """Refuse sizes the mesh does not divide, naming the flag."""
     for name, size, axis, n in (("batch", cfg.batch, "dp", dp), ("seq", cfg.seq, "cp", cp),
                                 ("heads", cfg.heads, "tp", tp), ("ffn", cfg.ffn, "tp", tp),
                                 ("vocab", cfg.vocab, "tp", tp)):

@@ -8,7 +8,6 @@ import importlib.util
 import pathlib
 
 import jax
-import numpy as np
 import pytest
 
 import jlocalmap as jlm
@@ -46,18 +45,10 @@ def _loss_and_grads(ops, params, tokens, labels):
         params, tokens, labels, ops, TINY.head_dim)
 
 
-def _sharded_inputs(mesh, rng):
-    host = tr.init_params(TINY, rng)
-    tokens, labels = tr.random_batch(TINY, rng)
-    params = jax.tree.map(lambda x, p: jlm.distribute_tensor(x, mesh, p), host,
-                          tr.param_placements(host), is_leaf=lambda x: isinstance(x, np.ndarray))
-    return params, [jlm.distribute_tensor(a, mesh, tr.TOKENS) for a in (tokens, labels)]
-
-
 def test_kv_gradient_declared_replicate_on_cp_is_refused(mesh):
     """PyTorch's silent bug: the gathered k/v's gradient labelled Replicate() on cp
     would skip the sum over the cp ranks. jlocalmap refuses it at trace time."""
-    params, batch = _sharded_inputs(mesh, np.random.default_rng(2))
+    params, batch, _ = tr.starting_point(mesh, TINY, seed=2)
     wrong = [tr.S0, tr.R, tr.S2]
     ops = tr.sharded_ops(mesh, TINY, "allgather", kv_grad_placements=wrong)
     with jax.set_mesh(mesh), pytest.raises(jlm.PlacementValueError) as err:
