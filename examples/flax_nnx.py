@@ -73,30 +73,13 @@ def dp_summand(placements):
     return [Partial(), *placements[1:]]
 
 
-class ColumnParallelLinear(nnx.Module):
-    """``x @ kernel + bias`` with the output features split over tp."""
-    KERNEL, BIAS = [R, Shard(1)], [R, Shard(0)]
-
-    def __init__(self, d_in: int, d_out: int, *, mesh, rng: np.random.Generator):
-        self.kernel = param(normal(rng, d_in, d_out) / np.sqrt(d_in), mesh, self.KERNEL)
-        self.bias = param(0.1 * normal(rng, d_out), mesh, self.BIAS)
-        self.mesh = mesh
-
-    def __call__(self, x):
-        if self.mesh is None:
-            return x @ self.kernel[...] + self.bias[...]
-        region = jlm.local_map(
-            lambda x, w, b: x @ w + b, out_placements=HIDDEN,
-            in_placements=(ACTIVATION, self.KERNEL, self.BIAS),
-            in_grad_placements=(None, dp_summand(self.KERNEL), dp_summand(self.BIAS)),
-            device_mesh=self.mesh)
-        return region(x, self.kernel[...], self.bias[...])
-
-
-class RowParallelLinear(nnx.Module):
-    """``h @ kernel + bias`` with the input features split over tp: the partial
-    products are summed over tp, then the (replicated) bias is added once."""
-    KERNEL, BIAS = [R, Shard(0)], [R, R]
+class ParallelLinear(nnx.Module):
+    """``x @ kernel + bias`` as a local_map region; subclasses set the layouts
+    (class constants, read by both the Params' metadata and the region)."""
+    KERNEL: list
+    BIAS: list
+    IN: list
+    OUT: list
 
     def __init__(self, d_in: int, d_out: int, *, mesh, rng: np.random.Generator):
         self.kernel = param(normal(rng, d_in, d_out) / np.sqrt(d_in), mesh, self.KERNEL)
@@ -104,18 +87,32 @@ class RowParallelLinear(nnx.Module):
         self.mesh = mesh
 
     @staticmethod
-    def body(h, w, b):
-        return jax.lax.psum(h @ w, "tp") + b
+    def body(x, w, b):
+        return x @ w + b
 
-    def __call__(self, h):
-        if self.mesh is None:
-            return h @ self.kernel[...] + self.bias[...]
+    def __call__(self, x):
+        if self.mesh is None:  # the unsharded module: the same math on one device
+            return x @ self.kernel[...] + self.bias[...]
         region = jlm.local_map(
-            self.body, out_placements=ACTIVATION,
-            in_placements=(HIDDEN, self.KERNEL, self.BIAS),
+            self.body, out_placements=self.OUT, in_placements=(self.IN, self.KERNEL, self.BIAS),
             in_grad_placements=(None, dp_summand(self.KERNEL), dp_summand(self.BIAS)),
             device_mesh=self.mesh)
-        return region(h, self.kernel[...], self.bias[...])
+        return region(x, self.kernel[...], self.bias[...])
+
+
+class ColumnParallelLinear(ParallelLinear):
+    """Output features split over tp: each tp rank computes its slice, no communication."""
+    KERNEL, BIAS, IN, OUT = [R, Shard(1)], [R, Shard(0)], ACTIVATION, HIDDEN
+
+
+class RowParallelLinear(ParallelLinear):
+    """Input features split over tp: the partial products are summed over tp,
+    then the (replicated) bias is added once."""
+    KERNEL, BIAS, IN, OUT = [R, Shard(0)], [R, R], HIDDEN, ACTIVATION
+
+    @staticmethod
+    def body(h, w, b):
+        return jax.lax.psum(h @ w, "tp") + b
 
 
 class RMSNorm(nnx.Module):
@@ -129,6 +126,8 @@ class RMSNorm(nnx.Module):
 
 
 class Block(nnx.Module):
+    """x + down(gelu(up(norm(x)))): a Megatron MLP with a residual."""
+
     def __init__(self, dim: int, hidden: int, *, mesh, rng: np.random.Generator):
         self.norm = RMSNorm(dim, mesh=mesh, rng=rng)
         self.up = ColumnParallelLinear(dim, hidden, mesh=mesh, rng=rng)
