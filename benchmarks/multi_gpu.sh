@@ -77,15 +77,15 @@ flags_work() {  # XLA refuses unknown flags at start: check before a whole run f
 for stage in "${stages[@]}"; do
   case $stage in
     harness)
-      if [ "$NGPU" -eq 1 ]; then harness main ""
-      else harness main "" --only mlp,block,eager,torch --tp "$NGPU"; fi
+      if [ "$NGPU" -eq 1 ]; then harness main "" --torch-timeout 300
+      else harness main "" --only mlp,block,eager,torch --tp "$NGPU" --torch-timeout 300; fi
       cp "$WORK/main/results.json" "$WORK/main/"*.png "$RESULTS/" 2>/dev/null ;;
     windowed)
       [ "$NGPU" -ge 2 ] && flags_work "$WINDOWED" && harness windowed "$WINDOWED" --only mlp --tp "$NGPU" ;;
     lhs)
       [ "$NGPU" -ge 2 ] && flags_work "$LHS" && harness lhs "$LHS" --only mlp --tp "$NGPU" ;;
     tp2)
-      [ "$NGPU" -ge 4 ] && harness tp2 "" --only mlp,torch --tp 2 ;;
+      [ "$NGPU" -ge 4 ] && harness tp2 "" --only mlp,torch --tp 2 --torch-timeout 200 ;;
     meshes)
       if [ "$NGPU" -ge 4 ]; then
         harness mesh-dp2-tp2 "" --only block --block-mesh 2,1,2

@@ -106,8 +106,9 @@ class Progress:
         self.start = self.last = time.perf_counter()
 
     def advance(self, label: str, n: int = 1) -> None:
+        finished = self.done >= self.total
         self.done = min(self.total, self.done + n)
-        if not self.enabled:
+        if not self.enabled or finished:  # the last line is drawn once
             return
         now = time.perf_counter()
         if not self.tty and now - self.last < self.every_s and self.done < self.total:

@@ -7,7 +7,8 @@ Rows (same sizes as the JAX rows; rank 0 times, every rank runs):
   all-reduce an autograd function whose backward is the identity (correct
   gradients);
 * ``mlp/torch-eager(funcol)``: the same with ``funcol.all_reduce`` in the body
-  as PyTorch documents it (its backward all-reduces again: gradients 2x);
+  as PyTorch documents it (its backward all-reduces again: weight gradients
+  ``tp`` times too large, 2x at TP=2);
 * ``mlp/torch.compile``: ``torch.compile`` of the first;
 * ``eager/torch-eager``: the tiny ``all_reduce(x @ w)`` called eagerly;
 * ``matmul/torch-local``: the step's five matmuls on each process's shards, no
