@@ -53,7 +53,7 @@ def relative_difference(a: Any, b: Any) -> float:
     import numpy as np
     diffs, scales = [0.0], [1e-30]
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
         diffs.append(float(np.max(np.abs(x - y))) if x.size else 0.0)
         scales.append(float(np.max(np.abs(y))) if y.size else 0.0)
     return max(diffs) / max(scales)
