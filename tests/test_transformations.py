@@ -85,11 +85,16 @@ def python_branching_tanh(seen: list) -> Callable:
     return act
 
 
-BODIES = ("plain", "custom_vjp", "custom_jvp", "all_reducing_vjp", "python_if")
+def printing_tanh(seen: list) -> Callable:
+    """tanh that prints its input first, as one debugs a body: ``str`` of a local value."""
+    def act(u):
+        seen.append(str(u))
+        return jnp.tanh(u)
+    return act
 
 
 def make_body(kind: str, others: tuple, last: str, partial: bool, seen: list) -> Callable:
-    act = {"custom_vjp": tanh_vjp, "custom_jvp": tanh_jvp,
+    act = {"custom_vjp": tanh_vjp, "custom_jvp": tanh_jvp, "printing": printing_tanh(seen),
            "python_if": python_branching_tanh(seen)}.get(kind, jnp.tanh)
     mm = all_reducing_matmul(others, last) if kind == "all_reducing_vjp" else jnp.matmul
 
@@ -186,16 +191,17 @@ def t_linearize(m):
     return y, f_jvp(m.tx, m.tw)
 
 
+# The jacobians jitted: eagerly, each of their many small ops compiles for each layout.
 def t_jacfwd(m):
-    return jax.jacfwd(m.apply, argnums=BOTH)(m.x, m.w)
+    return jax.jit(jax.jacfwd(m.apply, argnums=BOTH))(m.x, m.w)
 
 
 def t_jacrev(m):
-    return jax.jacrev(m.apply, argnums=BOTH)(m.x, m.w)
+    return jax.jit(jax.jacrev(m.apply, argnums=BOTH))(m.x, m.w)
 
 
 def t_hessian(m):
-    return jax.hessian(m.loss, argnums=BOTH)(m.x, m.w)
+    return jax.jit(jax.hessian(m.loss, argnums=BOTH))(m.x, m.w)
 
 
 def t_grad_of_grad(m):
@@ -252,7 +258,7 @@ def checkpointed(policy):
 
 def t_disable_jit(m):
     with jax.disable_jit():
-        return jax.value_and_grad(m.loss, argnums=BOTH)(m.x, m.w)
+        return m.apply(m.x, m.w), jax.value_and_grad(m.loss, argnums=BOTH)(m.x, m.w)
 
 
 def t_export(m):
@@ -299,6 +305,20 @@ class Row:
     body: str = "plain"
     reference: Optional[Callable] = None     # the unsharded counterpart, if not run itself
     settings: tuple = ()                     # extra local_map keywords
+    declared: tuple = (False, True)          # the declaration variants that have one answer
+    limit: Optional[str] = None              # a use JAX's own shard_map may refuse (LIMITS)
+    partial_limit: Optional[str] = None      # the same, for the Partial-output variant only
+    check: Optional[Callable] = None         # what else a passing cell must show
+
+
+def shows_concrete_blocks(m: Model):
+    """The body ran eagerly: printing a local value showed every device's block."""
+    assert any(text.count("mesh coordinates") == m.mesh.size for text in m.seen), m.seen[:2]
+
+
+def branched_on_local_values(m: Model):
+    """The body's Python ``if`` saw every device's own block of x @ w, concretely."""
+    assert_same_values(m.seen, local_block_sums(m.mesh))
 
 
 ROWS = {
@@ -308,12 +328,12 @@ ROWS = {
     "jvp": Row(t_jvp),
     "jit_jvp": Row(t_jit_jvp),
     "linearize": Row(t_linearize),
-    "jacfwd": Row(t_jacfwd),
-    "jacrev": Row(t_jacrev),
-    "hessian": Row(t_hessian),
+    "jacfwd": Row(t_jacfwd, partial_limit="batching"),
+    "jacrev": Row(t_jacrev, partial_limit="jacrev"),
+    "hessian": Row(t_hessian, partial_limit="batching"),
     "grad_of_grad": Row(t_grad_of_grad),
-    "vmap": Row(t_vmap),
-    "vmap_axis_name": Row(t_vmap_axis_name),
+    "vmap": Row(t_vmap, partial_limit="batching"),
+    "vmap_axis_name": Row(t_vmap_axis_name, partial_limit="batching"),
     "scan": Row(t_scan),
     "cond": Row(t_cond),
     "while_loop": Row(t_while_loop),
@@ -323,13 +343,88 @@ ROWS = {
     "custom_vjp_all_reducing": Row(t_value_and_grad, body="all_reducing_vjp"),
     "custom_jvp": Row(t_jvp, body="custom_jvp"),
     "custom_jvp_grad": Row(t_value_and_grad, body="custom_jvp"),
-    "disable_jit": Row(t_disable_jit, body="python_if", reference=t_reference_value_and_grad),
+    "disable_jit": Row(t_disable_jit, body="printing", check=shows_concrete_blocks),
+    "disable_jit_python_if": Row(t_disable_jit, body="python_if", limit="python_if",
+                                 check=branched_on_local_values),
     "export": Row(t_export),
     "enclosing_shard_map": Row(t_enclosing_shard_map, reference=t_reference_value_and_grad),
-    "check_vma_false": Row(t_value_and_grad, settings=(("check_vma", False),)),
+    "check_vma_false": Row(t_value_and_grad, settings=(("check_vma", False),),
+                           partial_limit="unchecked"),
+    # An unchecked body whose backward all-reduces: only its declaration (Replicate()) tells
+    # that its cotangents are already reduced; JAX's unchecked transpose would sum them again.
+    "check_vma_false_all_reducing": Row(t_value_and_grad, body="all_reducing_vjp",
+                                        settings=(("check_vma", False),),
+                                        partial_limit="unchecked", declared=(True,)),
 }
 
 
+# -- what JAX's own shard_map refuses (jax 0.10.2), probed on the installed JAX ------------
+def raw_partial_sum(mesh, check_vma: bool = True) -> Callable:
+    """The Partial-output layer in JAX's own terms: an unreduced shard_map output, resharded."""
+    def body(x):
+        return jax.lax.pcast(jnp.tanh(x).sum(0), "a", to="unreduced")
+    sm = jax.shard_map(body, mesh=mesh, in_specs=P("a"), out_specs=P(None, unreduced={"a"}),
+                       check_vma=check_vma)
+    return lambda x: jax.sharding.reshard(sm(x), P())
+
+
+def raw_eager_body(mesh, branch: bool) -> Callable:
+    """A shard_map body run under disable_jit, with or without a Python ``if`` on a local value."""
+    def body(x):
+        return jnp.tanh(x) if not branch or float(x.sum()) > 0 else -jnp.tanh(-x)
+    sm = jax.shard_map(body, mesh=mesh, in_specs=P("a"), out_specs=P("a"))
+    def run(x):
+        with jax.disable_jit():
+            return sm(x)
+    return run
+
+
+def raw_uses(mesh) -> dict:
+    """Each limit's use of raw shard_map (x -> value); "sound" is the same without the limit."""
+    partial_sum = raw_partial_sum(mesh)
+    return {"sound": lambda x: (partial_sum(x), raw_eager_body(mesh, branch=False)(x)),
+            "batching": lambda x: jax.vmap(partial_sum)(jnp.stack([x, x])),
+            "jacrev": jax.jacrev(partial_sum),
+            "unchecked": raw_partial_sum(mesh, check_vma=False),
+            "python_if": raw_eager_body(mesh, branch=True)}
+
+
+@cache
+def jax_refuses(limit: str) -> Optional[str]:
+    """What JAX's own shard_map says to the use ``limit`` names (None: it works).
+    jax 0.10.2: no batching rule for the cast to unreduced (vmap, jacfwd); jacrev's batched
+    transpose reads the spec of an unreduced value; unchecked bodies have no unreduced type;
+    a local value under disable_jit is one value per device, with no Python float."""
+    mesh = jax.make_mesh((2,), ("a",))
+    x = jax.device_put(data()["x"], jax.NamedSharding(mesh, P("a")))
+    try:
+        with jax.set_mesh(mesh):
+            jax.block_until_ready(raw_uses(mesh)[limit](x))
+    except Exception as e:  # noqa: BLE001 -- whatever JAX raises is its refusal
+        return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
+    return None
+
+
+# What a cell that JAX refuses must raise instead: a jlocalmap error naming the cause (for
+# the Python ``if``, JAX's own error, raised at the body's line, names it too).
+CLEAR_ERRORS = {"batching": ((jlm.LocalMapError,), "Partial"),
+                "jacrev": ((jlm.LocalMapError,), "Partial"),
+                "unchecked": ((jlm.LocalMapError,), "Partial"),
+                "python_if": ((jlm.LocalMapError, jax.errors.ConcretizationTypeError), "concrete")}
+
+
+def test_raw_jax_probes_are_sound():
+    """The probes fail only for their limit: the same raw programs without it run, right."""
+    assert jax_refuses("sound") is None
+    mesh = jax.make_mesh((2,), ("a",))
+    x = jax.device_put(data()["x"], jax.NamedSharding(mesh, P("a")))
+    with jax.set_mesh(mesh):
+        partial_sum, eager = raw_uses(mesh)["sound"](x)
+    assert_close(partial_sum, np.tanh(data()["x"]).sum(0))
+    assert_close(eager, np.tanh(data()["x"]))
+
+
+# -- the matrix ----------------------------------------------------------------------
 @cache
 def expected(row: str):
     spec = ROWS[row]
@@ -338,18 +433,18 @@ def expected(row: str):
 
 # The whole product on the 2-axis mesh; the 1- and 3-axis meshes for the rows whose
 # handling depends on the number of axes (layouts, psum over several axes, declarations
-# over several axes) -- see docs/transformations.md.
-EVERY_MESH_ROWS = ("jit", "grad", "jvp", "hessian", "vmap_axis_name", "scan",
-                   "custom_vjp_all_reducing", "disable_jit", "export", "enclosing_shard_map")
+# over several axes, offsets of local blocks): docs/transformations.md.
+EVERY_MESH_ROWS = ("jit", "grad", "jvp", "hessian", "vmap_axis_name", "custom_vjp_all_reducing",
+                   "enclosing_shard_map")
 MESHES = {"1axis": "mesh1", "2axis": "mesh2x2", "3axis": "mesh3d"}
 
 
 def cells():
-    for row in ROWS:
+    for row, spec in ROWS.items():
         for mesh in MESHES:
             if mesh != "2axis" and row not in EVERY_MESH_ROWS:
                 continue
-            for declared in (False, True):
+            for declared in spec.declared:
                 for partial in (False, True):
                     yield pytest.param(row, declared, partial, mesh, id="-".join(
                         (row, "decl" if declared else "nodecl",
@@ -361,13 +456,28 @@ def test_matrix(row, declared, partial, mesh_name, request):
     mesh = request.getfixturevalue(MESHES[mesh_name])
     spec = ROWS[row]
     m = sharded_model(mesh, declared, partial, spec.body, **dict(spec.settings))
+    limit = spec.limit or (spec.partial_limit if partial else None)
     with jax.set_mesh(mesh):                            # explicit sharding's eager grad needs it
-        got = spec.run(m)
+        got = run_or_clear_error(spec.run, m, limit) if limit and jax_refuses(limit) \
+            else spec.run(m)
+    if got is None:
+        return
     want = expected(row)
     assert jax.tree.structure(got) == jax.tree.structure(want)
     jax.tree.map(lambda a, b: assert_close(a, b, rtol=1e-4, atol=2e-5), got, want)
-    if spec.body == "python_if":                        # the body ran on concrete local values
-        assert_same_values(m.seen, local_block_sums(m.mesh))
+    if spec.check:
+        spec.check(m)
+
+
+def run_or_clear_error(run: Callable, m: Model, limit: str):
+    """A cell that JAX's own shard_map refuses: a clear error naming the cause (None), or a
+    way around it (the values, checked as any cell's)."""
+    errors, names = CLEAR_ERRORS[limit]
+    try:
+        return run(m)
+    except errors as e:
+        assert names in str(e), str(e)
+        return None
 
 
 def local_block_sums(mesh) -> list:
