@@ -30,3 +30,12 @@ def sub_jaxprs(eqn) -> list:
             if hasattr(inner, "eqns"):
                 found.append(inner)
     return found
+
+
+def under_jit() -> bool:
+    """Whether tracing happens inside ``jax.jit`` or ``make_jaxpr`` (rather than
+    under eager transformations alone, such as an eager ``jax.vmap``)."""
+    from jax._src import core  # JAX keeps this test internal
+
+    check = getattr(core, "unsafe_am_i_under_a_jit", None)
+    return True if check is None else check()

@@ -70,6 +70,9 @@ def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
     except (ValueError, TypeError):
         found = len(placements) if isinstance(placements, (list, tuple)) else 1
         where = "arguments" if kind == "inputs" else "outputs"
+        if len(prefix) == n_leaves == found:
+            raise PlacementValueError(_nested_message(placements, prefix_tree, tree, what,
+                                                      kind, where)) from None
         raise PlacementValueError(
             f"{what}: Expecting {found} {kind} to local_map function based on "
             f"placements, but found {n_leaves}. Give one entry (a placement list "
@@ -77,6 +80,19 @@ def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
             f"{where}: {_mismatch(placements, tree, where)}") from None
     return [entry for entry, sub in zip(prefix, subtrees)
             for _ in jax.tree_util.tree_leaves(sub, is_leaf=is_none)]
+
+
+def _nested_message(placements: Any, prefix_tree, tree: Any, what: str, kind: str,
+                    where: str) -> str:
+    """The counts agree, the nesting does not: an entry wrapped in one list too many."""
+    paths = [jax.tree_util.keystr(path) for path, _ in
+             jax.tree_util.tree_flatten_with_path(placements, is_leaf=is_entry)[0]]
+    return (f"{what}{paths[0].rsplit('[', 1)[0] if paths else ''}: the {kind} and entries "
+            f"both number {len(paths)}, but an entry sits one list deeper than its "
+            f"{kind[:-1]} ({paths[0] if paths else ''} is a placement list inside another "
+            f"list or tuple: wrapped twice?); give each {kind[:-1]} its placement list "
+            f"directly, e.g. in_placements=([Shard(0)],) for one input. The {where}' "
+            f"structure is {_short(str(jax.tree_util.tree_structure(tree, is_leaf=is_none)))}.")
 
 
 def _check_entries(placements: Any, mesh: AnyMesh, what: str) -> None:

@@ -74,7 +74,7 @@ class CallPlan:
         """Mesh axis -> inputs the gradient adapters make varying over it."""
         marked: dict = {}
         for plan in self.inputs:
-            for axis, _ in plan.grad:
+            for axis in plan.grad:
                 marked.setdefault(axis, []).append(plan.index)
         return marked
 
@@ -84,11 +84,12 @@ class CallPlan:
         kw_leaves, kw_tree = jax.tree_util.tree_flatten(self.kwargs, is_leaf=is_none)
 
         def aval(x):
-            typed = jax.typeof(x) if isinstance(x, jax.core.Tracer) else None
+            typed = jax.typeof(x) if isinstance(x, jax.Array) else None
+            sharding = None
+            if shardings and typed is not None:  # concrete values: their devices too
+                sharding = typed.sharding if isinstance(x, jax.core.Tracer) else x.sharding
             return (jax.numpy.shape(x), getattr(x, "dtype", type(x)),
-                    getattr(typed, "weak_type", False),
-                    getattr(x, "sharding", None) if shardings and isinstance(x, jax.Array)
-                    else None)
+                    getattr(typed, "weak_type", False), sharding)
         return (self.mesh, self.in_tree, self.inputs,
                 tuple((i, hashable(v)) for i, v in self.statics.items()),
                 kw_tree, tuple(hashable(v) for v in kw_leaves), tuple(map(aval, dyn)))

@@ -3,27 +3,33 @@
 jlocalmap differentiates the body with JAX's varying-axes typing
 (``check_vma``), so gradients equal the unsharded computation by default: a
 replicated input used with sharded data gets its all-reduce from JAX itself.
-A declared gradient placement is honoured through a ``jax.custom_vjp`` adapter
-on the local input: on an axis where the input is ``Replicate()`` and the
-gradient is declared ``Partial(op)``, the forward marks the input as varying
-and the backward reduces the local cotangent (``psum``, or ``pmean`` for avg).
-Declarations that cannot describe a cotangent of the input's local shape are
-refused. See docs/gradients.md.
+A declared gradient placement changes how the cotangent is reduced and
+nothing else: on an axis where the input is ``Replicate()`` and the gradient
+is declared ``Partial()``, the input is cast to varying there
+(``jax.lax.pcast``), whose transpose is the all-reduce of its cotangent, so
+forward-mode differentiation (jvp, jacfwd, hessian) works as without the
+declaration. In unchecked bodies (``check_vma=False``), where JAX's transpose
+all-reduces every replicated input's cotangent, a ``Replicate()`` declaration
+(the body's own rule reduced it already) divides that sum back. Declarations
+that cannot describe a cotangent of the input's local shape are refused. See
+docs/gradients.md.
 
 Example:
     >>> import jax, jlocalmap as jlm
     >>> from jlocalmap.gradients import grad_reductions
     >>> mesh = jax.sharding.AbstractMesh((2,), ("dp",))
     >>> grad_reductions((jlm.Replicate(),), (jlm.Partial(),), mesh, "in_grad_placements[1]")
-    (('dp', 'sum'),)
+    ('dp',)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
 import jax
+import jax.numpy as jnp
 
 from jlocalmap._jax_compat import sub_jaxprs
 from jlocalmap.errors import PlacementValueError
@@ -33,20 +39,26 @@ from jlocalmap.meshes import AnyMesh
 
 def grad_reductions(input_placements: Sequence[Placement],
                     grad_placements: Sequence[Placement], mesh: AnyMesh,
-                    what: str) -> tuple[tuple[str, str], ...]:
-    """The (axis, reduce_op) reductions that turn a local cotangent laid out by
-    ``grad_placements`` into one laid out like the input; raises for pairs that
-    do not describe a cotangent of the local input's shape."""
+                    what: str) -> tuple[str, ...]:
+    """The mesh axes over which a local cotangent laid out by ``grad_placements``
+    is summed into one laid out like the input; raises for pairs that do not
+    describe a cotangent of the local input's shape."""
     reductions = []
     for axis, p, g in zip(mesh.axis_names, input_placements, grad_placements):
         if g == p or (g.is_partial() and p.is_partial()):
             continue
         if p.is_replicate() and g.is_partial():
-            if g.reduce_op not in ("sum", "avg"):
+            if g.reduce_op in ("max", "min"):
                 raise PlacementValueError(
                     f"{what}: Partial({g.reduce_op}) on mesh axis {axis!r} is not a "
                     f"gradient reduction (gradients add up); use Partial('sum').")
-            reductions.append((axis, g.reduce_op))
+            if g.reduce_op == "avg":
+                raise PlacementValueError(
+                    f"{what}: Partial(avg) on mesh axis {axis!r}: the gradient of a "
+                    f"replicated input is the sum of its local cotangents (the chain rule "
+                    f"across devices), so it is Partial('sum'); Partial('avg') would "
+                    f"divide it by the axis size. Declare Partial() (or leave the entry None).")
+            reductions.append(axis)
         elif p.is_partial() and g.is_replicate():
             continue  # each partial summand's cotangent is the whole cotangent
         else:
@@ -59,31 +71,45 @@ def grad_reductions(input_placements: Sequence[Placement],
     return tuple(reductions)
 
 
-def with_grad_reductions(x: jax.Array, reductions: tuple[tuple[str, str], ...]) -> jax.Array:
-    """Inside a body: ``x`` unchanged in value, varying over the reduced axes, and
-    its cotangent reduced over them on the way back."""
-    if not reductions:
+def reduced_axes(input_placements: Sequence[Placement],
+                 grad_placements: Sequence[Placement], mesh: AnyMesh) -> tuple[str, ...]:
+    """Axes where a replicated input's gradient is declared ``Replicate()``: the
+    body reduced it itself (an unchecked body's transpose sums it once more)."""
+    return tuple(a for a, p, g in zip(mesh.axis_names, input_placements, grad_placements)
+                 if p.is_replicate() and g.is_replicate())
+
+
+def with_grad_reductions(x: jax.Array, reductions: tuple[str, ...]) -> jax.Array:
+    """Inside a checked body: ``x`` unchanged in value, varying over the reduced
+    axes, so its cotangent is all-reduced over them on the way back."""
+    return jax.lax.pcast(x, reductions, to="varying") if reductions else x
+
+
+def with_reduced_cotangent(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    """Inside an unchecked body: ``x`` unchanged, its cotangent divided by the
+    size of ``axes``, whose sum JAX's transpose takes of an already reduced one."""
+    if not axes or not jnp.issubdtype(x.dtype, jnp.inexact):
         return x
-    axes = tuple(a for a, _ in reductions)
-    return _reduce_cotangent(axes, tuple(op for _, op in reductions), x)
+    return _divide_cotangent(axes, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _reduce_cotangent(axes, ops, x):
-    return jax.lax.pcast(x, axes, to="varying")
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _divide_cotangent(axes, x):
+    return x
 
 
-def _reduce_cotangent_fwd(axes, ops, x):
-    return _reduce_cotangent(axes, ops, x), None
+def _divide_cotangent_fwd(axes, x):
+    return x, None
 
 
-def _reduce_cotangent_bwd(axes, ops, _, ct):
-    for axis, op in zip(axes, ops):
-        ct = jax.lax.pmean(ct, axis) if op == "avg" else jax.lax.psum(ct, axis)
-    return (ct,)
+def _divide_cotangent_bwd(axes, _, ct):
+    n = 1
+    for axis in axes:
+        n *= jax.lax.axis_size(axis)
+    return (ct / jnp.asarray(n, ct.dtype),)
 
 
-_reduce_cotangent.defvjp(_reduce_cotangent_fwd, _reduce_cotangent_bwd)
+_divide_cotangent.defvjp(_divide_cotangent_fwd, _divide_cotangent_bwd)
 
 
 # -- verification against JAX's varying-axes typing ---------------------------
@@ -97,42 +123,63 @@ def _vma(var) -> frozenset:
     return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
 
 
-def _taint_hits(jaxpr, tainted: set, axis: str) -> tuple[bool, set]:
-    """Forward dataflow from ``tainted`` vars: values derived from the input that
-    are still invariant over ``axis``. A hit is an equation that turns such a
-    value into one varying over ``axis`` (an explicit or implicit ``pvary``),
-    whose transpose is the all-reduce of the input's cotangent. Returns (hit,
-    tainted outvars)."""
+_NO_GRADIENT = {"stop_gradient"}  # outputs that carry no cotangent back
+_CUSTOM_RULES = ("custom_vjp_call", "custom_jvp_call", "custom_vjp_call_jaxpr",
+                 "custom_jvp_call_jaxpr", "custom_lin")
+_CALLBACKS = ("pure_callback", "io_callback", "callback")
+
+
+@dataclasses.dataclass
+class _Flow:
+    """What following an input through a body found, for one mesh axis."""
+    hit: bool = False          # it meets values varying over the axis: Partial cotangent
+    custom: bool = False       # it enters a custom differentiation rule (opaque)
+    callback: bool = False     # it enters a host callback (opaque to the typing)
+
+
+def _differentiable(var) -> bool:
+    dtype = getattr(getattr(var, "aval", None), "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+
+
+def _taint_hits(jaxpr, tainted: set, axis: str, flow: _Flow) -> set:
+    """Forward dataflow from ``tainted`` vars along differentiable paths: values
+    derived from the input that are still invariant over ``axis``. A hit is an
+    equation that turns such a value into one varying over ``axis`` (an explicit
+    or implicit ``pvary``), whose transpose is the all-reduce of the input's
+    cotangent. Custom rules are not looked into (their backward defines the
+    cotangent). Returns the tainted vars."""
     tainted = set(tainted)
-    hit = False
     for eqn in jaxpr.eqns:
         ins = [v for v in eqn.invars if _is_var(v) and v in tainted]
-        if not ins:
+        name = eqn.primitive.name
+        if not ins or name in _NO_GRADIENT:
             continue
-        subs = sub_jaxprs(eqn)
-        if subs:
-            outs_tainted = set()
-            for sub in subs:
-                sub_taint = _map_in(eqn, sub, tainted)
-                for _ in range(2):  # loops feed their carry back once more
-                    sub_hit, sub_out = _taint_hits(sub, sub_taint, axis)
-                    hit |= sub_hit
-                    back = _carry_feedback(eqn, sub, sub_out)
-                    if back <= sub_taint:
-                        break
-                    sub_taint |= back
-                outs_tainted |= {o for o, so in zip(eqn.outvars, sub.outvars)
-                                 if so in sub_out}
-            new = outs_tainted
-        else:
-            new = set(eqn.outvars)
+        flow.custom |= name in _CUSTOM_RULES
+        flow.callback |= name in _CALLBACKS
+        subs = [] if name in _CUSTOM_RULES else sub_jaxprs(eqn)
+        new = _sub_taint(eqn, subs, tainted, axis, flow) if subs else set(eqn.outvars)
         for out in eqn.outvars:
             if axis in _vma(out):
-                if not subs:
-                    hit = True
-            elif out in new:
+                flow.hit |= not subs and name not in _CUSTOM_RULES
+            elif out in new and _differentiable(out):
                 tainted.add(out)
-    return hit, tainted
+    return tainted
+
+
+def _sub_taint(eqn, subs, tainted: set, axis: str, flow: _Flow) -> set:
+    """The outputs of a higher-order equation (jit, scan, cond...) that carry taint."""
+    outs_tainted = set()
+    for sub in subs:
+        sub_taint = _map_in(eqn, sub, tainted)
+        for _ in range(2):  # loops feed their carry back once more
+            sub_out = _taint_hits(sub, sub_taint, axis, flow)
+            back = _carry_feedback(eqn, sub, sub_out)
+            if back <= sub_taint:
+                break
+            sub_taint |= back
+        outs_tainted |= {o for o, so in zip(eqn.outvars, sub.outvars) if so in sub_out}
+    return outs_tainted
 
 
 def _map_in(eqn, sub, tainted: set) -> set:
@@ -186,6 +233,17 @@ def _scan_layouts(eqn, sub) -> list[tuple[int, int]]:
     return fits
 
 
+def cotangent_flows(body_jaxpr, index: int, axes: Sequence[str]) -> dict:
+    """Axis -> what following input ``index`` of the body found (see ``_Flow``)."""
+    invar = body_jaxpr.invars[index]
+    flows = {}
+    for a in axes:
+        flows[a] = _Flow()
+        if _differentiable(invar):
+            _taint_hits(body_jaxpr, {invar}, a, flows[a])
+    return flows
+
+
 def cotangent_partial_axes(body_jaxpr, index: int, axes: Sequence[str]) -> frozenset:
     """The mesh axes (among ``axes``, over which input ``index`` is invariant) on
     which the body's local cotangent for that input is Partial: JAX sums it with
@@ -204,8 +262,8 @@ def cotangent_partial_axes(body_jaxpr, index: int, axes: Sequence[str]) -> froze
         >>> sorted(cotangent_partial_axes(body, 1, ["dp"]))
         ['dp']
     """
-    invar = body_jaxpr.invars[index]
-    return frozenset(a for a in axes if _taint_hits(body_jaxpr, {invar}, a)[0])
+    return frozenset(a for a, flow in cotangent_flows(body_jaxpr, index, axes).items()
+                     if flow.hit)
 
 
 def verify_grad_placements(body_jaxpr, index: int, input_placements: Sequence[Placement],
@@ -213,24 +271,41 @@ def verify_grad_placements(body_jaxpr, index: int, input_placements: Sequence[Pl
                            what: str) -> None:
     """Raise when a declared gradient placement contradicts what JAX's typing proves
     about the body: Replicate() where the local cotangent is Partial (a missing
-    all-reduce), or Partial() where it is already reduced (a duplicated one)."""
+    all-reduce), or Partial() where it is already reduced (a duplicated one).
+    Inputs with no differentiable path have no cotangent to check; where the
+    input reaches a custom differentiation rule, whose backward defines the
+    cotangent, a declaration the rest of the body does not contradict is trusted."""
+    if not _differentiable(body_jaxpr.invars[index]):
+        return  # no cotangent: any declaration is vacuous
     replicated = [a for a, p in zip(mesh.axis_names, input_placements) if p.is_replicate()]
-    partial = cotangent_partial_axes(body_jaxpr, index, replicated)
+    flows = cotangent_flows(body_jaxpr, index, replicated)
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
     for axis, g in zip(mesh.axis_names, grad_placements):
-        if axis not in replicated:
+        flow = flows.get(axis)
+        if flow is None:
             continue
-        if g.is_replicate() and axis in partial:
+        if g.is_replicate() and flow.hit:
             raise PlacementValueError(
                 f"{what}: declares the gradient Replicate() on mesh axis {axis!r}, but "
                 f"the body combines this replicated input with values that vary over "
                 f"{axis!r}, so its local cotangents differ per device and the true "
                 f"gradient is Partial() (their sum): Replicate() would skip the "
                 f"all-reduce. Declare Partial() on {axis!r}, or leave the entry None "
-                f"and let JAX reduce it.")
-        if g.is_partial() and axis not in partial:
+                f"and let JAX reduce it." + _opaque_advice(flow))
+        if g.is_partial() and not flow.hit and not flow.custom:
             raise PlacementValueError(
                 f"{what}: declares the gradient {g} on mesh axis {axis!r}, but the body "
                 f"uses this replicated input only with values that are the same on "
                 f"every device of {axis!r}, so its local cotangent is already reduced: "
-                f"Partial() would all-reduce it again (an {dict(zip(mesh.axis_names, mesh.axis_sizes))[axis]}x "
-                f"gradient). Declare Replicate() on {axis!r}, or leave the entry None.")
+                f"Partial() would all-reduce it again (an {sizes[axis]}x gradient). "
+                f"Declare Replicate() on {axis!r}, or leave the entry None."
+                + _opaque_advice(flow))
+
+
+def _opaque_advice(flow: _Flow) -> str:
+    if flow.callback:
+        return (" The body passes this input through a host callback, which JAX's "
+                "varying-axes typing cannot see through: if the callback's result "
+                "varies per device, run the body unchecked (check_vma=False), where "
+                "declarations are trusted.")
+    return ""

@@ -21,7 +21,7 @@ from typing import Any, Optional
 import jax
 
 from jlocalmap import padding
-from jlocalmap._jax_compat import manual_axes
+from jlocalmap._jax_compat import manual_axes, under_jit
 from jlocalmap.arguments import assign_placements, call_signature, is_input_leaf
 from jlocalmap.call import CallPlan
 from jlocalmap.distribute import full_tensor
@@ -137,7 +137,11 @@ class LocalMapped:
         if plan.uneven and isinstance(mesh, jax.sharding.Mesh):
             padding.check(self._region, plan, dyn, self._padding_checked)
         if any(isinstance(x, jax.core.Tracer) for x in dyn):
-            return _Prepared(plan, functools.partial(self._region, plan), dyn, True)
+            if under_jit():
+                return _Prepared(plan, functools.partial(self._region, plan), dyn, True)
+            # Eager transformations (vmap, grad, jvp) bind each primitive eagerly;
+            # JAX's eager reshard refuses a named vmap axis, a compiled region does not.
+            return _Prepared(plan, self._program(plan, dyn), dyn, True)
         program = self._program(plan, dyn)
         if signature is not None and all(a is b for a, b in zip(moved, leaves)) and \
                 not any(isinstance(leaves[p.index], UnevenArray) and not p.padded

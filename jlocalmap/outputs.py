@@ -74,7 +74,8 @@ class OutputFacts:
 
 
 def finish_outputs(out: Any, out_placements: Any, mesh: AnyMesh, inputs: Sequence,
-                   marked: Mapping[str, Sequence[int]]) -> tuple[tuple, OutputFacts]:
+                   marked: Mapping[str, Sequence[int]], checked: bool = True
+                   ) -> tuple[tuple, OutputFacts]:
     """The body's outputs ``out`` laid out by ``out_placements``: the local
     values the region returns, and the facts. ``inputs`` are the call's input
     plans (uneven outputs follow uneven inputs); ``marked`` maps mesh axes to
@@ -87,7 +88,8 @@ def finish_outputs(out: Any, out_placements: Any, mesh: AnyMesh, inputs: Sequenc
         if not _is_array_output(j, leaf, entry, mesh):
             statics.append((j, leaf))
             continue
-        value, output = _array_output(j, jnp.asarray(leaf), entry, mesh, inputs, marked)
+        value, output = _array_output(j, jnp.asarray(leaf), entry, mesh, inputs, marked,
+                                      checked)
         arrays.append(output)
         if output.in_region:
             values.append(value)
@@ -111,13 +113,13 @@ def _is_array_output(j: int, leaf: Any, entry: Any, mesh: AnyMesh) -> bool:
 
 
 def _array_output(j: int, value: jax.Array, entry: Any, mesh: AnyMesh, inputs: Sequence,
-                  marked: Mapping) -> tuple[jax.Array, Output]:
+                  marked: Mapping, checked: bool) -> tuple[jax.Array, Output]:
     what = f"out_placements[{j}]"
     placements = normalize_placements(as_placement_list(entry, mesh, what), value.ndim, what)
     if is_empty(value.shape):  # no summands: stored replicated
         placements = tuple(Replicate() if p.is_partial() else p for p in placements)
     else:
-        value, placements = to_out_layout(value, placements, mesh, j, marked)
+        value, placements = to_out_layout(value, placements, mesh, j, marked, checked)
     padded = padded_global(value.shape, placements, mesh)
     logical = list(padded)
     for d, size, _, _ in uneven_output_dims(value.shape, placements, mesh, inputs, j):
@@ -196,12 +198,13 @@ def _reduce_extreme(v: jax.Array, op: str, axis: str) -> jax.Array:
 
 
 def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
-                   j: int, marked_varying: Optional[Mapping[str, Sequence[int]]] = None
-                   ) -> tuple[jax.Array, PlacementList]:
+                   j: int, marked_varying: Optional[Mapping[str, Sequence[int]]] = None,
+                   checked: bool = True) -> tuple[jax.Array, PlacementList]:
     """The local output ``v`` as the storage of its declared placements:
     avg-partials are stored as sums, max/min partials are reduced here.
     ``marked_varying`` maps mesh axes to the inputs the body sees as varying
-    over them because their gradients are declared Partial there (for errors)."""
+    over them because their gradients are declared Partial there (for errors).
+    Unchecked bodies (``checked=False``) have no varying-axes types to cast."""
     varying = varying_axes(v)
     sizes = axis_sizes(mesh)
     stored, summed, scale = [], [], 1
@@ -222,7 +225,7 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
             v = jax.lax.psum(v, axis) if axis in varying else v
             stored.append(Replicate())
         elif p.is_partial():
-            if axis not in varying:
+            if axis not in varying and checked:
                 v = jax.lax.pcast(v, axis, to="varying")
             _check_partial_dtype(v.dtype, p, axis, j)
             if p.reduce_op in ("max", "min"):
@@ -236,5 +239,5 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
             stored.append(p)
     if summed:  # divide before the cast: JAX has no division of unreduced values
         v = v / jnp.asarray(scale, v.dtype) if scale != 1 else v
-        v = jax.lax.pcast(v, tuple(summed), to="unreduced")
+        v = jax.lax.pcast(v, tuple(summed), to="unreduced") if checked else v
     return v, tuple(stored)

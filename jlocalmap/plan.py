@@ -38,7 +38,7 @@ class InputPlan:
     index: int
     src: Optional[Layout]             # None: a global (host) value to lay out
     dst: Layout                       # the layout the body's local value is a shard of
-    grad: tuple = ()                  # (axis, op) cotangent reductions
+    grad: tuple = ()                  # mesh axes its cotangent is summed over
     declared_grad: Optional[PlacementList] = None
     padded: bool = False              # the leaf is an UnevenArray's padded data
 

@@ -30,7 +30,9 @@ import numpy as np
 
 from jlocalmap import padding, region_record
 from jlocalmap.call import CallPlan
-from jlocalmap.gradients import verify_grad_placements, with_grad_reductions
+from jlocalmap.errors import PlacementValueError
+from jlocalmap.gradients import (reduced_axes, verify_grad_placements, with_grad_reductions,
+                                 with_reduced_cotangent)
 from jlocalmap.outputs import OutputFacts, finish_outputs
 from jlocalmap.plan import InputPlan
 from jlocalmap.region_names import region_name
@@ -77,14 +79,22 @@ class Region:
         for p, v in zip(plan.operands, local):
             if p.dst.partial_axes:
                 v = v[0] * p.dst.avg_scale
-            # Unchecked bodies (check_vma=False) need no adapter: JAX's own
-            # transpose there sums every device's cotangent of a replicated input.
-            leaves[p.index] = (with_grad_reductions(v, p.grad)
-                               if adapt and self.settings.check_vma else v)
+            leaves[p.index] = self._adapt(p, v) if adapt else v
         args = jax.tree_util.tree_unflatten(plan.in_tree, [leaves[i] for i in range(len(leaves))])
         out = self.settings.func(*args, **plan.kwargs)
         return finish_outputs(out, self.settings.out_placements, plan.mesh, plan.inputs,
-                              plan.marked)
+                              plan.marked, self.settings.check_vma)
+
+    def _adapt(self, p: InputPlan, v: Any) -> Any:
+        """The local input with its gradient declaration applied."""
+        if self.settings.check_vma:
+            return with_grad_reductions(v, p.grad)
+        if p.declared_grad is None:
+            return v
+        # JAX's transpose of an unchecked body sums every replicated input's
+        # cotangent: one the body reduced itself (declared Replicate()) is divided back.
+        return with_reduced_cotangent(v, reduced_axes(p.dst.placements, p.declared_grad,
+                                                      p.dst.mesh))
 
     def _probe(self, plan: CallPlan, laid_out: Sequence, in_specs: tuple) -> OutputFacts:
         """Trace the body for its output facts (shapes only) and, where gradients
@@ -97,8 +107,12 @@ class Region:
         region = jax.shard_map(probe, mesh=plan.mesh, in_specs=in_specs, out_specs=(),
                                check_vma=self.settings.check_vma)
         declared = [p for p in plan.operands if p.declared_grad is not None]
-        if self.settings.check_vma and declared:
-            _verify(jax.make_jaxpr(region)(*laid_out), plan)
+        if jax.config.jax_disable_jit:
+            # Debugging: the body runs on concrete values (Python control flow on
+            # them works), so it is run, not traced; declarations are applied, not verified.
+            region(*laid_out)
+        elif self.settings.check_vma and declared:
+            _verify(jax.make_jaxpr(region)(*laid_out), plan, self.settings.func_name)
         else:
             jax.eval_shape(region, *laid_out)
         return found[-1]
@@ -148,13 +162,18 @@ def _make_empty(layout) -> jax.Array:
     return relayout(jnp.zeros(layout.padded_shape, layout.dtype), None, layout.storage())
 
 
-def _verify(probe_jaxpr, plan: CallPlan) -> None:
+def _verify(probe_jaxpr, plan: CallPlan, func_name: str) -> None:
     body = probe_jaxpr.jaxpr.eqns[-1].params["jaxpr"]
     body = body if hasattr(body, "eqns") else body.jaxpr
+    # Constants the body closes over (numpy arrays) come first, then the operands.
+    first = len(body.invars) - len(plan.operands)
     for k, p in enumerate(plan.operands):
         if p.declared_grad is not None:
-            verify_grad_placements(body, k, p.dst.placements, p.declared_grad, plan.mesh,
-                                   f"in_grad_placements[{p.index}]")
+            try:
+                verify_grad_placements(body, first + k, p.dst.placements, p.declared_grad, plan.mesh,
+                                       f"in_grad_placements[{p.index}]")
+            except PlacementValueError as e:  # models have many regions: say which
+                raise PlacementValueError(f"{e} (in local_map[{func_name}])") from None
 
 
 def _operand(index: int, layout, local: tuple, dtype, grad=None) -> Operand:

@@ -273,13 +273,11 @@ BUGGY = {   # the declaration each torchtitan bug made, in jlocalmap's terms, an
     "moe_tp": (lambda: case_moe_tp(R), "in_grad_placements[0]"),
     "router": (lambda: case_router(R), "in_grad_placements[1]"),
     "chunked_loss": (lambda: case_chunked_loss(R), "out_placements[1]"),
-    # PyTorch's default, the input's own placements, written out. The integer
-    # counts keep None: declaring Replicate() for them is refused today, though an
-    # integer has no cotangent (issue 11, item 6); Replicate() is what they mean.
-    "moe_without_ep": (lambda: case_moe_without_ep((R, R, None, None, None)),
+    # PyTorch's default, the input's own placements, written out; the integer
+    # counts too (an integer has no cotangent: any declaration of it is accepted).
+    "moe_without_ep": (lambda: case_moe_without_ep((R, R, None, None, R)),
                        "in_grad_placements[0]"),
     "rowwise_bias": (lambda: case_rowwise_bias("b / tp", R), "in_grad_placements[2]"),
-    "fused_rmsnorm": (lambda: case_fused_rmsnorm(R), "in_grad_placements[1]"),
 }
 
 
@@ -336,10 +334,14 @@ def test_the_ported_straight_through_fix_makes_the_bias_gradient_tp_times_too_la
     assert_close(got[2], TP_BIAS * np.asarray(want[2]))   # JAX already reduces: tp x
 
 
-def test_a_custom_backward_returning_this_ranks_rows_is_refused_by_jax_undeclared():
+@pytest.mark.parametrize("declared", [None, R], ids=["undeclared", "Replicate"])
+def test_a_custom_backward_returning_this_ranks_rows_is_refused_by_jax(declared):
+    """A custom rule's backward defines the cotangent, so jlocalmap trusts the
+    declaration there; JAX's own typing of the rule refuses a per-rank dw for a
+    weight that is the same on every rank (Replicate() or no declaration)."""
     with pytest.raises(ValueError, match="Custom VJP bwd rule must produce an output with the "
                                          "same type"):
-        case_fused_rmsnorm(None)
+        case_fused_rmsnorm(declared)
 
 
 def _doc_errors() -> dict[str, str]:

@@ -63,15 +63,18 @@ def test_megatron_mlp_as_pytorch_documents_it(n, rng):
         assert_close(a, b, rtol=1e-4)
 
 
-def test_avg_gradient_declaration_takes_the_mean(mesh1, rng):
+def test_avg_gradient_declaration_is_refused_with_the_reason(mesh1, rng):
+    """A replicated input's gradient is the sum of its local cotangents: a declared
+    Partial('avg') would divide it by the axis size (it used to, silently)."""
     X, W = randn(rng, 8, 6), randn(rng, 6, 5)
     x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
     w = jlm.distribute_tensor(W, mesh1, [Replicate()])
     f = jlm.local_map(lambda x, w: x @ w, [Shard(0)], ([Shard(0)], [Replicate()]),
                       ([Shard(0)], [Partial("avg")]))
-    _, gw = grads(mesh1, lambda x, w: f(x, w).sum(), x, w)
-    _, rw = unsharded_grads(lambda x, w: (x @ w).sum(), X, W)
-    assert_close(gw, rw / 2)
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"in_grad_placements\[1\]: Partial\(avg\) on mesh axis 'tp'.*sum of its "
+                             r"local cotangents.*would divide it by the axis size.*Declare Partial\(\)"):
+        grads(mesh1, lambda x, w: f(x, w).sum(), x, w)
 
 
 # -- verification of declarations against JAX's typing (issue: gradients you can trust)
@@ -454,3 +457,150 @@ def test_gradients_of_mesh_less_traced_values(mesh2x4, rng):
     want = jax.grad(lambda x, w: loss(lambda c, w: jnp.sin(c @ w), x, w), (0, 1))(X, W)
     for g, expected in zip(got, want):
         assert_close(g, expected, rtol=1e-4, atol=1e-5)
+
+
+# -- declarations under every transformation (issue 11) ------------------------------------
+def dp_matmul(mesh, grad, **kwargs):
+    return jlm.local_map(lambda x, w: jnp.tanh(x @ w), [Shard(0)], ([Shard(0)], [Replicate()]),
+                         grad, mesh, **kwargs)
+
+
+@pytest.mark.parametrize("grad", [None, ([Shard(0)], [Partial()])], ids=["default", "declared"])
+def test_forward_mode_with_and_without_declarations(mesh1, rng, grad):
+    """A declaration changes how the cotangent is reduced and nothing else:
+    jvp, linearize, jacfwd, hessian and grad-of-grad equal the unsharded ones."""
+    X, W, T = randn(rng, 4, 3), randn(rng, 3, 2), randn(rng, 3, 2)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    f = dp_matmul(mesh1, grad)
+
+    def loss(w, f=f, x=x):
+        return (f(x, w) ** 2).sum()
+
+    def ref(w):
+        return (jnp.tanh(X @ w) ** 2).sum()
+    with jax.set_mesh(mesh1):
+        w, t = (jlm.distribute_tensor(v, mesh1, [Replicate()]) for v in (W, T))
+        assert_close(jax.jvp(loss, (w,), (t,))[1], jax.jvp(ref, (W,), (T,))[1], rtol=1e-4)
+        assert_close(jax.jit(lambda w, t: jax.jvp(loss, (w,), (t,))[1])(w, t),
+                     jax.jvp(ref, (W,), (T,))[1], rtol=1e-4)
+        assert_close(jax.linearize(loss, w)[1](t), jax.linearize(ref, W)[1](T), rtol=1e-4)
+        assert_close(jax.jacfwd(loss)(w), jax.jacfwd(ref)(W), rtol=1e-4)
+        assert_close(jax.jit(jax.hessian(loss))(w), jax.hessian(ref)(W), rtol=1e-4)
+        assert_close(jax.grad(lambda w: jax.grad(loss)(w).sum())(w),
+                     jax.grad(lambda w: jax.grad(ref)(w).sum())(W), rtol=1e-4)
+
+
+@jax.custom_vjp
+def reducing_matmul(x, w):
+    return x @ w
+
+
+def _reducing_fwd(x, w):
+    return x @ w, (x, w)
+
+
+def _reducing_bwd(res, g):  # PyTorch's test: the weight's gradient is all-reduced here
+    x, w = res
+    return g @ w.T, jax.lax.psum(x.T @ g, "tp")
+
+
+reducing_matmul.defvjp(_reducing_fwd, _reducing_bwd)
+
+
+@pytest.mark.parametrize("check_vma", [True, False])
+def test_custom_rule_that_reduces_with_a_replicate_declaration(mesh1, rng, check_vma):
+    """The body's own backward all-reduces w's gradient and declares Replicate():
+    the verification trusts the rule (it reads only the forward), and an
+    unchecked body no longer sums it a second time (it was 2x)."""
+    X, W = randn(rng, 4, 3), randn(rng, 3, 2)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    w = jlm.distribute_tensor(W, mesh1, [Replicate()])
+    f = jlm.local_map(reducing_matmul, [Shard(0)], ([Shard(0)], [Replicate()]),
+                      ([Shard(0)], [Replicate()]), mesh1, check_vma=check_vma)
+    gx, gw = grads(mesh1, lambda x, w: (f(x, w) ** 2).sum(), x, w)
+    rx, rw = unsharded_grads(lambda x, w: ((x @ w) ** 2).sum(), X, W)
+    assert_close(gx, rx, rtol=1e-4)
+    assert_close(gw, rw, rtol=1e-4)
+
+
+def test_unchecked_body_with_partial_declaration_is_unchanged(mesh1, rng):
+    X, W = randn(rng, 4, 3), randn(rng, 3, 2)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    w = jlm.distribute_tensor(W, mesh1, [Replicate()])
+    f = dp_matmul(mesh1, ([Shard(0)], [Partial()]), check_vma=False)
+    _, gw = grads(mesh1, lambda x, w: (f(x, w) ** 2).sum(), x, w)
+    _, rw = unsharded_grads(lambda x, w: (jnp.tanh(x @ w) ** 2).sum(), X, W)
+    assert_close(gw, rw, rtol=1e-4)
+
+
+@pytest.mark.parametrize("axis_name", [None, "i"])
+def test_vmap_over_host_inputs(mesh1, rng, axis_name):
+    X = randn(rng, 3, 4, 2)
+    f = jlm.local_map(lambda x: jnp.sin(x) * 2, [Shard(0)], ([Shard(0)],), device_mesh=mesh1)
+    y = jax.vmap(f, axis_name=axis_name)(X)
+    assert_close(jlm.full_tensor(y), np.sin(X) * 2)
+
+
+def test_disable_jit_runs_the_body_on_concrete_local_values(mesh1, rng):
+    """The way to debug a body: under jax.disable_jit() it runs eagerly, as raw
+    shard_map does, on each device's concrete local values."""
+    X = randn(rng, 4, 2)
+    seen = []
+
+    def body(x):
+        seen.append(str(x))  # concrete: the text of each device's values
+        return x * 2
+    f = jlm.local_map(body, [Shard(0)], ([Shard(0)],), device_mesh=mesh1)
+    with jax.disable_jit():
+        y = f(X)
+    assert_close(jlm.full_tensor(y), 2 * X)
+    assert "Traced" not in seen[-1] and "mesh coordinates" in seen[-1]
+    assert str(X[0, 0])[:5] in seen[-1] and str(X[2, 0])[:5] in seen[-1]  # both devices' rows
+
+
+def test_declarations_on_values_with_no_gradient_path(mesh1, rng):
+    """An integer input (routing counts) and a float input reached only through
+    stop_gradient have no cotangent: Replicate() is accepted there."""
+    X = randn(rng, 4, 2)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    scale = jlm.local_map(lambda x, n: x * n, [Shard(0)], ([Shard(0)], [Replicate()]),
+                          ([Shard(0)], [Replicate()]), mesh1)
+    assert_close(scale(x, np.int32(3)), 3 * X)
+    frozen = jlm.local_map(lambda x, w: x * jax.lax.stop_gradient(w), [Shard(0)],
+                           ([Shard(0)], [Replicate()]), ([Shard(0)], [Replicate()]), mesh1)
+    w = jlm.distribute_tensor(np.float32(2.0), mesh1, [Replicate()])
+    gx, gw = grads(mesh1, lambda x, w: frozen(x, w).sum(), x, w)
+    assert_close(gx, 2 * np.ones_like(X))
+    assert_close(gw, 0.0)
+
+
+def test_callback_error_points_at_check_vma(mesh1, rng):
+    X, W = randn(rng, 4, 3), randn(rng, 3, 2)
+
+    def body(x, w):
+        same = jax.pure_callback(lambda a: a, jax.ShapeDtypeStruct(w.shape, w.dtype), w)
+        return x @ same
+    f = jlm.local_map(body, [Shard(0)], ([Shard(0)], [Replicate()]),
+                      ([Shard(0)], [Replicate()]), mesh1)
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"in_grad_placements\[1\].*host callback.*check_vma=False"):
+        f(X, W)
+
+
+def test_verification_reads_the_declared_input_when_the_body_closes_over_arrays(mesh1, rng):
+    """A body closing over a numpy array gets it as a leading constant input of
+    the region's jaxpr: the verification must follow the declared input, not it."""
+    X, W = randn(rng, 4, 3), randn(rng, 3, 2)
+    scale = np.arange(3, dtype=np.float32)        # a closed-over constant
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    w = jlm.distribute_tensor(W, mesh1, [Replicate()])
+    wrong = jlm.local_map(lambda x, w: (x * scale) @ w, [Shard(0)], ([Shard(0)], [Replicate()]),
+                          ([Shard(0)], [Replicate()]), mesh1)
+    with pytest.raises(jlm.PlacementValueError, match=r"in_grad_placements\[1\]: declares the "
+                                                      r"gradient Replicate\(\).*skip the all-reduce"):
+        wrong(x, w)
+    right = jlm.local_map(lambda x, w: (x * scale) @ w, [Shard(0)], ([Shard(0)], [Replicate()]),
+                          ([Shard(0)], [Partial()]), mesh1)
+    _, gw = grads(mesh1, lambda x, w: (right(x, w) ** 2).sum(), x, w)
+    _, rw = unsharded_grads(lambda x, w: (((x * scale) @ w) ** 2).sum(), X, W)
+    assert_close(gw, rw, rtol=1e-4)

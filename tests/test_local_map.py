@@ -362,6 +362,33 @@ def test_inputs_from_another_mesh_of_the_same_devices(rng):
     assert sum(count_compiled(f.lower(x, w)).values()) == 0
 
 
+def test_entries_read_on_the_inputs_own_mesh(rng):
+    """PyTorch's multi-mesh test: X's entry [Shard(1)] is for X's own 1-D mesh of 4,
+    the local_map runs on a 2x2 mesh of the same devices."""
+    devices = jax.devices()[:4]
+    line = jax.make_mesh((4,), ("x",), devices=devices)
+    grid = jax.make_mesh((2, 2), ("a", "b"), devices=devices)
+    X, W = randn(rng, 8, 32), randn(rng, 32, 4)
+    x = jlm.distribute_tensor(X, line, [Shard(1)])
+    w = jlm.distribute_tensor(W, grid, [Shard(0), Shard(0)])
+    f = jlm.local_map(lambda x, w: x @ w, [Partial(), Partial()], ([Shard(1)], [Shard(0), Shard(0)]),
+                      device_mesh=grid)
+    y = f(x, w)
+    assert y.addressable_shards[0].data.shape == (8, 4)
+    assert_close(jlm.full_tensor(y), X @ W, rtol=1e-5)
+    assert sum(count_compiled(f.lower(x, w)).values()) == 0  # nothing moved
+    # on its own mesh, the entry is checked like any other, and moved with the flag
+    moved = jlm.distribute_tensor(X, line, [Replicate()])
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"in_placements\[0\]: input 0 has placements \[Replicate\(\)\] on its own "
+                             r"mesh, but the local_map requires \[Shard\(dim=1\)\] there; set "
+                             r"redistribute_inputs=True"):
+        f(moved, w)
+    g = jlm.local_map(lambda x, w: x @ w, [Partial(), Partial()], ([Shard(1)], [Shard(0), Shard(0)]),
+                      device_mesh=grid, redistribute_inputs=True)
+    assert_close(jlm.full_tensor(g(moved, w)), X @ W, rtol=1e-5)
+
+
 def test_other_mesh_without_a_data_free_layout(rng):
     devices = jax.devices()[:4]
     grid = jax.make_mesh((2, 2), ("a", "b"), devices=devices)
