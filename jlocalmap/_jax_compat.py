@@ -39,3 +39,10 @@ def under_jit() -> bool:
 
     check = getattr(core, "unsafe_am_i_under_a_jit", None)
     return True if check is None else check()
+
+
+def is_batched(x) -> bool:
+    """Whether ``x`` is being batched by ``jax.vmap`` (jacfwd and hessian vmap too)."""
+    from jax._src.interpreters import batching  # JAX keeps its tracer types internal
+
+    return isinstance(x, batching.BatchTracer)

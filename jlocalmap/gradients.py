@@ -85,31 +85,34 @@ def with_grad_reductions(x: jax.Array, reductions: tuple[str, ...]) -> jax.Array
     return jax.lax.pcast(x, reductions, to="varying") if reductions else x
 
 
-def with_reduced_cotangent(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    """Inside an unchecked body: ``x`` unchanged, its cotangent divided by the
-    size of ``axes``, whose sum JAX's transpose takes of an already reduced one."""
+def with_scaled_cotangent(x: jax.Array, axes: tuple[str, ...], power: int) -> jax.Array:
+    """Inside an unchecked body: ``x`` unchanged, its cotangent scaled by the size
+    of ``axes`` to the ``power``. JAX's transpose of an unchecked body sums every
+    replicated input's cotangent (a declared Replicate() one is divided back,
+    ``power=-1``) and splits an unreduced output's over the devices (multiplied
+    back, ``power=1``)."""
     if not axes or not jnp.issubdtype(x.dtype, jnp.inexact):
         return x
-    return _divide_cotangent(axes, x)
+    return _scale_cotangent(axes, power, x)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _divide_cotangent(axes, x):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scale_cotangent(axes, power, x):
     return x
 
 
-def _divide_cotangent_fwd(axes, x):
+def _scale_cotangent_fwd(axes, power, x):
     return x, None
 
 
-def _divide_cotangent_bwd(axes, _, ct):
+def _scale_cotangent_bwd(axes, power, _, ct):
     n = 1
     for axis in axes:
         n *= jax.lax.axis_size(axis)
-    return (ct / jnp.asarray(n, ct.dtype),)
+    return (ct * jnp.asarray(float(n) ** power, ct.dtype),)
 
 
-_divide_cotangent.defvjp(_divide_cotangent_fwd, _divide_cotangent_bwd)
+_scale_cotangent.defvjp(_scale_cotangent_fwd, _scale_cotangent_bwd)
 
 
 # -- verification against JAX's varying-axes typing ---------------------------

@@ -29,7 +29,7 @@ from jlocalmap.errors import PlacementValueError
 from jlocalmap.meshes import AnyMesh, mesh_context, same_mesh
 from jlocalmap.other_mesh import to_mesh
 from jlocalmap.outputs import OutputFacts
-from jlocalmap.region import Region
+from jlocalmap.region import Region, check_batchable
 from jlocalmap.settings import Settings
 from jlocalmap.uneven import UnevenArray
 from jlocalmap.value_layout import mesh_of
@@ -52,7 +52,12 @@ class _Compiled:
                               if hasattr(func, "__name__") else run)
 
     def __call__(self, *dyn: Any) -> tuple[tuple, OutputFacts]:
-        arrays = self.jitted(*dyn)
+        try:
+            arrays = self.jitted(*dyn)
+        except NotImplementedError:  # JAX batching what it cannot: say what and why
+            if self.facts is not None:
+                check_batchable(self.facts, None)
+            raise
         return arrays, self.facts
 
 

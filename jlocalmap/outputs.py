@@ -27,6 +27,7 @@ from jlocalmap._jax_compat import varying_axes
 from jlocalmap.arguments import assign_placements, is_array, is_none
 from jlocalmap.chunks import dim_splits
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.gradients import with_scaled_cotangent
 from jlocalmap.layout import Layout, is_empty
 from jlocalmap.meshes import AnyMesh, axis_sizes
 from jlocalmap.placements import Partial, PlacementList, Replicate
@@ -239,5 +240,6 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
             stored.append(p)
     if summed:  # divide before the cast: JAX has no division of unreduced values
         v = v / jnp.asarray(scale, v.dtype) if scale != 1 else v
-        v = jax.lax.pcast(v, tuple(summed), to="unreduced") if checked else v
+        v = (jax.lax.pcast(v, tuple(summed), to="unreduced") if checked
+             else with_scaled_cotangent(v, tuple(summed), 1))
     return v, tuple(stored)

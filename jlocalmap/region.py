@@ -29,10 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlocalmap import padding, region_record
+from jlocalmap._jax_compat import is_batched
 from jlocalmap.call import CallPlan
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.gradients import (reduced_axes, verify_grad_placements, with_grad_reductions,
-                                 with_reduced_cotangent)
+                                 with_scaled_cotangent)
 from jlocalmap.outputs import OutputFacts, finish_outputs
 from jlocalmap.plan import InputPlan
 from jlocalmap.region_names import region_name
@@ -61,11 +62,13 @@ class Region:
         laid_out, in_specs = _lay_out(plan, dyn, pad_fill)
         facts = self._facts.get(key)
         if facts is not None:
+            check_batchable(facts, dyn)
             try:
                 return self._stage(plan, facts, laid_out, in_specs), facts
             except _StaleFacts:
                 del self._facts[key]
         facts = self._probe(plan, laid_out, in_specs)
+        check_batchable(facts, dyn)
         self._facts[key] = facts
         while len(self._facts) > _MEMO_SIZE:
             self._facts.popitem(last=False)
@@ -93,8 +96,8 @@ class Region:
             return v
         # JAX's transpose of an unchecked body sums every replicated input's
         # cotangent: one the body reduced itself (declared Replicate()) is divided back.
-        return with_reduced_cotangent(v, reduced_axes(p.dst.placements, p.declared_grad,
-                                                      p.dst.mesh))
+        return with_scaled_cotangent(v, reduced_axes(p.dst.placements, p.declared_grad,
+                                                     p.dst.mesh), -1)
 
     def _probe(self, plan: CallPlan, laid_out: Sequence, in_specs: tuple) -> OutputFacts:
         """Trace the body for its output facts (shapes only) and, where gradients
@@ -129,7 +132,11 @@ class Region:
                                out_specs=facts.out_specs, check_vma=self.settings.check_vma)
         call = _region_call(self.settings.func_name, plan, laid_out, facts)
         with jax.named_scope(call.name):  # the region's name, in jaxprs and HLO metadata
-            out = iter(region(*laid_out))
+            try:
+                out = iter(region(*laid_out))
+            except NotImplementedError:  # JAX batching what it cannot: say what and why
+                check_batchable(facts, None)
+                raise
         region_record.record(call, laid_out)
         return tuple(next(out) if o.in_region else _make_empty(o.layout)
                      for o in facts.arrays)
@@ -154,6 +161,20 @@ def _lay_out(plan: CallPlan, dyn: Sequence[Any], pad_fill: float) -> tuple[list,
         laid_out.append(x)
         specs.append(spec)
     return laid_out, tuple(specs)
+
+
+def check_batchable(facts: OutputFacts, dyn: Sequence[Any]) -> None:
+    """JAX has no batching rule for unreduced values: refuse Partial outputs
+    under jax.vmap with the reason, rather than JAX's NotImplementedError
+    (``dyn`` None: JAX raised that already, from a batching of this call)."""
+    partial = [o.index for o in facts.region_outputs if o.layout.partial_axes]
+    if partial and (dyn is None or any(is_batched(x) for x in dyn)):
+        raise PlacementValueError(
+            f"out_placements[{partial[0]}]: output {partial[0]} is declared Partial(), and "
+            f"this call is batched by jax.vmap (jacfwd and hessian vmap too); JAX stores "
+            f"Partial values as unreduced arrays and has no batching rule for them. Reduce "
+            f"it in the body (jax.lax.psum, Replicate()) or declare Shard(d) with "
+            f"jax.lax.psum_scatter, or vmap inside the body instead.")
 
 
 def _make_empty(layout) -> jax.Array:

@@ -355,13 +355,12 @@ ROWS = {
                                  check=branched_on_local_values),
     "export": Row(t_export),
     "enclosing_shard_map": Row(t_enclosing_shard_map, reference=t_reference_value_and_grad),
-    "check_vma_false": Row(t_value_and_grad, settings=(("check_vma", False),),
-                           partial_limit="unchecked"),
+    "check_vma_false": Row(t_value_and_grad, settings=(("check_vma", False),)),
     # An unchecked body whose backward all-reduces: only its declaration (Replicate()) tells
     # that its cotangents are already reduced; JAX's unchecked transpose would sum them again.
     "check_vma_false_all_reducing": Row(t_value_and_grad, body="all_reducing_vjp",
                                         settings=(("check_vma", False),),
-                                        partial_limit="unchecked", declared=(True,)),
+                                        declared=(True,)),
 }
 
 
@@ -427,7 +426,9 @@ def jax_refuses(limit: str) -> Optional[str]:
 # What a cell that JAX refuses must raise instead: a jlocalmap error naming the cause (for
 # the Python ``if``, JAX's own error, raised at the body's line, names it too).
 CLEAR_ERRORS = {"batching": ((jlm.LocalMapError,), "Partial"),
-                "jacrev": ((jlm.LocalMapError,), "Partial"),
+                # raised by JAX in the batched backward pass, after local_map returned:
+                # JAX's own error (docs/transformations.md explains it and the way around)
+                "jacrev": ((jlm.LocalMapError, ValueError), "unreduced"),
                 "unchecked": ((jlm.LocalMapError,), "Partial"),
                 "python_if": ((jlm.LocalMapError, jax.errors.ConcretizationTypeError), "concrete")}
 
