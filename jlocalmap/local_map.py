@@ -25,7 +25,7 @@ from jlocalmap._jax_compat import manual_axes, under_jit
 from jlocalmap.arguments import assign_placements, call_signature, is_input_leaf
 from jlocalmap.call import CallPlan
 from jlocalmap.distribute import full_tensor
-from jlocalmap.errors import PlacementValueError
+from jlocalmap.errors import LocalMapError, PlacementValueError
 from jlocalmap.meshes import AnyMesh, mesh_context, same_mesh
 from jlocalmap.other_mesh import to_mesh
 from jlocalmap.outputs import OutputFacts
@@ -69,6 +69,10 @@ class _Prepared:
     traced: bool
 
 
+class _NotWhole(Exception):
+    """A call the whole-call fast path does not cover (it falls back, for good)."""
+
+
 class LocalMapped:
     """The callable that ``local_map`` returns."""
 
@@ -78,6 +82,8 @@ class LocalMapped:
         self._region = Region(settings)
         self._cache: OrderedDict = OrderedDict()
         self._padding_checked: set = set()
+        self._whole: Optional[Callable] = None   # see _enable_whole
+        self._whole_off = False
         functools.update_wrapper(self, settings.func)
 
     out_placements = property(lambda self: self.settings.out_placements)
@@ -93,6 +99,14 @@ class LocalMapped:
                 f"out_placements={s.out_placements!r}, in_placements={s.in_placements!r})")
 
     def __call__(self, *args, **kwargs):
+        if self._whole is not None and not kwargs:
+            try:
+                return self._whole(*args)
+            except (_NotWhole, LocalMapError):  # the general path decides (and explains)
+                self._whole, self._whole_off = None, True
+        return self._call(args, kwargs)
+
+    def _call(self, args: tuple, kwargs: dict) -> Any:
         prepared = self._prepare(args, kwargs)
         if prepared is None:
             # No distributed input, or already inside a shard_map over these axes:
@@ -103,7 +117,32 @@ class LocalMapped:
         else:  # host values: the program needs the mesh's devices in context
             with mesh_context(prepared.plan.mesh):
                 arrays, facts = prepared.program(*prepared.dyn)
+        if not prepared.traced and not kwargs:
+            self._enable_whole(args, prepared, facts)
         return _assemble(facts, arrays)
+
+    def _enable_whole(self, args: tuple, prepared: _Prepared, facts: OutputFacts) -> None:
+        """Repeated eager calls on distributed arrays cost a Python signature check
+        and cache lookup before the dispatch; ``jax.jit`` of the whole call does
+        both in C++. Taken where a call's arguments are flat distributed arrays on
+        the mesh and its outputs all arrays; anything else falls back."""
+        if self._whole is not None or self._whole_off or facts.statics or not all(
+                isinstance(a, jax.Array) and mesh_of(a) is not None and
+                same_mesh(mesh_of(a), prepared.plan.mesh) for a in args):
+            return
+
+        def whole(*traced):
+            if not all(isinstance(a, jax.core.Tracer) and mesh_of(a) is not None
+                       for a in traced):
+                raise _NotWhole()
+            out = self._call(traced, {})
+            leaves = jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, UnevenArray))
+            if not all(isinstance(x, (jax.Array, UnevenArray)) for x in leaves):
+                raise _NotWhole()
+            return out
+        func = self.settings.func
+        self._whole = jax.jit(functools.wraps(func, assigned=("__name__", "__qualname__"))(whole)
+                              if hasattr(func, "__name__") else whole)
 
     def lower(self, *args, **kwargs) -> jax.stages.Lowered:
         """The program an eager call with these arguments runs, lowered (like
