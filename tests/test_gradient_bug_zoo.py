@@ -335,13 +335,20 @@ def test_the_ported_straight_through_fix_makes_the_bias_gradient_tp_times_too_la
 
 
 @pytest.mark.parametrize("declared", [None, R], ids=["undeclared", "Replicate"])
-def test_a_custom_backward_returning_this_ranks_rows_is_refused_by_jax(declared):
+def test_a_custom_backward_returning_this_ranks_rows_is_never_silently_wrong(declared):
     """A custom rule's backward defines the cotangent, so jlocalmap trusts the
-    declaration there; JAX's own typing of the rule refuses a per-rank dw for a
-    weight that is the same on every rank (Replicate() or no declaration)."""
-    with pytest.raises(ValueError, match="Custom VJP bwd rule must produce an output with the "
-                                         "same type"):
-        case_fused_rmsnorm(declared)
+    declaration there. JAX's typing of the rule takes over: jax 0.10 refuses a
+    per-rank dw for a weight that is the same on every rank (Replicate() or no
+    declaration); where a JAX version accepts it, it reduces it, so the
+    gradients must equal the unsharded ones."""
+    try:
+        got, want = case_fused_rmsnorm(declared)
+    except ValueError as e:
+        # jax 0.11 names the rule: "Custom VJP bwd rule attached to fused_rms_norm at ..."
+        assert re.search(r"Custom VJP bwd rule .*must produce an output with the same type",
+                         str(e)), str(e)
+        return
+    assert_all_close(got, want)
 
 
 def _doc_errors() -> dict[str, str]:
