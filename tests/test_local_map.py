@@ -339,13 +339,18 @@ def test_eager_calls_do_not_retrace(mesh1, rng):
 
 
 # -- inputs from other meshes (REFERENCE s3 multi-mesh, 4 devices) --------------------
-def test_inputs_from_another_mesh_of_the_same_devices(rng):
+def line_and_grid(rng):
+    """PyTorch's multi-mesh case: X on a 1-D mesh of 4, W on a 2x2 mesh of the same devices."""
     devices = jax.devices()[:4]
     line = jax.make_mesh((4,), ("x",), devices=devices)
     grid = jax.make_mesh((2, 2), ("a", "b"), devices=devices)
     X, W = randn(rng, 8, 32), randn(rng, 32, 4)
-    x = jlm.distribute_tensor(X, line, [Shard(1)])
-    w = jlm.distribute_tensor(W, grid, [Shard(0), Shard(0)])
+    return (line, grid, X, W, jlm.distribute_tensor(X, line, [Shard(1)]),
+            jlm.distribute_tensor(W, grid, [Shard(0), Shard(0)]))
+
+
+def test_inputs_from_another_mesh_of_the_same_devices(rng):
+    line, grid, X, W, x, w = line_and_grid(rng)
     seen = []
 
     def body(x, w):
@@ -365,12 +370,7 @@ def test_inputs_from_another_mesh_of_the_same_devices(rng):
 def test_entries_read_on_the_inputs_own_mesh(rng):
     """PyTorch's multi-mesh test: X's entry [Shard(1)] is for X's own 1-D mesh of 4,
     the local_map runs on a 2x2 mesh of the same devices."""
-    devices = jax.devices()[:4]
-    line = jax.make_mesh((4,), ("x",), devices=devices)
-    grid = jax.make_mesh((2, 2), ("a", "b"), devices=devices)
-    X, W = randn(rng, 8, 32), randn(rng, 32, 4)
-    x = jlm.distribute_tensor(X, line, [Shard(1)])
-    w = jlm.distribute_tensor(W, grid, [Shard(0), Shard(0)])
+    line, grid, X, W, x, w = line_and_grid(rng)
     f = jlm.local_map(lambda x, w: x @ w, [Partial(), Partial()], ([Shard(1)], [Shard(0), Shard(0)]),
                       device_mesh=grid)
     y = f(x, w)
