@@ -21,15 +21,21 @@ Where torchtitan uses ``local_map``, so does this program:
   k and v sharded and passes their blocks around the cp ring with
   ``jax.lax.ppermute``, combining them with an online softmax;
 * the cross-entropy of the vocab-parallel logits: max, sum of exponentials and
-  target logit are reduced over ``tp`` inside the body.
+  target logit are reduced over ``tp`` inside the body;
+* with ``--overlap``, the tensor-parallel projections (sequence parallelism:
+  the residual stream's sequence split over ``cp`` and then ``tp``): each
+  column-parallel matmul gathers its input over ``tp`` with
+  ``jlm.collectives.all_gather_matmul`` and each row-parallel one
+  reduce-scatters its ``Partial`` sum with ``matmul_reduce_scatter``, rings of
+  ``ppermute`` steps whose transfers can hide behind the matmuls.
 
-The projections, norms and MLP between them are plain JAX on Explicit-axis
-shardings (the JAX counterpart of DTensor ops). Five ``optax.adamw`` steps are
-compared, step by step, with the same model run unsharded in float32 on one
-device; the script exits with status 1 if loss, parameters or gradients differ
-by more than 1e-4. See docs/transformer.md.
+Without ``--overlap`` the projections, norms and MLP between them are plain JAX
+on Explicit-axis shardings (the JAX counterpart of DTensor ops). Five
+``optax.adamw`` steps are compared, step by step, with the same model run
+unsharded in float32 on one device; the script exits with status 1 if loss,
+parameters or gradients differ by more than 1e-4. See docs/transformer.md.
 
-Run:  python examples/transformer.py [--attention ring] [--steps 5]
+Run:  python examples/transformer.py [--attention ring] [--overlap] [--steps 5]
 (uses the GPUs if there are any, else 8 simulated CPU devices).
 """
 import os
@@ -41,9 +47,9 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse
 import dataclasses
+import functools
 import sys
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +71,13 @@ ACTIVATION = [S0, S1, R]    # (batch, seq, dim) residual stream
 QKV = [S0, S1, S2]          # (batch, seq, heads, head_dim): torchtitan's CP layout
 KV_GATHERED = [S0, R, S2]   # k, v with the whole sequence on every cp rank
 KV_GRAD = [S0, Partial(), S2]  # each cp rank's gradient of the gathered k, v is a summand
+COLUMN, ROW = [R, R, S1], [R, R, S0]  # (in, out) weights split on their outputs / inputs
+# --overlap (sequence parallelism): the residual stream's sequence split over cp,
+# then over tp within each cp chunk (DTensor's mesh-order nesting).
+SEQUENCE_PARALLEL = [S0, S1, S1]
+COLUMN_OUT = [S0, S1, S2]   # (batch, seq, n) output of a column-parallel matmul
+# A weight's local cotangent in a region sums this (dp, cp) rank's tokens only.
+COLUMN_GRAD, ROW_GRAD = [Partial(), Partial(), S1], [Partial(), Partial(), S0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,11 +114,10 @@ def param_placements(params: dict) -> dict:
     """Megatron layout: column-parallel wq/wk/wv/w1/w3 and the LM head (split
     outputs), row-parallel wo/w2 (split inputs), the embedding split over the
     vocabulary; norms replicated. Nothing is split over dp or cp."""
-    column, row = [R, R, S1], [R, R, S0]
-    layer = {"attn_norm": [R, R, R], "wq": column, "wk": column, "wv": column, "wo": row,
-             "mlp_norm": [R, R, R], "w1": column, "w3": column, "w2": row}
-    return {"embed": row, "layers": [layer] * len(params["layers"]), "norm": [R, R, R],
-            "head": column}
+    layer = {"attn_norm": [R, R, R], "wq": COLUMN, "wk": COLUMN, "wv": COLUMN, "wo": ROW,
+             "mlp_norm": [R, R, R], "w1": COLUMN, "w3": COLUMN, "w2": ROW}
+    return {"embed": ROW, "layers": [layer] * len(params["layers"]), "norm": [R, R, R],
+            "head": COLUMN}
 
 
 # -- the model, shared by the sharded and the unsharded run ---------------------
@@ -115,7 +127,13 @@ class Ops:
     embed: Callable          # (table, tokens) -> (batch, seq, dim)
     attention: Callable      # (q, k, v) -> (batch, seq, heads, head_dim), causal
     loss: Callable           # (h, head, labels) -> mean cross-entropy
-    row_out: Any = None      # sharding of a row-parallel matmul's output (None: unsharded)
+    column: Callable         # (h, *weights) -> tuple of h @ w: column-parallel projections
+    row: Callable            # (x, w) -> x @ w: row-parallel, a sum over tp
+
+
+def projections(h, *weights):
+    """``h @ w`` for each weight (column parallel on Explicit axes: no communication)."""
+    return tuple(h @ w for w in weights)
 
 
 def rms_norm(x, weight, eps=1e-6):
@@ -127,15 +145,16 @@ def attention_block(layer, h, ops: Ops, head_dim: int):
     """Column-parallel q/k/v projections (heads split over tp), the attention,
     and the row-parallel output projection."""
     b, t, _ = h.shape
-    q, k, v = ((h @ layer[w]).reshape(b, t, -1, head_dim) for w in ("wq", "wk", "wv"))
+    q, k, v = (y.reshape(b, t, -1, head_dim)
+               for y in ops.column(h, layer["wq"], layer["wk"], layer["wv"]))
     o = ops.attention(q, k, v).reshape(b, t, -1)
-    return jnp.matmul(o, layer["wo"], out_sharding=ops.row_out)  # row parallel: sum over tp
+    return ops.row(o, layer["wo"])
 
 
 def mlp_block(layer, h, ops: Ops):
     """SwiGLU: column-parallel w1 and w3 (hidden units split over tp), row-parallel w2."""
-    gated = jax.nn.silu(h @ layer["w1"]) * (h @ layer["w3"])
-    return jnp.matmul(gated, layer["w2"], out_sharding=ops.row_out)
+    gate, up = ops.column(h, layer["w1"], layer["w3"])
+    return ops.row(jax.nn.silu(gate) * up, layer["w2"])
 
 
 def loss_fn(params, tokens, labels, ops: Ops, head_dim: int):
@@ -165,7 +184,8 @@ def dense_loss(h, head, labels):
 
 
 REFERENCE_OPS = Ops(embed=lambda table, tokens: table[tokens],
-                    attention=causal_softmax_attention, loss=dense_loss)
+                    attention=causal_softmax_attention, loss=dense_loss,
+                    column=projections, row=jnp.matmul)
 
 
 # -- the sharded pieces: local_map regions --------------------------------------
@@ -175,8 +195,8 @@ def vocab_shard(ids, local_size):
     return jnp.clip(local, 0, local_size - 1), (local >= 0) & (local < local_size)
 
 
-def make_embedding(mesh):
-    """Vocab-parallel lookup: (table, tokens) -> activations [S0, S1, R]."""
+def make_embedding(mesh, stream=ACTIVATION):
+    """Vocab-parallel lookup: (table, tokens) -> activations placed ``stream``."""
     # A tp rank finds only the tokens of its vocabulary rows: its lookup is one
     # summand of the embedding (Partial over tp), as in torchtitan.
     @jlm.local_map(out_placements=[S0, S1, Partial()], in_placements=([R, R, S0], TOKENS),
@@ -185,16 +205,30 @@ def make_embedding(mesh):
         local, here = vocab_shard(tokens, table.shape[0])
         return jnp.where(here[..., None], table[local], 0.0)
 
+    # Into the sequence-parallel stream: a reduce-scatter over tp, as torchtitan's.
     return lambda table, tokens: jlm.redistribute(
-        vocab_parallel_embedding(table, tokens), mesh, ACTIVATION)
+        vocab_parallel_embedding(table, tokens), mesh, stream)
 
 
-def make_loss(mesh, n_tokens: int):
-    """Vocab-parallel cross-entropy: (h, head, labels) -> the replicated mean loss."""
+def gathered_matmul(x, w, gather_dim: int):
+    """Body: ``all_gather(x over tp) @ w`` as a ring of ppermutes (see --overlap)."""
+    return jlm.collectives.all_gather_matmul(x, w, gather_dim, "tp")
+
+
+def make_loss(mesh, n_tokens: int, overlap: bool = False):
+    """Vocab-parallel cross-entropy: (h, head, labels) -> the replicated mean loss.
+    With ``overlap`` h is sequence parallel, gathered over tp by the LM head's ring."""
+    if overlap:
+        project, stream = functools.partial(gathered_matmul, gather_dim=1), SEQUENCE_PARALLEL
+        grads = (SEQUENCE_PARALLEL, COLUMN_GRAD, None)   # labels: integers, no gradient
+    else:
+        project, stream, grads = jnp.matmul, ACTIVATION, None
+
     @jlm.local_map(out_placements=[Partial(), Partial(), R],
-                   in_placements=(ACTIVATION, [R, R, S1], TOKENS), device_mesh=mesh)
+                   in_placements=(stream, COLUMN, TOKENS), in_grad_placements=grads,
+                   device_mesh=mesh)
     def vocab_parallel_cross_entropy(h, head, labels):
-        logits = h @ head                      # (b, t, vocab / tp): this rank's columns
+        logits = project(h, head)              # (b, t, vocab / tp): this rank's columns
         top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)), "tp")
         total = jax.lax.psum(jnp.sum(jnp.exp(logits - top[..., None]), -1), "tp")
         local, here = vocab_shard(labels, logits.shape[-1])
@@ -251,11 +285,47 @@ def make_attention(mesh, variant: str, kv_grad_placements=KV_GRAD):
     raise ValueError(f"attention: expected 'allgather' or 'ring', found {variant!r}")
 
 
-def sharded_ops(mesh, cfg: Config, variant: str, **attention_kw) -> Ops:
-    """The model's sharded pieces on ``mesh``; ``attention_kw`` go to make_attention."""
-    return Ops(embed=make_embedding(mesh), attention=make_attention(mesh, variant, **attention_kw),
-               loss=make_loss(mesh, cfg.batch * cfg.seq),
-               row_out=jax.sharding.NamedSharding(mesh, P("dp", "cp", None)))
+def fused_column_projections(h, *weights):
+    """Body: the sequence-parallel h gathered over tp times each weight's local
+    columns, with one ring for them all (the columns side by side, a fused QKV:
+    h's chunks travel once, not once per weight)."""
+    y = gathered_matmul(h, jnp.concatenate(weights, axis=1), gather_dim=1)
+    return tuple(jnp.split(y, np.cumsum([w.shape[1] for w in weights])[:-1], axis=-1))
+
+
+def make_overlapped_column(mesh) -> Callable:
+    """(h, *weights) -> h @ w for each weight: column-parallel projections of the
+    sequence-parallel stream, as one all_gather_matmul region per call."""
+    @functools.cache
+    def region(n_weights: int):
+        return jlm.local_map(fused_column_projections, out_placements=(COLUMN_OUT,) * n_weights,
+                             in_placements=(SEQUENCE_PARALLEL,) + (COLUMN,) * n_weights,
+                             in_grad_placements=(SEQUENCE_PARALLEL,) + (COLUMN_GRAD,) * n_weights,
+                             device_mesh=mesh)
+    return lambda h, *weights: region(len(weights))(h, *weights)
+
+
+def make_overlapped_row(mesh) -> Callable:
+    """(x, w) -> x @ w: the row-parallel matmul whose Partial sum over tp is
+    reduce-scattered onto the sequence, as one matmul_reduce_scatter ring."""
+    return jlm.local_map(lambda x, w: jlm.collectives.matmul_reduce_scatter(x, w, 1, "tp"),
+                         out_placements=SEQUENCE_PARALLEL, in_placements=(COLUMN_OUT, ROW),
+                         in_grad_placements=(COLUMN_OUT, ROW_GRAD), device_mesh=mesh)
+
+
+def sharded_ops(mesh, cfg: Config, variant: str, overlap: bool = False, **attention_kw) -> Ops:
+    """The model's sharded pieces on ``mesh``; ``attention_kw`` go to make_attention.
+    ``overlap``: sequence parallelism with the tp collectives as matmul rings."""
+    if overlap:
+        stream, column, row = SEQUENCE_PARALLEL, make_overlapped_column(mesh), \
+            make_overlapped_row(mesh)
+    else:  # a row-parallel output's sharding on Explicit axes is its all-reduce over tp
+        stream, column = ACTIVATION, projections
+        row = functools.partial(jnp.matmul,
+                                out_sharding=jax.sharding.NamedSharding(mesh, P("dp", "cp", None)))
+    return Ops(embed=make_embedding(mesh, stream),
+               attention=make_attention(mesh, variant, **attention_kw),
+               loss=make_loss(mesh, cfg.batch * cfg.seq, overlap), column=column, row=row)
 
 
 # -- training ------------------------------------------------------------------
@@ -342,9 +412,11 @@ def mesh_shape(n: int) -> tuple[int, int, int]:
     return n // (tp * cp), cp, tp
 
 
-def check_sizes(parser, cfg: Config, dp: int, cp: int, tp: int) -> None:
+def check_sizes(parser, cfg: Config, dp: int, cp: int, tp: int, overlap: bool = False) -> None:
     """Refuse sizes the mesh does not divide, naming the flag."""
-    for name, size, axis, n in (("batch", cfg.batch, "dp", dp), ("seq", cfg.seq, "cp", cp),
+    # --overlap splits the sequence over cp and then tp (sequence parallelism).
+    seq = ("seq", cfg.seq, "cp*tp", cp * tp) if overlap else ("seq", cfg.seq, "cp", cp)
+    for name, size, axis, n in (("batch", cfg.batch, "dp", dp), seq,
                                 ("heads", cfg.heads, "tp", tp), ("ffn", cfg.ffn, "tp", tp),
                                 ("vocab", cfg.vocab, "tp", tp)):
         if size % n:
@@ -355,6 +427,9 @@ def main(argv=None) -> float:
     """Run the comparison from command-line flags; return the largest difference."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attention", choices=("allgather", "ring"), default="allgather")
+    parser.add_argument("--overlap", action="store_true",
+                        help="sequence parallelism with the tp all-gathers and reduce-scatters "
+                             "as all_gather_matmul / matmul_reduce_scatter rings of ppermutes")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--lr", type=float, default=1e-2)
     for field in dataclasses.fields(Config):
@@ -367,12 +442,14 @@ def main(argv=None) -> float:
     shape = tuple(args.mesh) if args.mesh else mesh_shape(len(devices))
     if np.prod(shape) > len(devices):
         parser.error(f"--mesh {shape} needs {np.prod(shape)} devices, found {len(devices)}")
-    check_sizes(parser, cfg, *shape)
+    check_sizes(parser, cfg, *shape, overlap=args.overlap)
     mesh = jax.make_mesh(shape, ("dp", "cp", "tp"), devices=devices[:int(np.prod(shape))])
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
           f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes))} ({mesh.axis_types[0].name} "
-          f"axes); attention: {args.attention}")
-    ops = sharded_ops(mesh, cfg, args.attention)
+          f"axes); attention: {args.attention}"
+          + ("; tp projections: all_gather_matmul / matmul_reduce_scatter rings (--overlap)"
+             if args.overlap else ""))
+    ops = sharded_ops(mesh, cfg, args.attention, overlap=args.overlap)
     history = train_and_compare(mesh, cfg, ops, steps=args.steps, lr=args.lr)
     worst = max(max(h["loss_diff"], h["param_diff"], h["grad_diff"]) for h in history)
     print(f"max |sharded - unsharded| = {worst:.2e}")

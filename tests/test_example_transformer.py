@@ -1,7 +1,8 @@
-"""examples/transformer.py at a tiny size: both attention variants train like the
-unsharded model (loss, parameters and gradients every step), and the two kinds of
-mistake the comparison exists for are caught: a wrong gradient declaration, by
-jlocalmap at trace time, and a wrong causal mask, by the comparison."""
+"""examples/transformer.py at a tiny size: both attention variants, and the
+--overlap projections, train like the unsharded model (loss, parameters and
+gradients every step), and the two kinds of mistake the comparison exists for
+are caught: a wrong gradient declaration, by jlocalmap at trace time, and a
+wrong causal mask, by the comparison."""
 
 import dataclasses
 import importlib.util
@@ -38,6 +39,26 @@ def test_training_equals_the_unsharded_model(variant, capsys):
     # The all-gather variant gathers k and v over cp; the ring passes them on.
     kind = "all-gather" if variant == "allgather" else "collective-permute"
     assert f"{kind:<20}{0:>7}" not in comms
+
+
+def _collective_counts(lines: list[str]) -> dict[str, int]:
+    """kind -> count from the printed table of the compiled step's collectives."""
+    kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
+    return {line.split()[0]: int(line.split()[1]) for line in lines
+            if line.split() and line.split()[0] in kinds}
+
+
+def test_overlap_trains_like_the_unsharded_model_with_rings_of_permutes(capsys):
+    """--overlap: every tp projection (q/k/v, wo, w1/w3, w2 per layer, and the LM
+    head) is one all_gather_matmul or matmul_reduce_scatter ring, tp - 1
+    collective-permutes forward and as many in its backward (tp = 2: one way)."""
+    worst = tr.main(["--overlap", "--steps=2", *FLAGS])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert worst < tr.TOL
+    assert lines[-1] == f"max |sharded - unsharded| = {worst:.2e}"
+    assert len([line for line in lines if line.startswith("step ")]) == 2
+    rings, tp = 4 * TINY.layers + 1, 2
+    assert _collective_counts(lines)["collective-permute"] == 2 * rings * (tp - 1)
 
 
 def _loss_and_grads(ops, params, tokens, labels):
