@@ -84,6 +84,7 @@ def main():
         worst = max(worst, diff)
         print(f"{step.__name__:24s} all-reduces per step: {counts.executed['all-reduce']}, "
               f"bytes: {counts.executed_bytes['all-reduce']}, max |diff| vs unsharded: {diff:.2e}")
+    print(f"max |sharded - unsharded| = {worst:.2e}")
     sys.exit(1 if worst > 1e-4 else 0)
 
 

@@ -121,7 +121,7 @@ def main():
               f"max |param diff| {diff:.2e}")
 
     assert all(jlm.placements_of(params[k]) == tuple(placements[k]) for k in params)
-    print(f"max |sharded - unsharded| over all steps: {worst:.2e}")
+    print(f"max |sharded - unsharded| = {worst:.2e}  (over all steps)")
     if worst > TOL:
         print(f"FAILED: exceeds tolerance {TOL}")
         sys.exit(1)
