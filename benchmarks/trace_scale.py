@@ -4,8 +4,9 @@ Each layer has a context-parallel attention region and a tensor-parallel MLP
 region, on a (dp, tp, cp) = (2, 2, 2) mesh of 8 devices (8 simulated CPU
 devices when no accelerator is present). For 4 and 32 layers it times a fresh
 ``jax.jit(...).lower(...)`` of the forward and of ``jax.value_and_grad`` (best
-of 5; the first, cold trace is printed too), and the same model written with
-raw ``jax.shard_map`` (the baseline, in the same process), then
+of 5 with the garbage collector off, as timeit does; the first, cold trace is
+printed too), and the same model written with raw ``jax.shard_map`` (the
+baseline, in the same process, interleaved round by round), then
 ``jlocalmap.regions`` on the gradient over an abstract 256-device mesh (no
 devices needed). Prints time per region, the 32/4-layer ratio (8.0 is
 linear), and jlocalmap's ratio to the raw baseline (target: at most 1.2 at 32
@@ -13,6 +14,7 @@ layers, forward and value_and_grad).
 
 Run: python benchmarks/trace_scale.py
 """
+import gc
 import os
 import pathlib
 import sys
@@ -99,14 +101,21 @@ def inputs(layers, mesh=MESH):
 
 
 def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Seconds of one call, with the garbage collector off (as timeit does): a
+    collection landing in one program's trace and not the other's is noise."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    finally:
+        gc.enable()
 
 
-def trace_times(layers, regions, repeat=5):
-    """(cold, best) seconds to trace and lower the forward and value_and_grad,
-    each time in a fresh jax.jit (jit caches traces per function)."""
+def programs(layers, regions):
+    """Trace + lower of the forward and of value_and_grad, each in a fresh jax.jit
+    (jit caches traces per function)."""
     params, x = inputs(layers)
 
     def fwd():
@@ -114,11 +123,19 @@ def trace_times(layers, regions, repeat=5):
 
     def grad():
         jax.jit(jax.value_and_grad(lambda p, x: model(layers, regions)(p, x).sum())).lower(params, x)
-    out = []
-    for fn in (fwd, grad):
-        times = [timed(fn) for _ in range(repeat)]
-        out.append((times[0], min(times)))
-    return out
+    return fwd, grad
+
+
+def trace_times(layers, ours, raw, repeat=5):
+    """{(impl, what): (first, best)} seconds, jlocalmap and raw shard_map
+    interleaved round by round so that the machine's load falls on both."""
+    progs = {"ours": programs(layers, ours), "raw": programs(layers, raw)}
+    times: dict = {}
+    for _ in range(repeat):
+        for impl, pair in progs.items():
+            for what, fn in zip(("forward", "value_and_grad"), pair):
+                times.setdefault((impl, what), []).append(timed(fn))
+    return {k: (v[0], min(v)) for k, v in times.items()}
 
 
 def analysis_time(layers):
@@ -133,14 +150,13 @@ def analysis_time(layers):
 
 def main():
     raw = raw_regions()
-    trace_times(1, local_map_regions(), repeat=1)  # warm JAX's own caches (imports, rules)
-    trace_times(1, raw, repeat=1)
+    trace_times(1, local_map_regions(), raw, repeat=1)  # warm JAX's own caches (imports, rules)
     ratios = {}
     for layers in (4, 32):
         n = 2 * layers
-        ours = trace_times(layers, local_map_regions())  # new local_maps: a cold start
-        base = trace_times(layers, raw)
-        for what, (cold, best), (_, raw_best) in zip(("forward", "value_and_grad"), ours, base):
+        times = trace_times(layers, local_map_regions(), raw)  # new local_maps: a cold start
+        for what in ("forward", "value_and_grad"):
+            (cold, best), (_, raw_best) = times["ours", what], times["raw", what]
             ratios[layers, what] = best / raw_best
             print(f"{layers:2d} layers, {n} regions, {what:>14}: {best * 1e3:7.1f} ms "
                   f"({best / n * 1e3:.2f} ms/region), raw shard_map {raw_best * 1e3:7.1f} ms, "

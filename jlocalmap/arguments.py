@@ -154,3 +154,31 @@ def call_signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
     except TypeError:
         return None
     return key
+
+
+def traced_signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
+    """:func:`call_signature` for a call under a trace: tracers by their abstract
+    value (shape, dtype, sharding, varying axes), with the trace's mesh context;
+    None where a leaf is unhashable."""
+    signature = []
+    for leaf in leaves:
+        padded = getattr(leaf, "padded", None)
+        if isinstance(leaf, jax.core.Tracer):
+            signature.append(("traced", jax.typeof(leaf)))
+        elif isinstance(leaf, UnevenArray):
+            signature.append((UnevenArray, leaf.layout, jax.typeof(padded)))
+        elif isinstance(leaf, jax.Array):
+            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
+        elif isinstance(leaf, np.ndarray):
+            signature.append((np.ndarray, leaf.shape, leaf.dtype))
+        else:
+            signature.append((type(leaf), leaf))
+    kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=is_none)
+    key = ("traced", jax.sharding.get_abstract_mesh(), in_tree, tuple(signature), kw_tree,
+           tuple(("traced", jax.typeof(v)) if isinstance(v, jax.core.Tracer) else (type(v), v)
+                 for v in kw_leaves))
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key

@@ -37,6 +37,21 @@ from jlocalmap.specs import (as_placement_list, local_shape, normalize_placement
                              placements_to_spec)
 
 
+_VALIDATED: dict = {}      # (mesh, placements, shape, dtype) -> Layout, valid ones only
+_VALIDATED_SIZE = 4096
+
+
+def _key(mesh: Any, placements: Any, shape: Sequence[Any], dtype: Any) -> Optional[tuple]:
+    """A cache key of a layout's inputs, or None where they are not hashable."""
+    try:
+        key = (mesh, tuple(placements) if isinstance(placements, (list, tuple)) else placements,
+               tuple(shape), None if dtype is None else np.dtype(dtype))
+        hash(key)
+        return key
+    except TypeError:
+        return None
+
+
 def is_empty(shape: Sequence[Any]) -> bool:
     """Whether a value of ``shape`` has no elements (symbolic dims are not 0)."""
     return any(isinstance(n, (int, np.integer)) and n == 0 for n in shape)
@@ -66,6 +81,20 @@ class Layout:
         """Validate ``placements`` (one per mesh axis; Shard dims in range, Partial
         kinds JAX can hold, uneven splits of concrete sizes) for a value of
         ``shape``; ``what`` names the argument in errors."""
+        key = _key(mesh, placements, shape, dtype)
+        known = _VALIDATED.get(key) if key is not None else None
+        if known is not None:  # every region call validates the same few layouts
+            return known
+        layout = cls._validate(mesh, placements, shape, dtype, what)
+        if key is not None:
+            if len(_VALIDATED) >= _VALIDATED_SIZE:
+                _VALIDATED.clear()
+            _VALIDATED[key] = layout
+        return layout
+
+    @classmethod
+    def _validate(cls, mesh: AnyMesh, placements: Any, shape: Sequence[Any], dtype: Any,
+                  what: str) -> "Layout":
         mesh = check_mesh(mesh)
         shape = tuple(shape)
         placements = normalize_placements(as_placement_list(placements, mesh, what),

@@ -22,7 +22,8 @@ import jax
 
 from jlocalmap import padding
 from jlocalmap._jax_compat import manual_axes, under_jit
-from jlocalmap.arguments import assign_placements, call_signature, is_input_leaf
+from jlocalmap.arguments import (assign_placements, call_signature, is_input_leaf,
+                                 traced_signature)
 from jlocalmap.call import CallPlan
 from jlocalmap.distribute import full_tensor
 from jlocalmap.errors import LocalMapError, PlacementValueError
@@ -173,10 +174,18 @@ class LocalMapped:
         if fast is not None:  # a repeated eager call: the plan and program are known
             plan, program = fast
             return _Prepared(plan, program, _values(plan, leaves), False)
-        mesh = self._mesh(leaves)
-        if mesh is None or set(mesh.axis_names) <= manual_axes():
-            return None
-        plan, moved = self._plan(args, leaves, in_tree, kwargs, mesh)
+        traced = traced_signature(leaves, in_tree, kwargs) if signature is None else None
+        known = self._cache.get(traced) if traced is not None else None
+        if known is not None:  # a call traced before with these types: its plan holds
+            plan, moved = dataclasses.replace(known, kwargs=kwargs), leaves
+        else:
+            mesh = self._mesh(leaves)
+            if mesh is None or set(mesh.axis_names) <= manual_axes():
+                return None
+            plan, moved = self._plan(args, leaves, in_tree, kwargs, mesh)
+            if traced is not None and all(a is b for a, b in zip(moved, leaves)):
+                self._remember(traced, plan)
+        mesh = plan.mesh
         dyn = _values(plan, moved)
         if plan.uneven and isinstance(mesh, jax.sharding.Mesh):
             padding.check(self._region, plan, dyn, self._padding_checked)
@@ -216,11 +225,15 @@ class LocalMapped:
         key = plan.key(dyn, shardings=True)
         program = self._cache.get(key)
         if program is None:
-            program = self._cache[key] = _Compiled(self._region, plan)
-            while len(self._cache) > _CACHE_SIZE:
-                self._cache.popitem(last=False)
+            program = self._remember(key, _Compiled(self._region, plan))
         self._cache.move_to_end(key)
         return program
+
+    def _remember(self, key: Any, value: Any) -> Any:
+        self._cache[key] = value
+        while len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return value
 
     def _mesh(self, leaves: Sequence[Any]) -> Optional[AnyMesh]:
         if self.settings.device_mesh is not None:
