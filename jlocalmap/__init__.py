@@ -7,8 +7,9 @@ from jlocalmap.layout_view import describe, print_layout
 from jlocalmap.local_map import local_map
 from jlocalmap.distribute import distribute_tensor, full_tensor, redistribute
 from jlocalmap.placements import Partial, Placement, Replicate, Shard
-from jlocalmap.region_inspection import Region, Residual, regions
+from jlocalmap.region_inspection import Region, regions
 from jlocalmap.region_record import Operand, RegionCall, region_settings
+from jlocalmap.region_residuals import Residual
 from jlocalmap.specs import placements_to_spec, spec_to_placements
 from jlocalmap.uneven import UnevenArray, local_valid_size
 from jlocalmap.value_layout import placements_of
