@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+from jax._src import core as _core
 
 
 def varying_axes(x: jax.Array) -> frozenset:
@@ -32,17 +33,12 @@ def sub_jaxprs(eqn) -> list:
     return found
 
 
+# JAX keeps this internal: whether a trace is a jit's.
+_UNDER_JIT = getattr(_core, "unsafe_am_i_under_a_jit", None)
+
+
 def under_jit() -> bool:
     """Whether tracing happens inside ``jax.jit`` or ``make_jaxpr`` (rather than
     under eager transformations alone, such as an eager ``jax.vmap``)."""
-    from jax._src import core  # JAX keeps this test internal
+    return True if _UNDER_JIT is None else _UNDER_JIT()
 
-    check = getattr(core, "unsafe_am_i_under_a_jit", None)
-    return True if check is None else check()
-
-
-def is_batched(x) -> bool:
-    """Whether ``x`` is being batched by ``jax.vmap`` (jacfwd and hessian vmap too)."""
-    from jax._src.interpreters import batching  # JAX keeps its tracer types internal
-
-    return isinstance(x, batching.BatchTracer)

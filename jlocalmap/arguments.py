@@ -133,52 +133,40 @@ def _mismatch(placements: Any, tree: Any, where: str) -> str:
 def call_signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
     """A cheap key of an eager call (tree, and each leaf's type, shape, dtype and
     sharding, or value when static), or None when a leaf is a tracer or unhashable."""
-    signature = []
-    for leaf in leaves:
-        if isinstance(leaf, jax.core.Tracer) or isinstance(
-                getattr(leaf, "padded", None), jax.core.Tracer):
-            return None
-        if isinstance(leaf, jax.Array):
-            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
-        elif isinstance(leaf, UnevenArray):
-            signature.append((UnevenArray, leaf.shape, leaf.placements, leaf.padded.sharding))
-        elif isinstance(leaf, np.ndarray):
-            signature.append((np.ndarray, leaf.shape, leaf.dtype))
-        else:
-            signature.append((type(leaf), leaf))
-    kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=is_none)
-    key = ("signature", in_tree, tuple(signature), kw_tree,
-           tuple((type(v), v) for v in kw_leaves))
-    try:
-        hash(key)
-    except TypeError:
-        return None
-    return key
+    return _signature(leaves, in_tree, kwargs, traced=False)
 
 
 def traced_signature(leaves: Sequence[Any], in_tree, kwargs) -> Optional[tuple]:
     """:func:`call_signature` for a call under a trace: tracers by their abstract
     value (shape, dtype, sharding, varying axes), with the trace's mesh context;
     None where a leaf is unhashable."""
-    signature = []
-    for leaf in leaves:
-        padded = getattr(leaf, "padded", None)
-        if isinstance(leaf, jax.core.Tracer):
-            signature.append(("traced", jax.typeof(leaf)))
-        elif isinstance(leaf, UnevenArray):
-            signature.append((UnevenArray, leaf.layout, jax.typeof(padded)))
-        elif isinstance(leaf, jax.Array):
-            signature.append((leaf.shape, leaf.dtype, leaf.sharding))
-        elif isinstance(leaf, np.ndarray):
-            signature.append((np.ndarray, leaf.shape, leaf.dtype))
-        else:
-            signature.append((type(leaf), leaf))
+    return _signature(leaves, in_tree, kwargs, traced=True)
+
+
+def _leaf_key(x: Any, traced: bool) -> Optional[tuple]:
+    if isinstance(x, jax.core.Tracer):
+        return ("traced", jax.typeof(x)) if traced else None
+    if isinstance(x, UnevenArray):
+        padded = _leaf_key(x.padded, traced)
+        return None if padded is None else (UnevenArray, x.layout, padded)
+    if isinstance(x, jax.Array):
+        return (x.shape, x.dtype, x.sharding)
+    if isinstance(x, np.ndarray):
+        return (np.ndarray, x.shape, x.dtype)
+    return (type(x), x)
+
+
+def _signature(leaves: Sequence[Any], in_tree, kwargs, traced: bool) -> Optional[tuple]:
+    keys = [_leaf_key(leaf, traced) for leaf in leaves]
+    if any(k is None for k in keys):
+        return None
     kw_leaves, kw_tree = jax.tree_util.tree_flatten(kwargs, is_leaf=is_none)
-    key = ("traced", jax.sharding.get_abstract_mesh(), in_tree, tuple(signature), kw_tree,
-           tuple(("traced", jax.typeof(v)) if isinstance(v, jax.core.Tracer) else (type(v), v)
-                 for v in kw_leaves))
+    kw_keys = tuple(("traced", jax.typeof(v)) if traced and isinstance(v, jax.core.Tracer)
+                    else (type(v), v) for v in kw_leaves)
+    context = ("traced", jax.sharding.get_abstract_mesh()) if traced else ("signature",)
+    key = (context, in_tree, tuple(keys), kw_tree, kw_keys)
     try:
         hash(key)
-    except TypeError:
+    except TypeError:  # an unhashable static leaf or keyword value (a tracer, eagerly)
         return None
     return key

@@ -38,6 +38,14 @@ from jlocalmap.value_layout import mesh_of
 _CACHE_SIZE = 64
 
 
+def _jit_named_after(func: Callable, fn: Callable) -> Callable:
+    """``jax.jit(fn)``, named after ``func``: HLO metadata reads
+    ``jit(func)/local_map[func](...)/...``."""
+    if hasattr(func, "__name__"):
+        fn = functools.wraps(func, assigned=("__name__", "__qualname__"))(fn)
+    return jax.jit(fn)
+
+
 class _Compiled:
     """A jitted region for one eager signature, and the output facts its trace found."""
 
@@ -47,17 +55,14 @@ class _Compiled:
         def run(*dyn):
             arrays, self.facts = region(plan, *dyn)
             return arrays
-        # Named after func, so HLO metadata reads jit(func)/local_map[func](...)/...
-        func = region.settings.func
-        self.jitted = jax.jit(functools.wraps(func, assigned=("__name__", "__qualname__"))(run)
-                              if hasattr(func, "__name__") else run)
+        self.jitted = _jit_named_after(region.settings.func, run)
 
     def __call__(self, *dyn: Any) -> tuple[tuple, OutputFacts]:
         try:
             arrays = self.jitted(*dyn)
         except NotImplementedError:  # JAX batching what it cannot: say what and why
             if self.facts is not None:
-                check_batchable(self.facts, None)
+                check_batchable(self.facts)
             raise
         return arrays, self.facts
 
@@ -141,9 +146,7 @@ class LocalMapped:
             if not all(isinstance(x, (jax.Array, UnevenArray)) for x in leaves):
                 raise _NotWhole()
             return out
-        func = self.settings.func
-        self._whole = jax.jit(functools.wraps(func, assigned=("__name__", "__qualname__"))(whole)
-                              if hasattr(func, "__name__") else whole)
+        self._whole = _jit_named_after(self.settings.func, whole)
 
     def lower(self, *args, **kwargs) -> jax.stages.Lowered:
         """The program an eager call with these arguments runs, lowered (like

@@ -45,7 +45,7 @@ def axis_sizes(mesh: AnyMesh) -> dict[str, int]:
 def is_explicit(mesh: AnyMesh, axis: str) -> bool:
     """Whether ``axis`` of ``mesh`` is an Explicit axis (the only kind that carries
     unreduced, i.e. Partial, values)."""
-    return dict(zip(mesh.axis_names, mesh.axis_types))[axis] == AxisType.Explicit
+    return axis_type(mesh, axis) == AxisType.Explicit
 
 
 def axis_type(mesh: AnyMesh, axis: str) -> AxisType:

@@ -29,6 +29,7 @@ from jlocalmap.meshes import mesh_context
 from jlocalmap.plan import InputPlan
 from jlocalmap.relayout import relayout, run_relayout
 from jlocalmap.uneven import UnevenArray, pad, unpad
+from jlocalmap.value_layout import dtype_of
 
 
 def pad_input(x: jax.Array, plan: InputPlan, fill: float = 0.0) -> jax.Array:
@@ -62,7 +63,7 @@ def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
 
 def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> np.ndarray:
     shape = list(plan.dst.shape if plan.padded else np.shape(x))
-    dtype = np.dtype(x.dtype if hasattr(x, "dtype") else np.result_type(x))
+    dtype = dtype_of(x)
     data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
             else rng.integers(0, 2, shape))
     return data.astype(dtype)

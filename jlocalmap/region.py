@@ -29,7 +29,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlocalmap import padding, region_record
-from jlocalmap._jax_compat import is_batched
 from jlocalmap.call import CallPlan
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.gradients import (reduced_axes, verify_grad_placements, with_grad_reductions,
@@ -62,13 +61,11 @@ class Region:
         laid_out, in_specs = _lay_out(plan, dyn, pad_fill)
         facts = self._facts.get(key)
         if facts is not None:
-            check_batchable(facts, dyn)
             try:
                 return self._stage(plan, facts, laid_out, in_specs), facts
             except _StaleFacts:
                 del self._facts[key]
         facts = self._probe(plan, laid_out, in_specs)
-        check_batchable(facts, dyn)
         self._facts[key] = facts
         while len(self._facts) > _MEMO_SIZE:
             self._facts.popitem(last=False)
@@ -135,7 +132,7 @@ class Region:
             try:
                 out = iter(region(*laid_out))
             except NotImplementedError:  # JAX batching what it cannot: say what and why
-                check_batchable(facts, None)
+                check_batchable(facts)
                 raise
         region_record.record(call, laid_out)
         return tuple(next(out) if o.in_region else _make_empty(o.layout)
@@ -163,12 +160,12 @@ def _lay_out(plan: CallPlan, dyn: Sequence[Any], pad_fill: float) -> tuple[list,
     return laid_out, tuple(specs)
 
 
-def check_batchable(facts: OutputFacts, dyn: Sequence[Any]) -> None:
-    """JAX has no batching rule for unreduced values: refuse Partial outputs
-    under jax.vmap with the reason, rather than JAX's NotImplementedError
-    (``dyn`` None: JAX raised that already, from a batching of this call)."""
+def check_batchable(facts: OutputFacts) -> None:
+    """JAX has no batching rule for unreduced values: where it raised its bare
+    NotImplementedError batching a region with Partial outputs (under jax.vmap,
+    jacfwd, hessian), say what and why instead."""
     partial = [o.index for o in facts.region_outputs if o.layout.partial_axes]
-    if partial and (dyn is None or any(is_batched(x) for x in dyn)):
+    if partial:
         raise PlacementValueError(
             f"out_placements[{partial[0]}]: output {partial[0]} is declared Partial(), and "
             f"this call is batched by jax.vmap (jacfwd and hessian vmap too); JAX stores "
