@@ -553,3 +553,89 @@ def test_named_scope_in_the_body_reaches_the_hlo(mesh2x4, rng):
         grad = jax.jit(jax.grad(lambda x, w: (f(x, w) ** 2).sum(), (0, 1))).lower(x, w)
     dots = scoped_ops(grad)["dot"]
     assert len(dots) >= 3 and all("my_scope/" in n for n in dots)
+
+
+# -- tracing once; the whole-call fast path ------------------------------------------
+def test_a_body_returning_other_outputs_for_the_same_signature_is_traced_anew(mesh1, rng):
+    """Output facts are learnt once per signature; a body that reads Python state
+    and returns another structure for the same signature is noticed and retraced."""
+    X = randn(rng, 4, 2)
+    state = {"pair": False}
+
+    def body(x):
+        return {"a": x * 2, "b": x * 3} if state["pair"] else {"a": x * 2}
+    f = jlm.local_map(body, [Shard(0)], ([Shard(0)],), device_mesh=mesh1)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    first = jax.jit(lambda x: f(x))(x)               # fresh jits: jit caches per function
+    assert list(first) == ["a"]
+    assert_close(first["a"], 2 * X)
+    state["pair"] = True
+    second = jax.jit(lambda x: f(x))(x)
+    assert list(second) == ["a", "b"]
+    assert_close(second["a"], 2 * X)
+    assert_close(second["b"], 3 * X)
+
+
+def test_eager_fast_path_falls_back_for_other_arguments(mesh1, rng):
+    """After calls on distributed arrays take the whole-call jit, host values,
+    another layout and a bad call go through the general path, with its results
+    and errors."""
+    X = randn(rng, 4, 2)
+    f = jlm.local_map(lambda x: x * 2, [Shard(0)], ([Shard(0)],), device_mesh=mesh1)
+    x = jlm.distribute_tensor(X, mesh1, [Shard(0)])
+    for _ in range(3):
+        assert_close(f(x), 2 * X)
+    assert_close(f(X), 2 * X)                               # a host value
+    wrong = jlm.distribute_tensor(X, mesh1, [Replicate()])
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"in_placements\[0\]: input 0 has placements \[Replicate\(\)\], but the "
+                             r"local_map requires \[Shard\(dim=0\)\]; set redistribute_inputs=True"):
+        f(wrong)
+    assert_close(f(x), 2 * X)
+
+
+def test_one_placement_list_for_a_dict_output(mesh1, rng):
+    X, Y = randn(rng, 4, 2), randn(rng, 6, 3)
+    f = jlm.local_map(lambda d: {"a": d["a"] * 2, "b": jnp.sin(d["b"])}, [Shard(0)],
+                      ([Shard(0)],), device_mesh=mesh1)
+    out = f({"a": X, "b": Y})
+    assert jlm.placements_of(out["a"]) == jlm.placements_of(out["b"]) == (Shard(0),)
+    assert_close(out["a"], 2 * X)
+    assert_close(out["b"], np.sin(Y))
+
+
+def test_errors_about_large_pytree_prefixes_stay_short(mesh1):
+    leaves = {f"k{i}": np.ones(4, np.float32) for i in range(1000)}
+    entries = {f"k{i}": [Shard(0)] for i in range(1001)}
+    f = jlm.local_map(lambda d: d, [Shard(0)], (entries,), device_mesh=mesh1)
+    with pytest.raises(jlm.PlacementValueError) as error:
+        f(leaves)
+    text = str(error.value)
+    assert len(text) < 2000, len(text)
+    assert "1001 entries" in text and "1000 leaves" in text and "['k1000']" in text
+
+
+def test_a_placement_list_wrapped_twice_is_named(mesh1, rng):
+    f = jlm.local_map(lambda x: x, [Shard(0)], ([[Shard(0)]],), device_mesh=mesh1)
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"in_placements\[0\]: the inputs and entries both number 1, but an entry "
+                             r"sits one list deeper than its input .*wrapped twice\?"):
+        f(randn(rng, 4, 2))
+
+
+def test_partial_outputs_under_vmap_get_a_clear_error(mesh1, rng):
+    f = jlm.local_map(lambda x: x.sum(0), [Partial()], ([Shard(0)],), device_mesh=mesh1)
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"out_placements\[0\]: output 0 is declared Partial\(\), and this call "
+                             r"is batched by jax.vmap"):
+        jax.vmap(f)(randn(rng, 3, 4, 2))
+
+
+def test_input_on_another_mesh_for_an_abstract_local_map_mesh(mesh1, rng):
+    other = jax.sharding.AbstractMesh((4,), ("x",))
+    f = jlm.local_map(lambda x: x, [Shard(0)], ([Shard(0)],), device_mesh=other)
+    x = jlm.distribute_tensor(randn(rng, 4, 2), mesh1, [Shard(0)])
+    with pytest.raises(jlm.PlacementValueError,
+                       match=r"in_placements\[0\]: input 0 lives on .*an abstract mesh with no "
+                             r"devices to match"):
+        f(x)
