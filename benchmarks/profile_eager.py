@@ -111,7 +111,7 @@ def python_pieces(mapped, args: tuple, calls: int) -> dict:
     pieces["_prepare (cached call: signature, cache hit)"] = _per_call(
         lambda: prepare(args, {}), calls)
     try:
-        from jlocalmap.arguments import call_signature
+        from jlocalmap.call.arguments import call_signature
         leaves, tree = jax.tree_util.tree_flatten(args)
         pieces["  of which call_signature"] = _per_call(
             lambda: call_signature(leaves, tree, {}), calls)

@@ -7,7 +7,7 @@ Three rewrites, done by this griffe extension (listed under the Python handler's
   ``>>>`` lines as highlighted code, and would read ``Example:`` as a generic
   admonition whose doctest output is then parsed as Markdown (brackets become
   broken links).
-- Sphinx roles. The docstrings say ``:class:`Shard``` and ``:func:`~jlocalmap.uneven.pad```
+- Sphinx roles. The docstrings say ``:class:`Shard``` and ``:func:`~jlocalmap.layouts.uneven.pad```
   (reStructuredText), which Markdown would show as the literal text ``:class:``.
   A name that jlocalmap exports becomes a link to its API entry
   (``[`Shard`][jlocalmap.Shard]``), any other name plain code. Links go to the
@@ -18,7 +18,7 @@ Three rewrites, done by this griffe extension (listed under the Python handler's
 Example:
     >>> convert_example_header("Example:\n    >>> 1")
     'Examples:\n    >>> 1'
-    >>> convert_roles("see :class:`~jlocalmap.uneven.UnevenArray` and :func:`pad`",
+    >>> convert_roles("see :class:`~jlocalmap.layouts.uneven.UnevenArray` and :func:`pad`",
     ...               {"UnevenArray"})
     'see [`UnevenArray`][jlocalmap.UnevenArray] and `pad`'
     >>> convert_roles("``Region``\\ s", ())

@@ -1,18 +1,18 @@
 """jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``."""
 
 from jlocalmap import collectives
-from jlocalmap.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
-from jlocalmap.layout_view import describe, print_layout
+from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
+from jlocalmap.inspect.inspection import Region, regions
+from jlocalmap.inspect.layout_view import describe, print_layout
+from jlocalmap.inspect.residuals import Residual
+from jlocalmap.layouts.placements import Partial, Placement, Replicate, Shard
+from jlocalmap.layouts.specs import placements_to_spec, spec_to_placements
+from jlocalmap.layouts.uneven import UnevenArray, local_valid_size
+from jlocalmap.layouts.value_layout import placements_of
 from jlocalmap.local_map import local_map
-from jlocalmap.distribute import distribute_tensor, full_tensor, redistribute
-from jlocalmap.placements import Partial, Placement, Replicate, Shard
-from jlocalmap.region_inspection import Region, regions
-from jlocalmap.region_record import Operand, RegionCall, region_settings
-from jlocalmap.region_residuals import Residual
-from jlocalmap.specs import placements_to_spec, spec_to_placements
-from jlocalmap.uneven import UnevenArray, local_valid_size
-from jlocalmap.value_layout import placements_of
+from jlocalmap.movement.distribute import distribute_tensor, full_tensor, redistribute
+from jlocalmap.region.record import Operand, RegionCall, region_settings
 
 __all__ = [
     "LocalMapError", "PlacementTypeError", "PlacementValueError",

@@ -20,20 +20,24 @@ from typing import Any, Optional
 
 import jax
 
-from jlocalmap import padding
 from jlocalmap._jax_compat import manual_axes, under_jit
-from jlocalmap.arguments import (assign_placements, call_signature, is_input_leaf,
-                                 traced_signature)
-from jlocalmap.call import CallPlan
-from jlocalmap.distribute import full_tensor
+from jlocalmap.call import padding
+from jlocalmap.call.arguments import (
+    Leaf,
+    call_signature,
+    is_input_leaf,
+    traced_signature,
+)
+from jlocalmap.call.call_plan import CallPlan
+from jlocalmap.call.other_mesh import to_mesh
+from jlocalmap.call.settings import Settings
 from jlocalmap.errors import LocalMapError, PlacementValueError
-from jlocalmap.meshes import AnyMesh, mesh_context, same_mesh
-from jlocalmap.other_mesh import to_mesh
-from jlocalmap.outputs import OutputFacts
-from jlocalmap.region import Region, check_batchable
-from jlocalmap.settings import Settings
-from jlocalmap.uneven import UnevenArray
-from jlocalmap.value_layout import mesh_of
+from jlocalmap.layouts.entries import assign_placements
+from jlocalmap.layouts.meshes import AnyMesh, mesh_context, same_mesh
+from jlocalmap.layouts.uneven import UnevenArray
+from jlocalmap.movement.distribute import full_tensor
+from jlocalmap.region.outputs import OutputFacts, assemble
+from jlocalmap.region.program import Region, check_batchable
 
 _CACHE_SIZE = 64
 
@@ -112,8 +116,10 @@ class LocalMapped:
                 self._whole, self._whole_off = None, True
         return self._call(args, kwargs)
 
-    def _call(self, args: tuple, kwargs: dict) -> Any:
+    def _call(self, args: tuple, kwargs: dict, *, whole: bool = False) -> Any:
         prepared = self._prepare(args, kwargs)
+        if whole and (prepared is None or not prepared.plan.arrived_on_mesh):
+            raise _NotWhole()
         if prepared is None:
             # No distributed input, or already inside a shard_map over these axes:
             # the values are local already (DTensor's plain-tensor rule).
@@ -125,23 +131,19 @@ class LocalMapped:
                 arrays, facts = prepared.program(*prepared.dyn)
         if not prepared.traced and not kwargs:
             self._enable_whole(args, prepared, facts)
-        return _assemble(facts, arrays)
+        return assemble(facts, arrays)
 
     def _enable_whole(self, args: tuple, prepared: _Prepared, facts: OutputFacts) -> None:
         """Repeated eager calls on distributed arrays cost a Python signature check
         and cache lookup before the dispatch; ``jax.jit`` of the whole call does
         both in C++. Taken where a call's arguments are flat distributed arrays on
         the mesh and its outputs all arrays; anything else falls back."""
-        if self._whole is not None or self._whole_off or facts.statics or not all(
-                isinstance(a, jax.Array) and mesh_of(a) is not None and
-                same_mesh(mesh_of(a), prepared.plan.mesh) for a in args):
+        if self._whole is not None or self._whole_off or facts.statics or \
+                not prepared.plan.arrived_on_mesh or not all(isinstance(a, jax.Array) for a in args):
             return
 
         def whole(*traced):
-            if not all(isinstance(a, jax.core.Tracer) and mesh_of(a) is not None
-                       for a in traced):
-                raise _NotWhole()
-            out = self._call(traced, {})
+            out = self._call(traced, {}, whole=True)
             leaves = jax.tree_util.tree_leaves(out, is_leaf=lambda x: isinstance(x, UnevenArray))
             if not all(isinstance(x, (jax.Array, UnevenArray)) for x in leaves):
                 raise _NotWhole()
@@ -182,10 +184,11 @@ class LocalMapped:
         if known is not None:  # a call traced before with these types: its plan holds
             plan, moved = dataclasses.replace(known, kwargs=kwargs), leaves
         else:
-            mesh = self._mesh(leaves)
+            records = [Leaf.read(leaf) for leaf in leaves]
+            mesh = self._mesh(records)
             if mesh is None or set(mesh.axis_names) <= manual_axes():
                 return None
-            plan, moved = self._plan(args, leaves, in_tree, kwargs, mesh)
+            plan, moved = self._plan(args, records, in_tree, kwargs, mesh)
             if traced is not None and all(a is b for a, b in zip(moved, leaves)):
                 self._remember(traced, plan)
         mesh = plan.mesh
@@ -205,24 +208,26 @@ class LocalMapped:
             self._cache[signature] = (plan, program)
         return _Prepared(plan, program, dyn, False)
 
-    def _plan(self, args, leaves, in_tree, kwargs, mesh) -> tuple[CallPlan, list]:
+    def _plan(self, args, leaves: list[Leaf], in_tree, kwargs, mesh) -> tuple[CallPlan, list]:
+        """The call's plan, and its leaves' values once on ``mesh``."""
         s = self.settings
         n = len(leaves)
         entries = (assign_placements(s.in_placements, args, n, mesh, "in_placements", "inputs")
                    if s.in_placements is not None else [None] * n)
         grads = (assign_placements(s.in_grad_placements, args, n, mesh, "in_grad_placements",
                                    "inputs") if s.in_grad_placements is not None else [None] * n)
+        arrived = all(isinstance(leaf.value, jax.Array) and leaf.mesh is not None and
+                      same_mesh(leaf.mesh, mesh) for leaf in leaves)
         moved, entries = list(leaves), list(entries)
         for i, leaf in enumerate(leaves):
-            leaf_mesh = mesh_of(leaf)
-            if leaf_mesh is not None and not same_mesh(leaf_mesh, mesh) and not (
+            if leaf.mesh is not None and not same_mesh(leaf.mesh, mesh) and not (
                     s.in_placements is not None and entries[i] is None):
                 moved[i], entries[i] = to_mesh(leaf, entries[i], mesh, i,
                                                redistribute=s.redistribute_inputs)
         plan = CallPlan.of(mesh, moved, entries, grads, in_tree, kwargs,
                            explicit=s.in_placements is not None,
-                           redistribute=s.redistribute_inputs)
-        return plan, moved
+                           redistribute=s.redistribute_inputs, arrived_on_mesh=arrived)
+        return plan, [leaf.value for leaf in moved]
 
     def _program(self, plan: CallPlan, dyn: Sequence[Any]) -> _Compiled:
         key = plan.key(dyn, shardings=True)
@@ -238,10 +243,10 @@ class LocalMapped:
             self._cache.popitem(last=False)
         return value
 
-    def _mesh(self, leaves: Sequence[Any]) -> Optional[AnyMesh]:
+    def _mesh(self, leaves: Sequence[Leaf]) -> Optional[AnyMesh]:
         if self.settings.device_mesh is not None:
             return self.settings.device_mesh
-        return next((m for m in map(mesh_of, leaves) if m is not None), None)
+        return next((leaf.mesh for leaf in leaves if leaf.mesh is not None), None)
 
 
 def _values(plan: CallPlan, leaves: Sequence[Any]) -> list:
@@ -252,14 +257,6 @@ def _values(plan: CallPlan, leaves: Sequence[Any]) -> list:
             return leaf.padded if p.padded else full_tensor(leaf)
         return leaf
     return [value(p) for p in plan.inputs]
-
-
-def _assemble(facts: OutputFacts, arrays: Sequence[Any]) -> Any:
-    """The call's result: the body's output tree, arrays distributed."""
-    leaves = dict(facts.statics)
-    for output, value in zip(facts.arrays, arrays):
-        leaves[output.index] = padding.wrap(value, output.layout)
-    return jax.tree_util.tree_unflatten(facts.tree, [leaves[j] for j in range(len(leaves))])
 
 
 def local_map(func: Optional[Callable] = None, out_placements: Any = None,

@@ -1,5 +1,5 @@
 """Test helpers: random data, value checks against the unsharded computation,
-and collective counts through the library's own accounting (jlocalmap.comm)."""
+and collective counts through the library's own accounting (jlocalmap.inspect.comm)."""
 
 import numpy as np
 

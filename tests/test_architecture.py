@@ -1,6 +1,6 @@
-"""The package keeps the size limits of docs/architecture.md: no function over
-60 lines, no class over 200 (docstrings not counted), no module over 400
-non-blank lines, and
+"""The package keeps the rules of docs/architecture.md: its stages are
+subpackages and no stage imports a later one; no function over 60 lines, no
+class over 200 (docstrings not counted), no module over 400 non-blank lines;
 ``__init__`` re-exports the public API and nothing else."""
 import ast
 import pathlib
@@ -10,7 +10,14 @@ import pytest
 import jlocalmap as jlm
 
 PACKAGE = pathlib.Path(jlm.__file__).parent
-MODULES = sorted(PACKAGE.glob("*.py"))
+MODULES = sorted(PACKAGE.rglob("*.py"))
+# The floors of the package, bottom first: a module may import its own floor and
+# the floors below (docs/architecture.md draws them). The base modules, the value
+# libraries, movement, the two stages of a call, then what reads finished
+# programs and the public callable; collectives stand beside movement (they
+# need layouts only); the kits on top use the public API.
+FLOORS = [{"errors", "_jax_compat"}, {"layouts"}, {"movement", "collectives"}, {"call"},
+          {"region"}, {"inspect"}, {"local_map"}, {"__init__"}, {"testing", "strategies"}]
 LIMITS = {ast.FunctionDef: 60, ast.AsyncFunctionDef: 60, ast.ClassDef: 200}
 
 
@@ -34,7 +41,7 @@ def code_lines(source: str, tree: ast.AST, start: int, end: int) -> int:
                if n not in skip and lines[n - 1].strip() and not lines[n - 1].strip().startswith("#"))
 
 
-@pytest.mark.parametrize("path", MODULES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_size_limits(path):
     source = path.read_text()
     tree = ast.parse(source)
@@ -45,6 +52,45 @@ def test_size_limits(path):
         if limit is not None:
             size = code_lines(source, tree, node.lineno, node.end_lineno)
             assert size <= limit, f"{path.name}:{node.lineno} {node.name}: {size} lines (limit {limit})"
+
+
+def part_of(module: str) -> str:
+    """The top-level part of jlocalmap a module path (``a.b.c``) belongs to."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def floor_of(part: str) -> int:
+    matches = [i for i, floor in enumerate(FLOORS) if part in floor]
+    assert matches, f"jlocalmap/{part} is on no floor: add it to FLOORS (and docs/architecture.md)"
+    return matches[0]
+
+
+def imported_parts(path: pathlib.Path) -> set[str]:
+    """The parts of jlocalmap a module imports (at any depth of its code)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and \
+                node.module.split(".")[0] == "jlocalmap":
+            found.add(part_of(node.module) if node.module != "jlocalmap" else "__init__")
+        elif isinstance(node, ast.Import):
+            found.update(part_of(a.name) if a.name != "jlocalmap" else "__init__"
+                         for a in node.names if a.name.split(".")[0] == "jlocalmap")
+    return found
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_no_stage_imports_a_later_stage(path):
+    rel = path.relative_to(PACKAGE).with_suffix("")
+    own = rel.parts[0] if len(rel.parts) > 1 else rel.name
+    later = {part for part in imported_parts(path)
+             if floor_of(part) > floor_of(own) or (floor_of(part) == floor_of(own) and part != own)}
+    assert not later, f"jlocalmap/{rel}.py ({own}) imports {sorted(later)}, on a later floor"
+
+
+def test_the_stages_are_folders():
+    flat = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert flat == ["__init__.py", "_jax_compat.py", "errors.py", "local_map.py"], flat
 
 
 def test_init_reexports_the_public_api_only():
@@ -61,3 +107,13 @@ def test_every_public_name_has_a_docstring_with_an_example(name):
     obj = getattr(jlm, name)
     doc = obj.__doc__ or ""
     assert ">>>" in doc, f"jlocalmap.{name} has no runnable example in its docstring"
+
+
+def test_one_leaf_walks_each_stage_once_and_is_read_once():
+    """benchmarks/leaf_walk.py: an input on another mesh goes call > region, and
+    its mesh and layout are read once (docs/architecture.md has the table)."""
+    from benchmarks.leaf_walk import summary, walk_other_mesh_leaf
+    stays, reads = walk_other_mesh_leaf()
+    found = summary(stays)
+    assert (found["stage walk"], found["stage comebacks"]) == ("call > region", 0), found
+    assert reads == {"mesh_of": 1, "layout_of": 1}, reads

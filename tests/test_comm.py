@@ -20,7 +20,7 @@ def helpers_count(fn, *args):
     text = jax.jit(fn).lower(*args).compile().as_text()
     kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
     return {c: len(re.findall(rf"\s{c}(?:-start)?\(", text)) for c in kinds}
-from jlocalmap.comm import Collective, collectives_in_hlo
+from jlocalmap.inspect.comm import Collective, collectives_in_hlo
 
 NONE = dict.fromkeys(("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"), 0)
 F32 = 4

@@ -718,15 +718,12 @@ def test_fuzz_broken_calls():
     """Calls with one or two broken arguments: a jlocalmap error, or (where the
     API reinterprets them validly) the unsharded result."""
     OUTCOMES["broken"].clear()
+    OUTCOMES["broken errors"].clear()
     fuzz_broken()
     print("\nbroken calls:", dict(OUTCOMES["broken"]))
     assert OUTCOMES["broken"]["jlocalmap error"] >= BROKEN_EXAMPLES // 2, OUTCOMES["broken"]
-
-
-def test_fuzz_error_kinds_seen():
-    """The broken-call run (when it ran in this session) met a variety of jlocalmap errors."""
-    if not OUTCOMES["broken errors"]:
-        pytest.skip("run with test_fuzz_broken_calls")
+    # The run met a variety of jlocalmap errors (checked here: a separate test
+    # would run on another xdist worker, where this run's outcomes are not).
     print("\nerror kinds:", len(OUTCOMES["broken errors"]))
     for k, v in sorted(OUTCOMES["broken errors"].items(), key=lambda kv: -kv[1])[:30]:
         print(f"  {v:4d}  {k}")

@@ -351,6 +351,44 @@ def test_a_custom_backward_returning_this_ranks_rows_is_never_silently_wrong(dec
     assert_all_close(got, want)
 
 
+def case_fused_rmsnorm_2d(weight_grad):
+    """The fused norm on a (dp, tp) mesh: batch over dp, sequence over tp."""
+    mesh = jax.make_mesh((2, 2), ("dp", "tp"))
+    x, w = randn(4, 8, 4), 1 + randn(4)
+    region = jlm.local_map(fused_rms_norm, [Shard(0), Shard(1)],
+                           ([Shard(0), Shard(1)], [Replicate(), Replicate()]),
+                           in_grad_placements=(None, weight_grad), device_mesh=mesh)
+    got = sharded_grads(mesh, lambda x, w: jnp.sum(jnp.sin(region(x, w))), x, w)
+    return got, unsharded_grads(lambda x, w: jnp.sum(jnp.sin(rms_norm(x, w))), x, w)
+
+
+@pytest.mark.parametrize("case, declared, shown, axes, fix", [
+    (case_fused_rmsnorm, R, "declared [Replicate()]", "axis 'tp'", "[Partial(sum)]"),
+    (case_fused_rmsnorm, None, "undeclared, so its own placements [Replicate()]", "axis 'tp'",
+     "[Partial(sum)]"),
+    (case_fused_rmsnorm_2d, [Partial(), Replicate()], "declared [Partial(sum), Replicate()]",
+     "axis 'tp'", "[Partial(sum), Partial(sum)]"),
+    (case_fused_rmsnorm_2d, None, "undeclared, so its own placements [Replicate(), Replicate()]",
+     "axes 'dp', 'tp'", "[Partial(sum), Partial(sum)]"),
+], ids=["1-axis Replicate", "1-axis undeclared", "2-axis Partial on dp only", "2-axis undeclared"])
+def test_a_custom_backward_against_its_declaration_names_the_region_and_the_fix(
+        case, declared, shown, axes, fix):
+    """torchtitan #404: the per-rank dw of a fused kernel for a weight whose gradient
+    is Replicate() is refused at trace time with jlocalmap's error, JAX's as its cause."""
+    with pytest.raises(jlm.PlacementValueError) as info:
+        case(declared)
+    text = str(info.value)
+    assert text.startswith("in_grad_placements[1]: the custom_vjp rule in local_map[fused_rms_norm]")
+    assert f"differs across mesh {axes}" in text and f"its gradient is {shown}" in text
+    assert f"Declare in_grad_placements[1]={fix}" in text and "jax.lax.psum" in text
+    assert "Custom VJP bwd rule" in str(info.value.__cause__)
+
+
+def test_the_fused_norm_declared_partial_on_both_axes_matches_the_unsharded_norm():
+    got, want = case_fused_rmsnorm_2d([Partial(), Partial()])
+    assert_all_close(got, want)
+
+
 def _doc_errors() -> dict[str, str]:
     blocks = re.findall(r"<!-- zoo error: (\w+) -->\s*```text\n(.*?)```", DOC.read_text(), re.S)
     return {name: " ".join(text.split()) for name, text in blocks}

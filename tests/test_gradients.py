@@ -294,7 +294,7 @@ def test_partial_gradients_reduced_once_per_step(mesh4, rng, k):
 def test_scan_layout_from_types_matches_the_declared_one(loop):
     """jax versions describe a scan's (consts, carry) split differently; the types
     alone must give it back."""
-    from jlocalmap.gradients import _scan_layouts
+    from jlocalmap.region.gradients import _scan_layouts
 
     jaxpr = jax.make_jaxpr(loop)(jnp.ones((4, 4)), jnp.ones((4, 4)))
     scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]

@@ -8,7 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
-from jlocalmap.uneven import UnevenArray
+from jlocalmap.layouts.uneven import UnevenArray
 from helpers import assert_close, count_collectives, randn
 from jlocalmap import Partial, Replicate, Shard
 

@@ -1,4 +1,4 @@
-"""jlocalmap.region_inspection (jlm.regions): regions as one named shard_map equation, global shapes
+"""jlocalmap.inspect.inspection (jlm.regions): regions as one named shard_map equation, global shapes
 outside and local inside (on a 256-device abstract mesh too), forward/backward
 bodies and residuals under checkpoint policies, trace-time count errors."""
 

@@ -4,7 +4,7 @@ from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
 from jlocalmap import Partial, Replicate, Shard
-from jlocalmap.specs import local_shape
+from jlocalmap.layouts.specs import local_shape
 
 
 @pytest.mark.parametrize("placements, ndim, spec", [

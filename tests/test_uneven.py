@@ -9,8 +9,8 @@ import pytest
 import jlocalmap as jlm
 from helpers import assert_close, randn
 from jlocalmap import Partial, Replicate, Shard
-from jlocalmap.chunks import chunk_bounds
-from jlocalmap.uneven import UnevenArray, local_valid_size
+from jlocalmap.layouts.chunks import chunk_bounds
+from jlocalmap.layouts.uneven import UnevenArray, local_valid_size
 
 
 @pytest.mark.parametrize("size, splits, lengths", [

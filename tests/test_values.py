@@ -48,7 +48,7 @@ import pytest
 
 import jlocalmap as jlm
 from jlocalmap import Partial, Replicate, Shard
-from jlocalmap.uneven import local_valid_size
+from jlocalmap.layouts.uneven import local_valid_size
 
 VE, TE = jlm.PlacementValueError, jlm.PlacementTypeError
 

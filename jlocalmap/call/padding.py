@@ -1,0 +1,100 @@
+"""Uneven inputs and outputs around the region: inputs are padded to their
+even storage before the region (outputs along uneven dims become
+:class:`~jlocalmap.layouts.uneven.UnevenArray`\\ s in ``region.outputs.assemble``), and once per call signature
+the region runs on random data with two different paddings: a body whose
+logical outputs change with the padding mixes rows and is refused.
+
+Example:
+    >>> import jax, jax.numpy as jnp, numpy as np, jlocalmap as jlm
+    >>> mesh = jax.make_mesh((2,), ("tp",))
+    >>> f = jlm.local_map(lambda x: x * 2, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
+    >>> y = f(np.arange(5.0, dtype=np.float32))          # 3 + 2 rows
+    >>> type(y).__name__, np.asarray(jlm.full_tensor(y)).tolist()
+    ('UnevenArray', [0.0, 2.0, 4.0, 6.0, 8.0])
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jlocalmap.call.input_plan import InputPlan
+from jlocalmap.errors import PlacementValueError
+from jlocalmap.layouts.meshes import mesh_context
+from jlocalmap.layouts.uneven import pad, unpad
+from jlocalmap.layouts.value_layout import dtype_of
+from jlocalmap.movement.distribute import distribute_tensor, full_tensor
+from jlocalmap.movement.relayout import relayout, run_relayout
+
+
+def pad_input(x: jax.Array, plan: InputPlan, fill: float = 0.0) -> jax.Array:
+    """The padded storage of an uneven input given whole or evenly laid out
+    (``fill`` other than 0 only in the padding check)."""
+    if plan.src is not None:  # gather the whole value, then pad it
+        x = relayout(x, plan.src, plan.src.replicated(), carry_devices=False)
+    return pad(x, plan.dst, fill)
+
+
+def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
+    """Refuse a body whose outputs change with the padding of its uneven
+    inputs; ``run(plan, *values, pad_fill=...)`` is the region. Once per
+    signature (``done`` holds the signatures checked)."""
+    key = plan.key(dyn, shardings=True)
+    if key in done:
+        return
+    if any(isinstance(x, jax.core.Tracer) for x in dyn):
+        # Trace state is per thread: a fresh thread runs the check concretely.
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(_compare_paddings, run, plan, dyn).result()
+    else:
+        _compare_paddings(run, plan, dyn)
+    done.add(key)
+
+
+def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> np.ndarray:
+    shape = list(plan.dst.shape if plan.padded else np.shape(x))
+    dtype = dtype_of(x)
+    data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
+            else rng.integers(0, 2, shape))
+    return data.astype(dtype)
+
+
+def _sample(plan: InputPlan, data: np.ndarray, fill: float) -> Any:
+    if plan.padded:
+        return run_relayout(pad(jnp.asarray(data), plan.dst, fill), None, plan.dst.storage())
+    source = plan.src if plan.src is not None else plan.dst.replicated()
+    return distribute_tensor(data, source.mesh, source.placements)
+
+
+def _compare_paddings(run: Callable, plan, dyn: Sequence[Any]) -> None:
+    rng = np.random.default_rng(0)
+    logical = [_random_logical(p, x, rng) for p, x in zip(plan.inputs, dyn)]
+    results = []
+    for fill in (0.0, 1.0):
+        samples = [_sample(p, data, fill) for p, data in zip(plan.inputs, logical)]
+        found = []
+        fn = jax.jit(lambda *s: _keep(found, run(plan, *s, pad_fill=fill)))
+        with mesh_context(plan.mesh):
+            arrays = fn(*samples)
+        results.append([np.asarray(unpad(full_tensor(a), o.layout)) for a, o in
+                        zip(arrays, found[-1].arrays)])
+    outputs = found[-1].arrays
+    for o, a, b in zip(outputs, *results):
+        if not np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
+            raise PlacementValueError(
+                f"out_placements[{o.index}]: output {o.index} changes with the padding of "
+                f"the uneven inputs {[p.index for p in plan.inputs if p.dst.is_uneven]}: "
+                f"the body mixes rows along an uneven dim (a sum, mean or shift over it). "
+                f"Mask the padding rows with jlocalmap.local_valid_size(size, axes), "
+                f"or give that input Replicate() along the dim.")
+
+
+def _keep(found: list, result: tuple) -> tuple:
+    arrays, facts = result
+    found.append(facts)
+    return arrays

@@ -1,0 +1,56 @@
+"""``Settings``: the arguments of one ``local_map(...)``, checked once when it
+is built and read by every stage of a call.
+
+Example:
+    >>> import jax, jlocalmap as jlm
+    >>> from jlocalmap.call.settings import Settings
+    >>> Settings.of(abs, [jlm.Replicate()], None, None, None, False, True).func_name
+    'abs'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Optional
+
+import numpy as np
+
+from jlocalmap.errors import PlacementTypeError
+from jlocalmap.layouts.meshes import AnyMesh, check_mesh
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Settings:
+    """What ``local_map`` was given (placement arguments as the user wrote them)."""
+    func: Callable
+    out_placements: Any
+    in_placements: Any
+    in_grad_placements: Any
+    device_mesh: Optional[AnyMesh]
+    redistribute_inputs: bool
+    check_vma: bool
+
+    @classmethod
+    def of(cls, func: Any, out_placements: Any, in_placements: Any, in_grad_placements: Any,
+           device_mesh: Any, redistribute_inputs: Any, check_vma: Any) -> "Settings":
+        """Check the arguments that need no call to check."""
+        if not callable(func):
+            raise PlacementTypeError(
+                f"func: expected a callable to run on local shards, found "
+                f"{type(func).__name__}; pass a function, or call local_map without "
+                f"func to get a decorator.")
+        if device_mesh is not None:
+            check_mesh(device_mesh)
+        for name, flag in (("redistribute_inputs", redistribute_inputs),
+                           ("check_vma", check_vma)):
+            if not isinstance(flag, (bool, np.bool_)):
+                raise PlacementTypeError(
+                    f"{name}: expected True or False, found {flag!r} of type "
+                    f"{type(flag).__name__}; pass a bool.")
+        return cls(func, out_placements, in_placements, in_grad_placements, device_mesh,
+                   bool(redistribute_inputs), bool(check_vma))
+
+    @property
+    def func_name(self) -> str:
+        return getattr(self.func, "__name__", type(self.func).__name__)

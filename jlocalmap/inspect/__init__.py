@@ -1,0 +1,1 @@
+"""Inspection: reading traced programs (regions, residuals), communication counts and layout views."""

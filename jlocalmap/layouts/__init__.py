@@ -1,0 +1,1 @@
+"""Layouts: placements, PartitionSpecs, meshes, chunks, the ``Layout`` value and reading a value's layout."""

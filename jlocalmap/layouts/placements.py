@@ -1,0 +1,162 @@
+"""DTensor-style placement types: ``Shard(dim)``, ``Replicate()``, ``Partial(op)``.
+
+A placement describes how one mesh axis lays out a global value, exactly as in
+``torch.distributed.tensor``. A *placement list* has one entry per mesh axis, in
+``mesh.axis_names`` order.
+
+Example:
+    >>> import jlocalmap as jlm
+    >>> jlm.Shard(0) == jlm.Shard(0), jlm.Partial(), jlm.Replicate().is_replicate()
+    (True, Partial(sum), True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional, Union
+
+from jlocalmap.errors import PlacementTypeError, PlacementValueError
+
+ReduceOp = Literal["sum", "avg", "max", "min"]
+REDUCE_OPS: tuple[str, ...] = ("sum", "avg", "max", "min")
+
+
+class Placement:
+    """Base class of the three placements; use :class:`Shard`, :class:`Replicate`
+    or :class:`Partial`.
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> isinstance(jlm.Shard(1), jlm.Placement)
+        True
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, *args, **kwargs):
+        if cls is Placement:
+            raise PlacementTypeError(
+                "Placement(): the base class has no meaning of its own; use "
+                "Shard(dim), Replicate() or Partial(reduce_op).")
+        return super().__new__(cls)
+
+    def is_shard(self, dim: Optional[int] = None) -> bool:
+        """True for ``Shard`` (of ``dim``, when given).
+
+        Example:
+            >>> import jlocalmap as jlm
+            >>> jlm.Shard(1).is_shard(), jlm.Shard(1).is_shard(0)
+            (True, False)
+        """
+        return False
+
+    def is_replicate(self) -> bool:
+        """True for ``Replicate()``.
+
+        Example:
+            >>> import jlocalmap as jlm
+            >>> jlm.Replicate().is_replicate()
+            True
+        """
+        return False
+
+    def is_partial(self) -> bool:
+        """True for ``Partial(op)``.
+
+        Example:
+            >>> import jlocalmap as jlm
+            >>> jlm.Partial("avg").is_partial()
+            True
+        """
+        return False
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard(Placement):
+    """Tensor dim ``dim`` is split across the mesh axis (``torch.chunk`` order).
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> jlm.Shard(0)
+        Shard(dim=0)
+    """
+
+    dim: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int):
+            raise PlacementTypeError(
+                f"Shard(dim): expected an int tensor dimension, found {self.dim!r} "
+                f"of type {type(self.dim).__name__}; write e.g. Shard(0).")
+
+    def is_shard(self, dim: Optional[int] = None) -> bool:
+        return dim is None or dim == self.dim
+
+    def __repr__(self) -> str:
+        return f"Shard(dim={self.dim})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Replicate(Placement):
+    """Every device on the mesh axis holds the whole value.
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> jlm.Replicate()
+        Replicate()
+    """
+
+    def is_replicate(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "Replicate()"
+
+
+@dataclasses.dataclass(frozen=True)
+class Partial(Placement):
+    """Every device holds a same-shaped partial value; the true value is their
+    reduction with ``reduce_op`` (``"sum"``, ``"avg"``, ``"max"`` or ``"min"``).
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> jlm.Partial(), jlm.Partial("avg")
+        (Partial(sum), Partial(avg))
+    """
+
+    reduce_op: ReduceOp = "sum"
+
+    def __post_init__(self) -> None:
+        if self.reduce_op not in REDUCE_OPS:
+            raise PlacementValueError(
+                f"Partial(reduce_op): expected one of {REDUCE_OPS}, found "
+                f"{self.reduce_op!r}; write e.g. Partial('sum').")
+
+    def is_partial(self) -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return f"Partial({self.reduce_op})"
+
+
+PlacementList = tuple[Placement, ...]
+PlacementsLike = Union[Placement, "list[Placement]", "tuple[Placement, ...]"]
+
+
+def compact(placements: Optional[PlacementsLike]) -> str:
+    """A placement list in DTensor's short notation (``S(0)``, ``R``, ``P(sum)``),
+    as in region names; ``-`` for None (a leaf without placements).
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> from jlocalmap.layouts.placements import compact
+        >>> compact([jlm.Shard(0), jlm.Replicate(), jlm.Partial("avg")])
+        'S(0)RP(avg)'
+    """
+    if placements is None:
+        return "-"
+    if isinstance(placements, Placement):
+        placements = (placements,)
+    return "".join(f"S({p.dim})" if isinstance(p, Shard) else
+                   f"P({p.reduce_op})" if isinstance(p, Partial) else "R"
+                   for p in placements)
