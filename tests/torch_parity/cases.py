@@ -58,7 +58,7 @@ class Case:
     redistribute: bool = False
     grads: bool = True
     refusal: str | None = None                   # both must refuse with this phrase
-    torch_wrong: str | None = None               # "tp_times" or "summand" (see torch_expected)
+    torch_wrong: str | None = None               # what PyTorch gets wrong (see parity.py)
     note: str = ""
 
 
@@ -183,6 +183,10 @@ def _cases() -> list[Case]:
         Case("multi_mesh", f"{TESTS}: multi_mesh_inputs (a true matmul)", "mm",
              ("line:S1", "grid:S0,S0"), lambda ws: ((8, 32), (32, 4)), ("S1", "S0,S0"), "P,P",
              mesh="grid", note="jlocalmap differentiates X moved onto the grid first"),
+        Case("multi_mesh_verbatim", f"{TESTS}: multi_mesh_inputs, as written", "mm",
+             ("line:S1", "grid:S0,S1"), lambda ws: ((8, 8 * ws), (16, 8)), ("S1", "S0,S1"), "R,S1",
+             mesh="grid", grads=False, refusal="varies over", torch_wrong="replicate_varies",
+             note="a Replicate() output whose ranks hold different products"),
         Case("uneven_rows", f"{TESTS}: uneven_sharding (2 ws + 1 rows)", "mm",
              ("line:S0", "line:R"), lambda ws: ((2 * ws + 1, 4), (4, 8)), ("S0", "R"), "S0",
              in_grad=("S0", "P"), torch_wrong="uneven_shape",

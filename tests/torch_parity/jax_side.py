@@ -76,36 +76,34 @@ def _wrapped(case: Case, meshes: dict, moved: dict):
                          device_mesh=meshes[case.mesh], redistribute_inputs=case.redistribute)
 
 
+def _gradients(f, args: list, arrays: list[int], g: np.ndarray) -> list[np.ndarray]:
+    """The full gradients of ``sum(full_tensor(f(*args)) * g)`` for ``args[i], i in arrays``."""
+    def full_output(*picked):
+        call = list(args)
+        for i, a in zip(arrays, picked):
+            call[i] = a
+        return jlm.full_tensor(f(*call))
+
+    def grads(*picked):
+        return jax.vjp(full_output, *picked)[1](jnp.asarray(g))
+
+    return [np.asarray(jlm.full_tensor(x)) for x in jax.jit(grads)(*[args[i] for i in arrays])]
+
+
 def run_case(case: Case, world_size: int, meshes: dict | None = None) -> dict:
-    """One case: the full output and the full gradients of ``sum(out * G)``."""
+    """One case: the full output (called eagerly, as a user calls it) and the full
+    gradients of ``sum(out * G)`` (under ``jax.jit``)."""
     meshes = meshes or meshes_for(world_size)
     args = [_hold(v, g, meshes) for v, g in zip(case_inputs(case, world_size), case.given)]
-    arrays = [i for i, g in enumerate(case.given) if given_mesh(g)[0] not in ("host", "scalar")]
-
-    def full_output(f):
-        def run(*picked):
-            call = list(args)
-            for i, a in zip(arrays, picked):
-                call[i] = a
-            return jlm.full_tensor(f(*call))
-        return run
-
     try:
-        out = np.asarray(full_output(_wrapped(case, meshes, {}))(*[args[i] for i in arrays]))
+        out = np.asarray(jlm.full_tensor(_wrapped(case, meshes, {})(*args)))
         if not case.grads:
             return {"out": out}
         moved = MOVE_BEFORE_TRACE.get(case.name, {})
         for i, entry in moved.items():
             args[i] = jlm.distribute_tensor(args[i], meshes[case.mesh], to_placements(placements(entry)))
-        traced = _value_and_vjp(full_output(_wrapped(case, meshes, moved)), cotangent(case, world_size))
-        _, grads = jax.jit(traced)(*[args[i] for i in arrays])
+        arrays = [i for i, g in enumerate(case.given) if given_mesh(g)[0] not in ("host", "scalar")]
+        grads = _gradients(_wrapped(case, meshes, moved), args, arrays, cotangent(case, world_size))
     except ValueError as e:
         return {"error": f"{type(e).__name__}: {e}"}
-    return {"out": out, "grads": [np.asarray(jlm.full_tensor(g)) for g in grads]}
-
-
-def _value_and_vjp(fn, g: np.ndarray):
-    def value_and_vjp(*arrays):
-        out, vjp = jax.vjp(fn, *arrays)
-        return out, vjp(jnp.asarray(g))
-    return value_and_vjp
+    return {"out": out, "grads": grads}

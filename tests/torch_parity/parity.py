@@ -55,13 +55,11 @@ def _maxdiff(a: list, b: list) -> float:
 
 
 def _grad_tokens(case: Case) -> list[tuple[str, ...]]:
-    """Each array input's gradient placements (declared, else the input's own)."""
-    entries = case.in_grad or case.in_pl or (None,) * len(case.given)
-    out = []
-    for entry, given, in_entry in zip(entries, case.given, case.in_pl or (None,) * len(case.given)):
-        if given_mesh(given)[0] != "scalar":
-            out.append(placements(entry or in_entry) or given_mesh(given)[1])
-    return out
+    """Each array input's gradient placements: declared, else its entry, else its own."""
+    none = (None,) * len(case.given)
+    return [placements(declared or entry) or given_mesh(given)[1]
+            for declared, entry, given in zip(case.in_grad or none, case.in_pl or none, case.given)
+            if given_mesh(given)[0] != "scalar"]
 
 
 def _torch_uneven(case: Case, ranks: list[dict], ws: int, true_shape: tuple) -> tuple[dict, str]:
@@ -75,8 +73,8 @@ def _torch_uneven(case: Case, ranks: list[dict], ws: int, true_shape: tuple) -> 
     split = [int(np.prod([n for n, t in zip(shape, tokens) if t == f"S{d}"])) for d in range(len(local))]
     expected_claim = tuple(n * s for n, s in zip(local, split))
     claimed = tuple(ranks[0]["claimed_shape"])
-    assert claimed == expected_claim, (claimed, expected_claim)
-    return {"out": out, "grads": grads}, f"claims global shape {claimed} for {true_shape}"
+    note = f"claims global shape {claimed} for {true_shape}" if claimed == expected_claim else ""
+    return {"out": out, "grads": grads}, note
 
 
 def _torch_expected_grads(case: Case, ws: int, ref: list) -> tuple[list, str]:
@@ -86,14 +84,14 @@ def _torch_expected_grads(case: Case, ws: int, ref: list) -> tuple[list, str]:
     return ref, ""
 
 
-def _summand(case: Case, ranks: list[dict], ref: list) -> tuple[list, float, str]:
+def _summand(case: Case, ranks: list[dict]) -> tuple[list, str]:
     """The default-Replicate gradients: each rank holds its own summand. Returns the
-    gradients with those inputs summed over ranks, and how far rank 0's is from the truth."""
+    gradients with those inputs summed over ranks (rank 0's against jlocalmap's in
+    ``grads_torch_jlm`` shows they are not the true ones)."""
     hit = [i for i, g in enumerate(case.given) if given_mesh(g)[1] == ("R",)]
     grads = [np.sum([r["grads"][i] for r in ranks], axis=0) if i in hit else g
              for i, g in enumerate(ranks[0]["grads"])]
-    off = max(float(np.max(np.abs(ranks[0]["grads"][i] - ref[i]))) for i in hit)
-    return grads, off, f"input {hit[0]}'s gradient is each rank's summand (sum over ranks = true)"
+    return grads, f"input {hit[0]}'s gradient is each rank's summand (sum over ranks = true)"
 
 
 def measure(case: Case, ws: int) -> Measurement:
@@ -103,6 +101,9 @@ def measure(case: Case, ws: int) -> Measurement:
     m = Measurement(case, ws)
     if case.refusal:
         m.refusals = (ranks[0].get("error", ""), jlm.get("error", ""))
+        if case.torch_wrong == "replicate_varies" and "out" in ranks[0]:   # the grid's rows disagree
+            m.torch_ref = _maxdiff([ranks[0]["out"]], [ranks[-1]["out"]])
+            m.torch_note = f"a Replicate() output differs by up to {m.torch_ref:.1f} between ranks"
         return m
     ref_out = reference_output(case, ws)
     ref = reference_grads(case, ws) if case.grads else []
@@ -116,8 +117,7 @@ def measure(case: Case, ws: int) -> Measurement:
         m.grads_torch_jlm = max(_maxdiff(r["grads"], jlm["grads"]) for r in ranks)
         expected, note = _torch_expected_grads(case, ws, ref)
         if case.torch_wrong == "summand":
-            summed, off, note = _summand(case, ranks, ref)
-            assert off > 1e-2, f"{case.name}: PyTorch's summand gradient is right ({off})"
+            summed, note = _summand(case, ranks)
             ranks = [{"grads": summed}]
         m.torch_note = m.torch_note or note
         torch_ref = max(torch_ref, max(_maxdiff(r["grads"], expected) for r in ranks))
@@ -134,8 +134,13 @@ def problems(m: Measurement) -> list[str]:
     """Every way the measurement breaks the parity claim (empty: it holds)."""
     case = m.case
     if m.refusals:
-        return [f"{side} does not refuse with {case.refusal!r}: {error[:300]!r}"
-                for side, error in zip(("PyTorch", "jlocalmap"), m.refusals) if case.refusal not in error]
+        found = [f"{side} does not refuse with {case.refusal!r}: {error[:300]!r}"
+                 for side, error in zip(("PyTorch", "jlocalmap"), m.refusals) if case.refusal not in error]
+        if case.torch_wrong == "replicate_varies":      # PyTorch runs it, silently inconsistent
+            found = [f for f in found if not f.startswith("PyTorch")]
+            if not m.torch_ref or m.torch_ref <= 1e-2:
+                found.append("PyTorch's ranks agree on the Replicate() output (or it refused)")
+        return found
     found = []
     if m.out_torch_jlm > TOL:
         found.append(f"outputs differ by {m.out_torch_jlm:.2e}")
@@ -143,6 +148,8 @@ def problems(m: Measurement) -> list[str]:
         found.append(f"jlocalmap is {m.jlm_ref:.2e} off the unsharded result")
     if m.torch_ref > TOL:
         found.append(f"PyTorch is {m.torch_ref:.2e} off {m.torch_note or 'the unsharded result'}")
+    if bool(m.torch_note) != bool(case.torch_wrong):
+        found.append(f"PyTorch is documented {case.torch_wrong!r} but gives {m.torch_note!r}")
     wrong_grads = case.torch_wrong in ("tp_times", "summand")
     if m.grads_torch_jlm is not None and wrong_grads != (m.grads_torch_jlm > 1.0):
         found.append(f"gradients differ by {m.grads_torch_jlm:.2e}, but PyTorch is documented "

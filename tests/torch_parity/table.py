@@ -34,6 +34,8 @@ def _num(x: float | None) -> str:
 def row(m: parity.Measurement) -> str:
     """One markdown row for one case at one world size."""
     name = f"`{m.case.name}`"
+    if m.torch_note and m.refusals:
+        return f"| {name} | {m.world_size} | — | — | refuses: \"{m.case.refusal}\" | — | {m.torch_note} |"
     if m.refusals:
         kinds = " / ".join(e.split(":")[0] for e in m.refusals)
         return f"| {name} | {m.world_size} | — | — | — | — | both refuse ({kinds}): \"{m.case.refusal}\" |"
