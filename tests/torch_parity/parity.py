@@ -91,7 +91,7 @@ def _summand(case: Case, ranks: list[dict]) -> tuple[list, str]:
     hit = [i for i, g in enumerate(case.given) if given_mesh(g)[1] == ("R",)]
     grads = [np.sum([r["grads"][i] for r in ranks], axis=0) if i in hit else g
              for i, g in enumerate(ranks[0]["grads"])]
-    return grads, f"input {hit[0]}'s gradient is each rank's summand (sum over ranks = true)"
+    return grads, "the Replicate() input's gradient is each rank's own summand (their sum is the true one)"
 
 
 def measure(case: Case, ws: int) -> Measurement:
