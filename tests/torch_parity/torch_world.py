@@ -1,10 +1,9 @@
 """Run a function on a real PyTorch process group: ``world_size`` CPU processes
-joined by gloo, as PyTorch's own DTensor tests run. Nothing here imports JAX, so
+joined by gloo, as PyTorch's own DTensor tests run (forked from a forkserver). Nothing here imports JAX, so
 the spawned processes stay light.
 
-    >>> from torch_world import run_world                      # doctest: +SKIP
-    >>> run_world(my_module.rank_fn, 4, "arg")                 # doctest: +SKIP
-    [result of rank 0, result of rank 1, ...]
+    from torch_world import run_world
+    run_world(my_module.rank_fn, 4, "arg")   # [result of rank 0, result of rank 1, ...]
 
 ``fn(rank, world_size, *args)`` must be a module-level function (the processes
 are spawned, so they import it); what it returns must pickle (numpy arrays,
@@ -46,9 +45,14 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, fn: Callable, ar
 
 def run_world(fn: Callable, world_size: int, *args: Any) -> list[Any]:
     """``[fn(rank, world_size, *args) for each rank]``, each rank its own process."""
+    import multiprocessing
     import torch.multiprocessing as mp
+    # The ranks fork from a server that imported torch and fn's module once: a world
+    # starts in about 2 s instead of 12 (8 ranks each importing torch on 2 cores).
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed.tensor", fn.__module__])
     with tempfile.TemporaryDirectory() as outdir:
-        mp.spawn(_worker, args=(world_size, free_port(), outdir, fn, args), nprocs=world_size, join=True)
+        mp.start_processes(_worker, args=(world_size, free_port(), outdir, fn, args),
+                           nprocs=world_size, join=True, start_method="forkserver")
         results = []
         for rank in range(world_size):
             with open(os.path.join(outdir, f"rank{rank}.pkl"), "rb") as f:
