@@ -20,8 +20,10 @@ Example:
     ...                    ([Shard(1)], [Shard(0)]), device_mesh=mesh)
     >>> rng = np.random.default_rng(0)
     >>> x, w = rng.standard_normal((8, 16), np.float32), rng.standard_normal((16, 4), np.float32)
-    >>> assert_matches_unsharded(mm, lambda x, w: x @ w, x, w, mesh=mesh,
-    ...                          placements=([Shard(1)], [Shard(0)]))
+    >>> compared = assert_matches_unsharded(mm, lambda x, w: x @ w, x, w, mesh=mesh,
+    ...                                     placements=([Shard(1)], [Shard(0)]))
+    >>> sorted(compared)
+    ['grad of args[0]', 'grad of args[1]', 'output']
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ _ARRAYS = (jax.Array, np.ndarray, np.generic, jlm.UnevenArray)
 def assert_matches_unsharded(f_sharded: Callable, f_reference: Callable, *args: Any,
                              mesh: Optional[Mesh] = None, placements: Any = None,
                              grads: bool = True, rtol: float = 1e-5, atol: float = 1e-5,
-                             seed: int = 0, x64: bool = False) -> None:
+                             seed: int = 0, x64: bool = False) -> dict[str, np.ndarray]:
     """Assert that ``f_sharded`` on ``args`` laid out by ``placements`` on ``mesh``
     gives the outputs of ``f_reference`` on the global ``args`` on one device,
     and (``grads=True``) the same gradients with respect to every floating
@@ -56,18 +58,19 @@ def assert_matches_unsharded(f_sharded: Callable, f_reference: Callable, *args: 
     is one placement list for all. ``x64=True`` runs the reference in float64.
     Raises ``AssertionError`` naming each output or gradient that differs
     (``output[1]``, ``grad of args[0]['w']``), with the largest absolute and
-    relative errors, their index and both values there.
+    relative errors, their index and both values there. Returns the unsharded
+    values compared, by those names, for checks that they are not trivial.
 
     Example:
         >>> import jax, numpy as np, jlocalmap as jlm
         >>> from jlocalmap import Replicate, Shard
         >>> from jlocalmap.testing import assert_matches_unsharded
         >>> mesh = jax.make_mesh((4,), ("tp",))
-        >>> forgot_psum = jlm.local_map(lambda x, w: x @ w, [jlm.Partial()],
-        ...                             ([Shard(1)], [Shard(0)]), device_mesh=mesh)
+        >>> partial_sums = jlm.local_map(lambda x, w: x @ w, [jlm.Partial()],
+        ...                              ([Shard(1)], [Shard(0)]), device_mesh=mesh)
         >>> x, w = np.ones((2, 8), np.float32), np.ones((8, 3), np.float32)
-        >>> assert_matches_unsharded(forgot_psum, lambda x, w: x @ w, x, w, mesh=mesh,
-        ...                          placements=([Shard(1)], [Shard(0)]))
+        >>> _ = assert_matches_unsharded(partial_sums, lambda x, w: x @ w, x, w, mesh=mesh,
+        ...                              placements=([Shard(1)], [Shard(0)]))
         >>> wrong = jlm.local_map(lambda x, w: x @ w, [Replicate()],   # a partial sum kept
         ...                       ([Shard(1)], [Shard(0)]), device_mesh=mesh, check_vma=False)
         >>> try:
@@ -91,7 +94,9 @@ def assert_matches_unsharded(f_sharded: Callable, f_reference: Callable, *args: 
         compared = len(outputs) + len(gradients)
         raise AssertionError(
             f"f_sharded ({_name(f_sharded)}) does not match f_reference ({_name(f_reference)}, "
-            f"unsharded on one device): {len(problems)} of {compared} compared values differ\n" + "\n".join(problems))
+            f"unsharded on one device): {len(problems)} of {compared} compared values differ\n"
+            + "\n".join(problems))
+    return dict(ref_outputs + ref_gradients)
 
 
 class _Side:
