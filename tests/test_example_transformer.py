@@ -93,7 +93,8 @@ def test_overlapped_projections_are_one_ring_each_way(mesh):
     tp = mesh.shape["tp"]
     with jax.set_mesh(mesh):
         for region, args in ((column, (h, w, w)), (row, (x, w2))):
-            squares = lambda *a, f=region: sum(jnp.sum(o ** 2) for o in jax.tree.leaves(f(*a)))  # noqa: E731
+            def squares(*a, f=region):
+                return sum(jnp.sum(o ** 2) for o in jax.tree.leaves(f(*a)))
             expect_collectives(region, *args, collective_permute=tp - 1)
             expect_collectives(jax.grad(squares, argnums=tuple(range(len(args)))), *args,
                                collective_permute=2 * (tp - 1), all_reduce=None)

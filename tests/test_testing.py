@@ -212,6 +212,7 @@ def test_make_mesh_fixture_and_its_errors(make_mesh):
 
 
 def test_simulate_cpu_devices_after_the_backend_started():
+    assert jax.device_count() == 8                                    # started: the count is fixed
     assert simulate_cpu_devices(8) == 8
     with pytest.raises(RuntimeError, match=r"simulate_cpu_devices\(3\): JAX's backend already "
                                            r"started with 8 cpu devices"):

@@ -152,7 +152,8 @@ class _Side:
             if cotangents is None or not floats:
                 outputs, gradients = jax.jit(lambda f: self._outputs(leaves, f))(floats), []
             else:
-                outputs, gradients = jax.jit(lambda f: self._value_and_grad(leaves, f, cotangents))(floats)
+                run = jax.jit(lambda f: self._value_and_grad(leaves, f, cotangents))
+                outputs, gradients = run(floats)
         named = jax.tree_util.tree_flatten_with_path(outputs)[0]
         return ([(f"output{jax.tree_util.keystr(p)}", np.asarray(v)) for p, v in named],
                 [(f"grad of args{jax.tree_util.keystr(self.paths[i])}", np.asarray(g))

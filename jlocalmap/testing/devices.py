@@ -32,6 +32,8 @@ def simulate_cpu_devices(n: int) -> int:
     Example:
         >>> import jax
         >>> from jlocalmap.testing import simulate_cpu_devices
+        >>> jax.device_count()                         # the backend starts with 8
+        8
         >>> try:
         ...     simulate_cpu_devices(3)
         ... except RuntimeError as e:
