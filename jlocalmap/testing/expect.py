@@ -98,7 +98,8 @@ class CollectiveRecorder:
     def __enter__(self) -> "CollectiveRecorder":
         return self
 
-    def __exit__(self, kind, value, traceback) -> None:
+    def __exit__(self, kind: Optional[type], value: Optional[BaseException],
+                 traceback: Any) -> None:
         if kind is not None:
             return  # the block's own error is the one to see
         if not self.programs:
