@@ -88,7 +88,8 @@ def assert_matches_unsharded(f_sharded: Callable, f_reference: Callable, *args: 
     (outputs, gradients), (ref_outputs, ref_gradients) = (
         sharded.evaluate(cotangents), reference.evaluate(cotangents))
     problems = [describe_mismatch(name, got, want, rtol, atol)
-                for (name, got), (_, want) in zip(outputs + gradients, ref_outputs + ref_gradients)]
+                for (name, got), (_, want) in zip(outputs + gradients, ref_outputs + ref_gradients,
+                                                     strict=True)]
     problems = [p for p in problems if p is not None]
     if problems:
         compared = len(outputs) + len(gradients)
