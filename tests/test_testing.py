@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import jlocalmap as jlm
+import jlocalmap.testing
 from jlocalmap import Partial, Replicate, Shard
 from jlocalmap.testing import (assert_matches_unsharded, describe_mismatch, expect_collectives,
                                simulate_cpu_devices)
@@ -249,3 +250,8 @@ def test_jlm_devices_after_a_conftest_started_jax_is_a_usage_error(tmp_path):
     assert done.returncode == 4, done.stdout + done.stderr             # pytest's usage error
     assert ("--jlm-devices 4: simulate_cpu_devices(4): JAX's backend already started with 8 cpu "
             "devices" in done.stderr), done.stderr
+
+
+@pytest.mark.parametrize("name", jlocalmap.testing.__all__)
+def test_every_public_name_has_a_runnable_example(name):
+    assert ">>>" in (getattr(jlocalmap.testing, name).__doc__ or ""), name
