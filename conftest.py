@@ -9,3 +9,6 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import importlib.util  # noqa: E402
 
 collect_ignore_glob = [] if importlib.util.find_spec("mkdocs") else ["docs/*.py"]
+
+# jlocalmap's pytest plugin (--jlm-devices, the mesh and make_mesh fixtures), as users load it.
+pytest_plugins = ["jlocalmap.testing"]

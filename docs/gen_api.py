@@ -110,6 +110,12 @@ def _index(package: ModuleType, pages: list[tuple[str, str, list[str]]],
     return "\n".join(lines) + "\n"
 
 
+def module_page(module: ModuleType, title: str, about: str) -> str:
+    """The page of a public module that the package does not import (its names
+    are the module's own ``__all__``), e.g. ``jlocalmap.testing``."""
+    return _page(module, title, about, list(module.__all__))
+
+
 def api_pages(package: ModuleType) -> dict[str, str]:
     """Markdown of ``api/index.md`` and every topic page, by path under docs/."""
     exported = list(package.__all__)

@@ -3,7 +3,7 @@
 - ``figures/*.svg``: the placement figures of docs/gen_figures.py, drawn from
   ``jlm.describe`` of real layouts on simulated CPU devices;
 - ``api/*.md``: the API reference of docs/gen_api.py, one mkdocstrings entry
-  per name in ``jlocalmap.__all__``;
+  per name in ``jlocalmap.__all__`` (and in ``jlocalmap.testing.__all__``);
 - ``source/<path>.md``: a page showing a repository file that a page links to
   outside docs/ (``[the test](../tests/test_x.py)``), so that such links
   resolve in the built site too; the links are rewritten to those pages (a
@@ -35,6 +35,13 @@ def generated_files() -> dict[str, str]:
         import jlocalmap
         _generated.update({f"figures/{name}": svg for name, svg in figures.items()})
         _generated.update(gen_api.api_pages(jlocalmap))
+        import jlocalmap.testing
+        _generated["api/testing.md"] = gen_api.module_page(
+            jlocalmap.testing, "jlocalmap.testing",
+            "The kit for testing your own sharded code: values and gradients against the "
+            "unsharded run, collective counts, the pytest plugin's meshes and device count "
+            "(`import jlocalmap.testing`; it imports pytest). "
+            "Guide: [testing your sharded code](../testing.md).")
     return _generated
 
 

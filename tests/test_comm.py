@@ -1,5 +1,6 @@
-"""Communication accounting: exact counts and bytes for known programs, agreement
-with tests/helpers.py's counter, and the HLO forms XLA emits on other backends."""
+"""Communication accounting: exact counts (checked with jlocalmap.testing's
+expect_collectives) and bytes for known programs, agreement with an opcode-matching
+counter, and the HLO forms XLA emits on other backends."""
 
 import re
 
@@ -13,6 +14,7 @@ from jax.sharding import NamedSharding
 import jlocalmap as jlm
 from jlocalmap import Replicate, Shard
 from jlocalmap import collectives as C
+from jlocalmap.testing import expect_collectives
 
 
 def helpers_count(fn, *args):
@@ -36,8 +38,8 @@ def test_correctness_program_one_all_reduce(rng, n):
     mesh = jax.make_mesh((n,), ("tp",))
     x = jlm.distribute_tensor(randn(rng, 8, 16), mesh, [Shard(1)])
     w = jlm.distribute_tensor(randn(rng, 16, 12), mesh, [Shard(0)])
-    comms = jlm.count_collectives(tp_matmul(mesh), x, w)
-    assert comms.counts == {**NONE, "all-reduce": 1} == helpers_count(tp_matmul(mesh), x, w)
+    comms = expect_collectives(tp_matmul(mesh), x, w, all_reduce=1)
+    assert comms.counts == helpers_count(tp_matmul(mesh), x, w)
     assert comms.bytes == {**NONE, "all-reduce": 8 * 12 * F32}
 
 
@@ -47,8 +49,8 @@ def test_redistribute_program_two_all_to_all_one_all_reduce(mesh1, rng):
     w = jlm.distribute_tensor(W, mesh1, [Shard(1)])
     mm = tp_matmul(mesh1, redistribute_inputs=True)
     assert_close(mm(x, w), X @ W, rtol=1e-5)
-    comms = jlm.count_collectives(mm, x, w)
-    assert comms.counts == {**NONE, "all-to-all": 2, "all-reduce": 1} == helpers_count(mm, x, w)
+    comms = expect_collectives(mm, x, w, all_to_all=2, all_reduce=1)
+    assert comms.counts == helpers_count(mm, x, w)
     # local X (4, 16) and W (16, 6) each move once; XLA emits one tuple element per peer
     assert sorted(op.bytes for op in comms.ops if op.kind == "all-to-all") == [4 * 16 * F32, 16 * 6 * F32]
     assert comms.total_bytes == (4 * 16 + 16 * 6 + 8 * 12) * F32
@@ -58,8 +60,8 @@ def test_all_gather_program(mesh4, rng):
     gather = jlm.local_map(lambda x: C.all_gather_tensor(x, 0, mesh4), [Replicate()], ([Shard(0)],),
                            device_mesh=mesh4)
     x = jlm.distribute_tensor(randn(rng, 8, 2), mesh4, [Shard(0)])
-    comms = jlm.count_collectives(gather, x)
-    assert comms.counts == {**NONE, "all-gather": 1} == helpers_count(gather, x)
+    comms = expect_collectives(gather, x, all_gather=1)
+    assert comms.counts == helpers_count(gather, x)
     (op,) = comms.ops
     assert (op.operand_bytes, op.result_bytes, op.bytes) == (2 * 2 * F32, 8 * 2 * F32, 8 * 2 * F32)
 
@@ -70,8 +72,7 @@ def test_all_reduce_bytes_of_known_shape(mesh2x4, rng, dtype, itemsize):
     f = jlm.local_map(lambda x: C.all_reduce(x, "sum", (mesh2x4, "tp")), [Shard(0), Replicate()],
                       ([Shard(0), Shard(0)],), device_mesh=mesh2x4)
     x = jlm.distribute_tensor(randn(rng, 8 * 3, 5, 7).astype(dtype), mesh2x4, [Shard(0), Shard(0)])
-    comms = jlm.count_collectives(f, x)
-    assert comms.counts == {**NONE, "all-reduce": 1}
+    comms = expect_collectives(f, x, all_reduce=1)
     assert comms.bytes["all-reduce"] == 3 * 5 * 7 * itemsize
 
 
@@ -81,8 +82,8 @@ def test_reduce_scatter_and_permute(mesh4, rng):
 
     f = jlm.local_map(body, [Shard(0)], ([Shard(0)],), device_mesh=mesh4)
     x = jlm.distribute_tensor(randn(rng, 32, 3), mesh4, [Shard(0)])
-    comms = jlm.count_collectives(f, x)
-    assert comms.counts == {**NONE, "reduce-scatter": 1, "collective-permute": 1} == helpers_count(f, x)
+    comms = expect_collectives(f, x, reduce_scatter=1, collective_permute=1)
+    assert comms.counts == helpers_count(f, x)
     assert comms.bytes == {**NONE, "reduce-scatter": 8 * 3 * F32, "collective-permute": 2 * 3 * F32}
 
 
@@ -100,13 +101,11 @@ def test_forward_versus_training_step(mesh1, rng):
     args = (jlm.distribute_tensor(X, mesh1, [Replicate()]),
             jlm.distribute_tensor(W1, mesh1, [Shard(1)]),
             jlm.distribute_tensor(W2, mesh1, [Shard(0)]))
-    forward = jlm.count_collectives(loss, *args)
+    expect_collectives(loss, *args, all_reduce=1)
     with jax.set_mesh(mesh1):
-        step = jlm.count_collectives(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args)
-    assert forward.counts == {**NONE, "all-reduce": 1}
-    # backward: the replicated x's gradient is all-reduced once; the forward
-    # all-reduce's transpose moves nothing
-    assert step.counts == {**NONE, "all-reduce": 2}
+        # backward: the replicated x's gradient is all-reduced once; the forward
+        # all-reduce's transpose moves nothing
+        step = expect_collectives(jax.value_and_grad(loss, argnums=(0, 1, 2)), *args, all_reduce=2)
     assert step.bytes["all-reduce"] == 2 * 8 * 16 * F32
 
 
@@ -122,8 +121,9 @@ def test_shapes_without_data(mesh4):
         spec = jlm.placements_to_spec(placements, mesh4, len(shape))
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh4, spec))
 
-    comms = jlm.count_collectives(tp_matmul(mesh4), struct((8, 16), [Shard(1)]), struct((16, 12), [Shard(0)]))
-    assert comms.counts == {**NONE, "all-reduce": 1} and comms.total_bytes == 8 * 12 * F32
+    comms = expect_collectives(tp_matmul(mesh4), struct((8, 16), [Shard(1)]), struct((16, 12), [Shard(0)]),
+                               all_reduce=1)
+    assert comms.total_bytes == 8 * 12 * F32
 
 
 def test_table(mesh1, rng):
@@ -190,8 +190,7 @@ def test_collectives_in_loops_count_once_per_iteration(mesh1):
     looped = jax.shard_map(lambda x: jax.lax.scan(body, x, None, length=3)[0], mesh=mesh1,
                            in_specs=jax.P("tp"), out_specs=jax.P("tp"))
     x = jax.device_put(np.arange(8, dtype=np.float32), jax.NamedSharding(mesh1, jax.P("tp")))
-    comms = jlm.count_collectives(looped, x)
-    assert comms.counts["all-reduce"] == 1
-    assert comms.executed["all-reduce"] == 3
+    comms = expect_collectives(looped, x, all_reduce=1)
+    expect_collectives(looped, x, all_reduce=3, executed=True)
     assert comms.executed_bytes["all-reduce"] == 3 * comms.bytes["all-reduce"] == 3 * 16
     assert "runs/call" in str(comms)

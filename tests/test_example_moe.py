@@ -1,5 +1,5 @@
 """examples/moe.py at a tiny size: the expert-parallel layer against the unsharded
-reference of the same routing (values, every gradient, training), the routing's
+reference of the same routing (values, every gradient: jlocalmap.testing; training), the routing's
 capacity rule against a plain loop, and a wrong gradient declaration refused."""
 
 import importlib.util
@@ -12,6 +12,7 @@ import pytest
 
 import jlocalmap as jlm
 from jlocalmap import Replicate
+from jlocalmap.testing import assert_matches_unsharded
 from tests.helpers import assert_close
 
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "moe.py"
@@ -37,15 +38,6 @@ def data():
     return params, x, target
 
 
-def _outputs_and_grads(layer):
-    """One jitted program: the layer's outputs and the gradients of a loss of them
-    with respect to the parameters and the tokens."""
-    def loss(params, x, target):
-        y, aux = layer(x, params)
-        return jnp.mean((y - target) ** 2) + moe.AUX_WEIGHT * aux, (y, aux)
-    return jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
-
-
 def test_route_keeps_first_choices_first_up_to_capacity(data):
     params, x, _ = data
     tokens = x[:8]
@@ -67,19 +59,23 @@ def test_route_keeps_first_choices_first_up_to_capacity(data):
 
 
 def test_forward_and_every_gradient_equal_the_unsharded_routing(mesh, data):
-    params, x, target = data
+    """Both outputs (tokens and the balance loss) and the gradients of every parameter
+    and of the tokens, against the reference that routes the same groups."""
+    params, x, _ = data
     assert moe.dropped(x, params["router"], CFG, mesh.size) > 0
     layer = moe.make_sharded_moe(mesh, CFG)
     reference = lambda x, p: moe.reference_moe(x, p, CFG, mesh.size)  # noqa: E731
+    compared = assert_matches_unsharded(layer, reference, x, params, mesh=mesh,
+                                        placements=(moe.TOKENS, moe.PLACEMENTS))
+    assert sorted(compared) == ["grad of args[0]", "grad of args[1]['router']",
+                                "grad of args[1]['w1']", "grad of args[1]['w2']", "output[0]",
+                                "output[1]"]
+    for name, value in compared.items():
+        assert float(np.max(np.abs(value))) > 1e-4, name   # not trivially zero
     with jax.set_mesh(mesh):
-        grads, (y, aux) = _outputs_and_grads(layer)(params, x, target)
-    ref_grads, (ref_y, ref_aux) = _outputs_and_grads(reference)(params, x, target)
-    assert_close(jlm.full_tensor(y), ref_y)
-    assert_close(aux, ref_aux)
+        y, _ = layer(jlm.distribute_tensor(x, mesh, moe.TOKENS),
+                     {k: jlm.distribute_tensor(v, mesh, moe.PLACEMENTS[k]) for k, v in params.items()})
     assert jlm.placements_of(y) == tuple(moe.TOKENS)
-    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        assert float(np.max(np.abs(np.asarray(want)))) > 1e-4   # not trivially zero
-        assert_close(jlm.full_tensor(got), want)
 
 
 def test_training_matches_and_the_step_runs_its_all_to_alls(mesh, data, capsys):

@@ -2,16 +2,20 @@
 --overlap projections, train like the unsharded model (loss, parameters and
 gradients every step), and the two kinds of mistake the comparison exists for
 are caught: a wrong gradient declaration, by jlocalmap at trace time, and a
-wrong causal mask, by the comparison."""
+wrong causal mask, by the comparison. The attention and --overlap regions alone,
+with jlocalmap.testing: values, gradients and collectives."""
 
 import dataclasses
 import importlib.util
 import pathlib
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jlocalmap as jlm
+from jlocalmap.testing import assert_matches_unsharded, expect_collectives
 
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "transformer.py"
 _spec = importlib.util.spec_from_file_location("transformer_example", _PATH)
@@ -59,6 +63,41 @@ def test_overlap_trains_like_the_unsharded_model_with_rings_of_permutes(capsys):
     assert len([line for line in lines if line.startswith("step ")]) == 2
     rings, tp = 4 * TINY.layers + 1, 2
     assert _collective_counts(lines)["collective-permute"] == 2 * rings * (tp - 1)
+
+
+@pytest.mark.parametrize("variant, moves", [("allgather", dict(all_gather=2)),
+                                            ("ring", dict(collective_permute=2))])
+def test_attention_region_equals_the_unsharded_attention(mesh, variant, moves):
+    """The region alone: its output and the gradients of q, k and v; its forward moves
+    k and v over cp, by one all-gather each or one ring step each (cp = 2)."""
+    attention = tr.make_attention(mesh, variant)
+    q, k, v = (np.random.default_rng(i).standard_normal((2, 8, 2, 4)).astype(np.float32)
+               for i in range(3))
+    assert_matches_unsharded(attention, tr.causal_softmax_attention, q, k, v, mesh=mesh,
+                             placements=tr.QKV, rtol=tr.TOL)
+    with jax.set_mesh(mesh):
+        expect_collectives(attention, *(jlm.distribute_tensor(a, mesh, tr.QKV) for a in (q, k, v)),
+                           **moves)
+
+
+def test_overlapped_projections_are_one_ring_each_way(mesh):
+    """--overlap's regions on their own: tp - 1 collective-permutes forward, as many
+    backward, and no all-gather or reduce-scatter; the weights' gradients are
+    all-reduced over dp and cp (a count XLA may combine)."""
+    rng = np.random.default_rng(0)
+    h, w = (jlm.distribute_tensor(rng.standard_normal(s).astype(np.float32), mesh, p)
+            for s, p in (((2, 8, 8), tr.SEQUENCE_PARALLEL), ((8, 8), tr.COLUMN)))
+    x, w2 = (jlm.distribute_tensor(rng.standard_normal(s).astype(np.float32), mesh, p)
+             for s, p in (((2, 8, 8), tr.COLUMN_OUT), ((8, 8), tr.ROW)))
+    column, row = tr.make_overlapped_column(mesh), tr.make_overlapped_row(mesh)
+    tp = mesh.shape["tp"]
+    with jax.set_mesh(mesh):
+        for region, args in ((column, (h, w, w)), (row, (x, w2))):
+            def squares(*a, f=region):
+                return sum(jnp.sum(o ** 2) for o in jax.tree.leaves(f(*a)))
+            expect_collectives(region, *args, collective_permute=tp - 1)
+            expect_collectives(jax.grad(squares, argnums=tuple(range(len(args)))), *args,
+                               collective_permute=2 * (tp - 1), all_reduce=None)
 
 
 def _loss_and_grads(ops, params, tokens, labels):

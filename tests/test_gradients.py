@@ -1,4 +1,5 @@
-"""Gradients through local_map equal the unsharded ones; in_grad_placements."""
+"""Gradients through local_map equal the unsharded ones (several compared with
+jlocalmap.testing.assert_matches_unsharded); in_grad_placements."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import pytest
 import jlocalmap as jlm
 from helpers import assert_close, randn
 from jlocalmap import Partial, Replicate, Shard
+from jlocalmap.testing import assert_matches_unsharded
 
 
 def grads(mesh, f, *args):
@@ -44,23 +46,17 @@ def test_reference_grad_placements(n, in_grad, redistribute, rng):
 def test_megatron_mlp_as_pytorch_documents_it(n, rng):
     """Local matmuls, psum in the body, Replicate out: no doubled gradient."""
     mesh = jax.make_mesh((n,), ("tp",))
-    X, W1, W2 = randn(rng, 4, 8), randn(rng, 8, 16), randn(rng, 16, 8)
-    x = jlm.distribute_tensor(X, mesh, [Replicate()])
-    w1 = jlm.distribute_tensor(W1, mesh, [Shard(1)])
-    w2 = jlm.distribute_tensor(W2, mesh, [Shard(0)])
+    placements = ([Replicate()], [Shard(1)], [Shard(0)])
 
-    @jlm.local_map(out_placements=[Replicate()],
-                   in_placements=([Replicate()], [Shard(1)], [Shard(0)]), device_mesh=mesh)
+    @jlm.local_map(out_placements=[Replicate()], in_placements=placements, device_mesh=mesh)
     def mlp(x, w1, w2):
         return jax.lax.psum(jax.nn.relu(x @ w1) @ w2, "tp")
 
     def ref(x, w1, w2):
         return jax.nn.relu(x @ w1) @ w2
 
-    g = grads(mesh, lambda *a: (mlp(*a) ** 2).sum(), x, w1, w2)
-    r = unsharded_grads(lambda *a: (ref(*a) ** 2).sum(), X, W1, W2)
-    for a, b in zip(g, r):
-        assert_close(a, b, rtol=1e-4)
+    assert_matches_unsharded(mlp, ref, randn(rng, 4, 8), randn(rng, 8, 16), randn(rng, 16, 8),
+                             mesh=mesh, placements=placements, rtol=1e-4)
 
 
 def test_avg_gradient_declaration_is_refused_with_the_reason(mesh1, rng):
@@ -106,12 +102,10 @@ def test_replicate_declared_for_a_partial_gradient_is_an_error(mesh1, rng, body)
 
 @pytest.mark.parametrize("body", BODIES_WHERE_W_MEETS_SHARDED_DATA.values(), ids=BODIES_WHERE_W_MEETS_SHARDED_DATA)
 def test_partial_declared_for_a_partial_gradient_is_correct(mesh1, rng, body):
-    X, W, x, w = dp_inputs(mesh1, rng)
+    _, _, x, w = dp_inputs(mesh1, rng)
     f = jlm.local_map(body, [Shard(0)], ([Shard(0)], [Replicate()]), ([Shard(0)], [Partial()]))
-    g = grads(mesh1, lambda x, w: (f(x, w) ** 2).sum(), x, w)
-    r = unsharded_grads(lambda x, w: (jnp.concatenate([body(x[:4], w), body(x[4:], w)]) ** 2).sum(), X, W)
-    for a, b in zip(g, r):
-        assert_close(a, b, rtol=1e-4)
+    assert_matches_unsharded(f, lambda x, w: jnp.concatenate([body(x[:4], w), body(x[4:], w)]),
+                             x, w, mesh=mesh1, rtol=1e-4)
 
 
 def test_partial_declared_for_a_reduced_gradient_is_an_error(mesh1, rng):
@@ -130,13 +124,10 @@ def test_partial_declared_for_a_reduced_gradient_is_an_error(mesh1, rng):
 
 
 def test_replicate_declared_for_a_reduced_gradient_is_correct(mesh1, rng):
-    X, W, x, w = dp_inputs(mesh1, rng)
+    _, _, x, w = dp_inputs(mesh1, rng)
     f = jlm.local_map(lambda x, w: (x * 2, jnp.tanh(w)), ([Shard(0)], [Replicate()]),
                       ([Shard(0)], [Replicate()]), ([Shard(0)], [Replicate()]))
-    g = grads(mesh1, lambda x, w: sum((o ** 2).sum() for o in f(x, w)), x, w)
-    r = unsharded_grads(lambda x, w: ((2 * x) ** 2).sum() + (jnp.tanh(w) ** 2).sum(), X, W)
-    for a, b in zip(g, r):
-        assert_close(a, b, rtol=1e-4)
+    assert_matches_unsharded(f, lambda x, w: (2 * x, jnp.tanh(w)), x, w, mesh=mesh1, rtol=1e-4)
 
 
 def test_replicate_output_that_varies_is_an_error(mesh1, rng):
