@@ -13,6 +13,7 @@ from jlocalmap.region_residuals import Residual
 from jlocalmap.specs import placements_to_spec, spec_to_placements
 from jlocalmap.uneven import UnevenArray, local_valid_size
 from jlocalmap.value_layout import placements_of
+from jlocalmap.strategies import CostModel, Link, StrategyRegion, strategy_region
 
 __all__ = [
     "LocalMapError", "PlacementTypeError", "PlacementValueError",
@@ -23,4 +24,5 @@ __all__ = [
     "describe", "print_layout",
     "regions", "region_settings", "Region", "RegionCall", "Operand", "Residual",
     "UnevenArray", "local_valid_size",
+    "strategy_region", "StrategyRegion", "CostModel", "Link",
 ]
