@@ -81,9 +81,11 @@ class CostModel:
     @classmethod
     def cpu_simulated(cls) -> "CostModel":
         """Simulated devices of one host (``--xla_force_host_platform_device_count``):
-        a "collective" is a copy between threads; rates measured on a 2-core host."""
-        return cls(flops_per_s=4e9, memory_bytes_per_s=4e9,
-                   default_link=Link(bandwidth=1.5e9, latency=6e-5), name="cpu-simulated")
+        a "collective" is a copy between threads, whose cost is mostly its fixed
+        synchronisation. Fitted to step times of examples/choose_strategy.py on 8
+        simulated devices of a 2-core host (docs/strategies.md)."""
+        return cls(flops_per_s=1.5e10, memory_bytes_per_s=4e9,
+                   default_link=Link(bandwidth=4e9, latency=1e-4), name="cpu-simulated")
 
     @classmethod
     def h200_nvlink(cls) -> "CostModel":
