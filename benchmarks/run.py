@@ -303,7 +303,8 @@ def main(argv=None) -> int:
     written = report.plots(result, out)
     print(report.table(result))
     if "strategy" in result["groups"]:
-        print("strategy region, the cost model's table:\n" + result["groups"]["strategy"]["cost_table"])
+        print("strategy region, the cost model's table:\n"
+              + result["groups"]["strategy"]["cost_table"])
     if "skipped" in result["torch"]:
         print(result["torch"]["skipped"])
     for name, error in result["torch"].get("errors", {}).items():

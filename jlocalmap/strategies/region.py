@@ -49,7 +49,27 @@ def _named(alternatives: Any) -> list[Alternative]:
 
 
 class StrategyRegion:
-    """The callable :func:`strategy_region` returns (see there)."""
+    """The callable :func:`strategy_region` returns: call it like one
+    alternative; ``choice(*args)`` is the decision for those arguments'
+    signature, ``describe(*args)`` prints it, ``alternative(name)`` runs one
+    alternative by hand.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> from jlocalmap import Replicate, Shard
+        >>> mesh = jax.make_mesh((8,), ("dp",))
+        >>> local = jlm.local_map(lambda x: 2 * x, [Shard(0)], ([Shard(0)],), device_mesh=mesh)
+        >>> gathered = jlm.local_map(lambda x: 2 * x, [Replicate()], ([Replicate()],),
+        ...                          device_mesh=mesh)
+        >>> double = jlm.strategy_region({"local": local, "gathered": gathered})
+        >>> x = jlm.distribute_tensor(np.arange(16.0), mesh, [Shard(0)])
+        >>> double.choice(x).chosen, jlm.placements_of(double(x))
+        ('local', (Shard(dim=0),))
+        >>> print(double.describe(x).splitlines()[-1][:40])
+        chosen: local (by cost: lowest predicted
+        >>> float(jlm.full_tensor(double.alternative("gathered")(x))[3])
+        6.0
+    """
 
     def __init__(self, alternatives: Sequence[Alternative], choose: str, verify: bool,
                  cost_model: Optional[CostModel], out_placements: Any, train: bool,
@@ -64,8 +84,8 @@ class StrategyRegion:
         self._jitted: dict = {}
 
     def __repr__(self) -> str:
-        return (f"strategy_region({self.name!r}, alternatives={[a.name for a in self.alternatives]}, "
-                f"choose={self.choose!r})")
+        names = [a.name for a in self.alternatives]
+        return f"strategy_region({self.name!r}, alternatives={names}, choose={self.choose!r})"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
@@ -119,8 +139,8 @@ class StrategyRegion:
     def _decide(self, sig: Signature) -> Choice:
         programs = self._programs(sig)
         estimates = {}
-        for name, (lowered, compiled) in programs.items():
-            text = compiled.as_text()
+        for name, (lowered, program) in programs.items():
+            text = program.as_text()
             estimates[name] = estimate(self.cost_model, lowered, text,
                                        jlm.collectives_in_hlo(text), self.mesh)
         measured = self._measured(sig, programs) if self.choose == "measure" else {}
