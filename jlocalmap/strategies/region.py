@@ -94,7 +94,7 @@ class StrategyRegion:
                 f"keywords {sorted(kwargs)}; bind them with functools.partial on each "
                 f"alternative's body.")
         sig = Signature.of(args, self.mesh)
-        alt = self.alternative(self.choice(*args).chosen)
+        alt = self.alternative(self._choice(sig).chosen)
         if any(isinstance(x, jax.core.Tracer) for x in args):
             return alt(*args)
         program = self._jitted.get(sig)
@@ -114,11 +114,13 @@ class StrategyRegion:
 
     def choice(self, *args: Any) -> Choice:
         """The :class:`Choice` for the signature of ``args`` (decided on first use)."""
-        sig = Signature.of(args, self.mesh)
+        return self._choice(Signature.of(args, self.mesh))
+
+    def _choice(self, sig: Signature) -> Choice:
         found = self._choices.get(sig)
         if found is None:
             for alt in self.alternatives:
-                alt.check_arity(len(args))
+                alt.check_arity(len(sig.args))
             if self.verify:
                 verify_alternatives(self.alternatives, self.out_placements, sig, self.mesh)
             found = self._choices[sig] = self._decide(sig)
