@@ -63,6 +63,7 @@ def test_latency_counts_per_collective():
     rows = {r.name: r.estimate for r in choice.rows}
     assert choice.chosen == min(rows, key=lambda n: rows[n].collectives)
     assert rows[choice.chosen].comm_s == pytest.approx(1e-3 * rows[choice.chosen].collectives)
+    assert latency_only.collective_seconds("all-reduce", 1e6, 1, ()) == 0.0  # one device
 
 
 def test_per_axis_links_price_the_axis_a_collective_spans():

@@ -110,11 +110,15 @@ class CostModel:
     def collective_seconds(self, kind: str, nbytes: float, group_size: int,
                            axes: Sequence[str]) -> float:
         """Seconds of one collective of ``kind`` moving a buffer of ``nbytes`` per
-        device among ``group_size`` devices spanning mesh ``axes``."""
+        device among ``group_size`` devices spanning mesh ``axes``. A group of
+        one device moves nothing (XLA keeps such no-op collectives in a program
+        over a mesh of one device)."""
+        if group_size <= 1:
+            return 0.0
         links = [self.link(a) for a in axes] or [self.default_link]
         bandwidth = min(link.bandwidth for link in links)
         latency = sum(link.latency for link in links)
-        return latency + _RING_FACTOR[kind](max(group_size, 2)) * nbytes / bandwidth
+        return latency + _RING_FACTOR[kind](group_size) * nbytes / bandwidth
 
 
 @dataclasses.dataclass(frozen=True)
