@@ -69,8 +69,8 @@ class MeasureCache:
         scratch.replace(self.path)  # atomic: a concurrent reader sees old or new
 
 
-def time_programs(programs: dict[str, Callable], args: Sequence[Any], rounds: int = 5,
-                  min_round_s: float = 0.02) -> dict[str, float]:
+def time_programs(programs: dict[str, Callable], args: Sequence[Any], rounds: int = 7,
+                  min_round_s: float = 0.05) -> dict[str, float]:
     """Median seconds per call of each compiled program on ``args``, the
     programs interleaved round by round (drift on a shared machine hits all)."""
     for program in programs.values():  # warm up: the first run allocates
