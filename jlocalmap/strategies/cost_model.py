@@ -27,8 +27,7 @@ from typing import Any
 
 import jax
 
-from jlocalmap.comm import CommCounts
-from jlocalmap.errors import PlacementValueError
+import jlocalmap as jlm
 from jlocalmap.strategies.collective_axes import axes_of_line, in_region_body, instruction_lines
 
 
@@ -48,7 +47,7 @@ class Link:
 
     def __post_init__(self):
         if not self.bandwidth > 0 or not self.latency >= 0:
-            raise PlacementValueError(
+            raise jlm.PlacementValueError(
                 f"Link: expected bandwidth > 0 and latency >= 0, found bandwidth="
                 f"{self.bandwidth!r}, latency={self.latency!r}; pass bytes/s and seconds.")
 
@@ -145,7 +144,7 @@ def _cost_analysis(lowered: jax.stages.Lowered) -> dict:
 
 
 def estimate(model: CostModel, lowered: jax.stages.Lowered, hlo_text: str,
-             comms: CommCounts, mesh: jax.sharding.Mesh) -> Estimate:
+             comms: jlm.CommCounts, mesh: jax.sharding.Mesh) -> Estimate:
     """Price a program: FLOPs and bytes from XLA's analysis of the lowered
     program (the same on every platform), collectives from the compiled HLO."""
     cost = _cost_analysis(lowered)
