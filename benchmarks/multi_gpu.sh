@@ -8,7 +8,8 @@
 # Stages (each skipped when it does not apply to the GPU count):
 #   harness   python -m benchmarks, full sizes, TP = all GPUs: MLP (+ sequence-parallel
 #             rows: collective matmuls, XLA auto), block, eager, depth (1 GPU only),
-#             PyTorch local_map rows (torchrun, NCCL)
+#             PyTorch local_map rows (torchrun, NCCL), strategy (the strategy region's choice
+#             against the fastest hand-picked alternative)
 #   windowed  the MLP rows again with XLA's windowed-einsum flags (2+ GPUs)
 #   lhs       the MLP rows again with the latency-hiding scheduler forced on (2+ GPUs)
 #   tp2       the MLP rows and PyTorch rows at TP=2 on 2 of the GPUs (4+ GPUs: TP=2 -> TP=4)
@@ -78,7 +79,7 @@ for stage in "${stages[@]}"; do
   case $stage in
     harness)
       if [ "$NGPU" -eq 1 ]; then harness main "" --torch-timeout 300
-      else harness main "" --only mlp,block,eager,torch --tp "$NGPU" --torch-timeout 300; fi
+      else harness main "" --only mlp,block,eager,strategy,torch --tp "$NGPU" --torch-timeout 300; fi
       cp "$WORK/main/results.json" "$WORK/main/"*.png "$RESULTS/" 2>/dev/null ;;
     windowed)
       [ "$NGPU" -ge 2 ] && flags_work "$WINDOWED" && harness windowed "$WINDOWED" --only mlp --tp "$NGPU" ;;

@@ -46,11 +46,11 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 
 import jlocalmap  # noqa: E402,F401  (fail early, before any timing)
-from benchmarks import report, torch_rows, workloads  # noqa: E402
+from benchmarks import report, strategy, torch_rows, workloads  # noqa: E402
 from benchmarks.timing import Progress, calibrate, run_rounds  # noqa: E402
 from benchmarks.workloads import BlockSize, MlpSize  # noqa: E402
 
-GROUPS = ("mlp", "block", "eager", "depth", "torch")
+GROUPS = ("mlp", "block", "eager", "depth", "torch", "strategy")
 
 
 @dataclasses.dataclass
@@ -188,7 +188,9 @@ def run_jax_groups(settings: Settings, plan: dict, progress: Progress) -> tuple[
                                                        plan["overlap"]), step_sync),
                 ("block", lambda: workloads.block_workload(devices, plan["block_mesh"],
                                                            settings.block), step_sync),
-                ("eager", lambda: workloads.eager_workload(devices, plan["tp"]), True)]
+                ("eager", lambda: workloads.eager_workload(devices, plan["tp"]), True),
+                ("strategy", lambda: strategy.strategy_workload(devices[:plan["tp"]],
+                                                                settings.mlp), step_sync)]
     for group, build, sync_each in builders:
         if group in only:
             progress.advance(f"building {group}", 0)
@@ -196,6 +198,8 @@ def run_jax_groups(settings: Settings, plan: dict, progress: Progress) -> tuple[
             work = build()
             built = time.perf_counter()
             time_group(work, settings, sync_each, progress)
+            if group == "strategy":  # its baseline is the fastest hand-picked row
+                strategy.pick_baseline(work)
             work.info.update(group=group, build_s=built - start,
                              timing_s=time.perf_counter() - built)
             works.append(work)
@@ -257,7 +261,7 @@ def assemble(works: list, depth: dict, torch_result: dict, settings: Settings, p
 
 def _order(name: str) -> tuple:
     group, impl = name.split("/", 1)
-    groups = ("matmul", "mlp", "mlp-sp", "block", "eager")
+    groups = ("matmul", "mlp", "mlp-sp", "block", "eager", "strategy")
     return (groups.index(group) if group in groups else len(groups), impl != "shard_map"
             and impl != "jit(shard_map)", name)
 
@@ -298,6 +302,9 @@ def main(argv=None) -> int:
     report.write_json(result, out / "results.json")
     written = report.plots(result, out)
     print(report.table(result))
+    if "strategy" in result["groups"]:
+        print("strategy region, the cost model's table:\n"
+              + result["groups"]["strategy"]["cost_table"])
     if "skipped" in result["torch"]:
         print(result["torch"]["skipped"])
     for name, error in result["torch"].get("errors", {}).items():
@@ -311,7 +318,7 @@ def main(argv=None) -> int:
 def _progress_total(settings: Settings, plan: dict) -> int:
     only = plan["only"]
     rows = ((4 if plan["overlap"] else 0) + 3) * ("mlp" in only) \
-        + 2 * ("block" in only) + 3 * ("eager" in only)
+        + 2 * ("block" in only) + 3 * ("eager" in only) + 4 * ("strategy" in only)
     depth = len(settings.depths) * settings.depth_rounds * 2 * ("depth" in only)
     return rows * settings.rounds + depth + ("torch" in only)
 

@@ -13,6 +13,7 @@ from jlocalmap.layouts.value_layout import placements_of
 from jlocalmap.local_map import local_map
 from jlocalmap.movement.distribute import distribute_tensor, full_tensor, redistribute
 from jlocalmap.region.record import Operand, RegionCall, region_settings
+from jlocalmap.strategies import CostModel, Link, StrategyRegion, strategy_region
 
 __all__ = [
     "LocalMapError", "PlacementTypeError", "PlacementValueError",
@@ -23,4 +24,5 @@ __all__ = [
     "describe", "print_layout",
     "regions", "region_settings", "Region", "RegionCall", "Operand", "Residual",
     "UnevenArray", "local_valid_size",
+    "strategy_region", "StrategyRegion", "CostModel", "Link",
 ]

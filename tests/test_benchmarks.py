@@ -100,3 +100,23 @@ def test_docstring_examples():
     from benchmarks import timing
     for module in (timing, report):
         assert doctest.testmod(module).failed == 0
+
+
+def test_strategy_row_runs_the_chosen_alternative_and_takes_the_fastest_as_baseline():
+    from benchmarks import strategy
+    from benchmarks.timing import run_rounds
+    work = strategy.strategy_workload(jax.devices()[:4], MlpSize(32, 8, 32, "float32"))
+    chosen = work.info["chosen"]
+    assert chosen in {"tensor-parallel", "seq-parallel-ring", "fsdp"}
+    assert chosen in work.info["cost_table"]
+    for row in work.rows:  # every alternative computes the same step
+        diff = report.relative_difference(work.outputs[row.name],
+                                          work.outputs[f"strategy/{chosen}"])
+        assert diff < 1e-5, f"{row.name} differs from {chosen} by {diff:.2e}"
+    run_rounds(work.rows, rounds=2, iters=1, block=jax.block_until_ready)
+    strategy.pick_baseline(work)
+    rows = {row.name: row for row in work.rows}
+    best = work.info["best_hand_picked"]
+    assert rows["strategy/chosen"].baseline == best != "strategy/chosen"
+    assert min(np.median(r.times) for n, r in rows.items() if n != "strategy/chosen") == \
+        np.median(rows[best].times)

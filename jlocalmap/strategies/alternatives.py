@@ -1,0 +1,145 @@
+"""One alternative of a strategy region: a named ``local_map`` function, its
+inputs moved to its ``in_placements`` before the call (and, where the region
+states ``out_placements``, its outputs moved to them after), and the program
+that prices it: the call with the gradients of every floating-point input.
+
+Example:
+    >>> import jax, numpy as np, jlocalmap as jlm
+    >>> from jlocalmap import Replicate, Shard
+    >>> from jlocalmap.strategies.alternatives import Alternative
+    >>> mesh = jax.make_mesh((2,), ("tp",))
+    >>> double = jlm.local_map(lambda x: 2 * x, [Shard(0)], ([Shard(0)],), device_mesh=mesh)
+    >>> alt = Alternative.of("double", double, 0)
+    >>> x = jlm.distribute_tensor(np.arange(4.0), mesh, [Replicate()])
+    >>> y = alt.placed(None)(x)
+    >>> jlm.placements_of(y), np.asarray(y).tolist()
+    ((Shard(dim=0),), [0.0, 2.0, 4.0, 6.0])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+import jlocalmap as jlm
+
+
+def _is_placement_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
+        isinstance(p, jlm.Placement) for p in value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alternative:
+    """A named ``local_map`` function with a concrete ``device_mesh`` and one
+    ``in_placements`` entry per positional argument."""
+    name: str
+    fn: Callable
+    mesh: jax.sharding.Mesh
+
+    @classmethod
+    def of(cls, name: Any, fn: Any, index: int) -> "Alternative":
+        what = f"alternatives[{index}] ({name!r})"
+        missing = [a for a in ("in_placements", "out_placements", "device_mesh")
+                   if not hasattr(fn, a)]
+        if missing or not callable(fn):
+            raise jlm.PlacementTypeError(
+                f"{what}: expected a function made by jlocalmap.local_map, found "
+                f"{type(fn).__name__}; decorate each alternative with "
+                f"@jlm.local_map(out_placements=..., in_placements=..., device_mesh=mesh).")
+        if not isinstance(fn.device_mesh, jax.sharding.Mesh):
+            raise jlm.PlacementValueError(
+                f"{what}: expected local_map(..., device_mesh=mesh) with a concrete "
+                f"jax.sharding.Mesh, found device_mesh={fn.device_mesh!r}; the region "
+                f"moves inputs to each alternative's mesh and times it there.")
+        if not isinstance(fn.in_placements, (list, tuple)) or _is_placement_list(
+                fn.in_placements):
+            raise jlm.PlacementValueError(
+                f"{what}: expected in_placements with one entry per positional argument "
+                f"(a tuple of placement lists, None for non-arrays), found "
+                f"{fn.in_placements!r}; write in_placements=([Shard(0)], [Replicate()]).")
+        return cls(str(name), fn, fn.device_mesh)
+
+    def check_arity(self, count: int) -> None:
+        if len(self.fn.in_placements) != count:
+            raise jlm.PlacementValueError(
+                f"alternative {self.name!r}: its in_placements has "
+                f"{len(self.fn.in_placements)} entries, the call has {count} positional "
+                f"arguments; every alternative takes the region's arguments, one "
+                f"in_placements entry each.")
+
+    def placed(self, out_placements: Any) -> Callable:
+        """The alternative on global values: each argument moved to its
+        ``in_placements`` (arrays on no mesh are placed there), the call, and its
+        array outputs moved to ``out_placements`` when given."""
+        def call(*args):
+            moved = [_move(x, entry, self.mesh) for x, entry in zip(args, self.fn.in_placements)]
+            out = self.fn(*moved)
+            return out if out_placements is None else _move_outputs(out, out_placements,
+                                                                    self.mesh)
+        call.__name__ = self.name.replace("-", "_").replace(" ", "_")
+        return call
+
+
+def _move(x: Any, placements: Optional[Sequence], mesh) -> Any:
+    if placements is None or not hasattr(x, "shape"):  # a static argument
+        return x
+    try:
+        current = tuple(jlm.placements_of(x, mesh))
+    except jlm.PlacementValueError:  # on no mesh: a global value, placed
+        return jlm.distribute_tensor(x, mesh, placements)
+    return x if current == tuple(placements) else jlm.redistribute(x, mesh, placements)
+
+
+def _move_outputs(out: Any, out_placements: Any, mesh) -> Any:
+    leaves, tree = jax.tree_util.tree_flatten(out)
+    entries = ([out_placements] * len(leaves) if _is_placement_list(out_placements)
+               else list(out_placements))
+    if len(entries) != len(leaves):
+        raise jlm.PlacementValueError(
+            f"out_placements: expected one placement list per output leaf "
+            f"({len(leaves)}), found {len(entries)}; pass one list for all outputs, "
+            f"or one per output.")
+    return jax.tree_util.tree_unflatten(
+        tree, [_move(x, p, mesh) for x, p in zip(leaves, entries)])
+
+
+def on_mesh(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:
+    """``jax.set_mesh(mesh)`` for lowering (gradients through Partial layouts
+    need the mesh in context), or nothing while a ``jax.jit`` traces, where JAX
+    refuses it and the caller's own ``set_mesh`` is in force."""
+    try:
+        return jax.set_mesh(mesh)
+    except ValueError:
+        return contextlib.nullcontext()
+
+
+def compiled(fn: Callable, abstract: Sequence[Any], mesh: jax.sharding.Mesh) -> Any:
+    """``jax.jit(fn)`` lowered for ``abstract`` and compiled: (lowered, compiled).
+    A compiled program runs on concrete arrays even while an outer ``jax.jit``
+    traces, which is how a region verifies and times under ``jax.jit``."""
+    with on_mesh(mesh):
+        lowered = jax.jit(fn).lower(*abstract)
+        return lowered, lowered.compile()
+
+
+def float_outputs(out: Any) -> list:
+    return [o for o in jax.tree_util.tree_leaves(out)
+            if hasattr(o, "dtype") and jnp.issubdtype(o.dtype, jnp.inexact)]
+
+
+def training_program(call: Callable, differentiable: Sequence[int], train: bool) -> Callable:
+    """What a choice prices and times: the call, and with ``train`` the
+    gradients of ``sum(outputs)`` with respect to the arguments at
+    ``differentiable`` (the loss value keeps the forward's collectives)."""
+    if not train or not differentiable:
+        return call
+
+    def loss(*args):
+        return sum(jnp.sum(o.astype(jnp.float32)) for o in float_outputs(call(*args)))
+    return jax.value_and_grad(loss, argnums=tuple(differentiable))
