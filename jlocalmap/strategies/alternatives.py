@@ -26,12 +26,15 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-import jlocalmap as jlm
+from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.layouts.placements import Placement
+from jlocalmap.layouts.value_layout import placements_of
+from jlocalmap.movement.distribute import distribute_tensor, redistribute
 
 
 def _is_placement_list(value: Any) -> bool:
     return isinstance(value, (list, tuple)) and len(value) > 0 and all(
-        isinstance(p, jlm.Placement) for p in value)
+        isinstance(p, Placement) for p in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +51,18 @@ class Alternative:
         missing = [a for a in ("in_placements", "out_placements", "device_mesh")
                    if not hasattr(fn, a)]
         if missing or not callable(fn):
-            raise jlm.PlacementTypeError(
+            raise PlacementTypeError(
                 f"{what}: expected a function made by jlocalmap.local_map, found "
                 f"{type(fn).__name__}; decorate each alternative with "
                 f"@jlm.local_map(out_placements=..., in_placements=..., device_mesh=mesh).")
         if not isinstance(fn.device_mesh, jax.sharding.Mesh):
-            raise jlm.PlacementValueError(
+            raise PlacementValueError(
                 f"{what}: expected local_map(..., device_mesh=mesh) with a concrete "
                 f"jax.sharding.Mesh, found device_mesh={fn.device_mesh!r}; the region "
                 f"moves inputs to each alternative's mesh and times it there.")
         if not isinstance(fn.in_placements, (list, tuple)) or _is_placement_list(
                 fn.in_placements):
-            raise jlm.PlacementValueError(
+            raise PlacementValueError(
                 f"{what}: expected in_placements with one entry per positional argument "
                 f"(a tuple of placement lists, None for non-arrays), found "
                 f"{fn.in_placements!r}; write in_placements=([Shard(0)], [Replicate()]).")
@@ -67,7 +70,7 @@ class Alternative:
 
     def check_arity(self, count: int) -> None:
         if len(self.fn.in_placements) != count:
-            raise jlm.PlacementValueError(
+            raise PlacementValueError(
                 f"alternative {self.name!r}: its in_placements has "
                 f"{len(self.fn.in_placements)} entries, the call has {count} positional "
                 f"arguments; every alternative takes the region's arguments, one "
@@ -90,10 +93,10 @@ def _move(x: Any, placements: Optional[Sequence], mesh) -> Any:
     if placements is None or not hasattr(x, "shape"):  # a static argument
         return x
     try:
-        current = tuple(jlm.placements_of(x, mesh))
-    except jlm.PlacementValueError:  # on no mesh: a global value, placed
-        return jlm.distribute_tensor(x, mesh, placements)
-    return x if current == tuple(placements) else jlm.redistribute(x, mesh, placements)
+        current = tuple(placements_of(x, mesh))
+    except PlacementValueError:  # on no mesh: a global value, placed
+        return distribute_tensor(x, mesh, placements)
+    return x if current == tuple(placements) else redistribute(x, mesh, placements)
 
 
 def _move_outputs(out: Any, out_placements: Any, mesh) -> Any:
@@ -101,7 +104,7 @@ def _move_outputs(out: Any, out_placements: Any, mesh) -> Any:
     entries = ([out_placements] * len(leaves) if _is_placement_list(out_placements)
                else list(out_placements))
     if len(entries) != len(leaves):
-        raise jlm.PlacementValueError(
+        raise PlacementValueError(
             f"out_placements: expected one placement list per output leaf "
             f"({len(leaves)}), found {len(entries)}; pass one list for all outputs, "
             f"or one per output.")

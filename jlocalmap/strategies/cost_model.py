@@ -27,8 +27,13 @@ from typing import Any
 
 import jax
 
-import jlocalmap as jlm
-from jlocalmap.strategies.collective_axes import axes_of_line, in_region_body, instruction_lines
+from jlocalmap.errors import PlacementValueError
+from jlocalmap.inspect.comm import CommCounts
+from jlocalmap.strategies.collective_axes import (
+    axes_of_line,
+    in_region_body,
+    instruction_lines,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +52,7 @@ class Link:
 
     def __post_init__(self):
         if not self.bandwidth > 0 or not self.latency >= 0:
-            raise jlm.PlacementValueError(
+            raise PlacementValueError(
                 f"Link: expected bandwidth > 0 and latency >= 0, found bandwidth="
                 f"{self.bandwidth!r}, latency={self.latency!r}; pass bytes/s and seconds.")
 
@@ -144,7 +149,7 @@ def _cost_analysis(lowered: jax.stages.Lowered) -> dict:
 
 
 def estimate(model: CostModel, lowered: jax.stages.Lowered, hlo_text: str,
-             comms: jlm.CommCounts, mesh: jax.sharding.Mesh) -> Estimate:
+             comms: CommCounts, mesh: jax.sharding.Mesh) -> Estimate:
     """Price a program: FLOPs and bytes from XLA's analysis of the lowered
     program (the same on every platform), collectives from the compiled HLO."""
     cost = _cost_analysis(lowered)

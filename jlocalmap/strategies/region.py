@@ -18,9 +18,14 @@ from typing import Any, Optional
 
 import jax
 
-import jlocalmap as jlm
-from jlocalmap.strategies.alternatives import (Alternative, compiled, on_mesh,
-                                               training_program)
+from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.inspect.comm import collectives_in_hlo
+from jlocalmap.strategies.alternatives import (
+    Alternative,
+    compiled,
+    on_mesh,
+    training_program,
+)
 from jlocalmap.strategies.choice import Choice, TableRow
 from jlocalmap.strategies.cost_model import CostModel, estimate
 from jlocalmap.strategies.measure import MeasureCache, mesh_key, time_programs
@@ -37,12 +42,12 @@ def _named(alternatives: Any) -> list[Alternative]:
     alts = [Alternative.of(name, fn, i) for i, (name, fn) in enumerate(items)]
     names = [a.name for a in alts]
     if len(alts) < 1 or len(set(names)) != len(names):
-        raise jlm.PlacementValueError(
+        raise PlacementValueError(
             f"alternatives: expected one or more alternatives with distinct names, "
             f"found names {names}; pass a dict {{name: local_map function}}.")
     meshes = {(a.mesh.axis_names, a.mesh.devices.shape) for a in alts}
     if len(meshes) != 1 or any(not (a.mesh.devices == alts[0].mesh.devices).all() for a in alts):
-        raise jlm.PlacementValueError(
+        raise PlacementValueError(
             f"alternatives: expected every alternative on the same device_mesh, found "
             f"{[a.mesh for a in alts]}; build them all with device_mesh=mesh.")
     return alts
@@ -89,7 +94,7 @@ class StrategyRegion:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
-            raise jlm.PlacementTypeError(
+            raise PlacementTypeError(
                 f"strategy region {self.name!r}: expected positional arguments only, found "
                 f"keywords {sorted(kwargs)}; bind them with functools.partial on each "
                 f"alternative's body.")
@@ -109,7 +114,7 @@ class StrategyRegion:
         for alt in self.alternatives:
             if alt.name == name:
                 return alt.placed(self.out_placements)
-        raise jlm.PlacementValueError(
+        raise PlacementValueError(
             f"name: expected one of {[a.name for a in self.alternatives]}, found {name!r}.")
 
     def choice(self, *args: Any) -> Choice:
@@ -144,7 +149,7 @@ class StrategyRegion:
         for name, (lowered, program) in programs.items():
             text = program.as_text()
             estimates[name] = estimate(self.cost_model, lowered, text,
-                                       jlm.collectives_in_hlo(text), self.mesh)
+                                       collectives_in_hlo(text), self.mesh)
         measured = self._measured(sig, programs) if self.choose == "measure" else {}
         rows = tuple(TableRow(n, e, measured.get(n)) for n, e in estimates.items())
         key = (measured.get if measured else lambda n: estimates[n].seconds)
@@ -207,11 +212,11 @@ def strategy_region(alternatives: Any, *, choose: str = "cost", verify: bool = T
         8.0
     """
     if choose not in CHOOSE:
-        raise jlm.PlacementValueError(
+        raise PlacementValueError(
             f"choose: expected one of {CHOOSE}, found {choose!r}; \"cost\" ranks by the "
             f"cost model, \"measure\" times each alternative once and caches the result.")
     if cost_model is not None and not isinstance(cost_model, CostModel):
-        raise jlm.PlacementTypeError(
+        raise PlacementTypeError(
             f"cost_model: expected a jlocalmap.CostModel, found {type(cost_model).__name__}; "
             f"use jlm.CostModel.cpu_simulated() or jlm.CostModel.h200_nvlink().")
     alts = _named(alternatives)

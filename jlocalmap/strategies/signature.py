@@ -25,7 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-import jlocalmap as jlm
+from jlocalmap.errors import PlacementTypeError
+from jlocalmap.layouts.placements import Placement
+from jlocalmap.layouts.specs import placements_to_spec
+from jlocalmap.layouts.value_layout import placements_of
+from jlocalmap.movement.distribute import distribute_tensor
 
 
 def _placements(x: Any, mesh: jax.sharding.Mesh) -> Optional[tuple]:
@@ -35,10 +39,10 @@ def _placements(x: Any, mesh: jax.sharding.Mesh) -> Optional[tuple]:
         else getattr(x, "sharding", None)
     if getattr(getattr(sharding, "mesh", None), "empty", True):
         return None
-    return tuple(jlm.placements_of(x, mesh))
+    return tuple(placements_of(x, mesh))
 
 
-def _short(p: jlm.Placement) -> str:
+def _short(p: Placement) -> str:
     return {"Shard": lambda: f"S({p.dim})", "Replicate": lambda: "R",
             "Partial": lambda: "P"}[type(p).__name__]()
 
@@ -88,7 +92,7 @@ def _arg_spec(x: Any, mesh: jax.sharding.Mesh, index: int) -> ArgSpec:
     try:
         hash(x)
     except TypeError:
-        raise jlm.PlacementTypeError(
+        raise PlacementTypeError(
             f"args[{index}]: expected an array or a hashable static value (a number, "
             f"a string, None), found {type(x).__name__}; a strategy region takes its "
             f"arrays as separate positional arguments (no pytrees).") from None
@@ -133,7 +137,7 @@ class Signature:
                 return a.static
             if a.placements is None:
                 return jax.ShapeDtypeStruct(a.shape, a.dtype)
-            spec = jlm.placements_to_spec(a.placements, mesh, len(a.shape))
+            spec = placements_to_spec(a.placements, mesh, len(a.shape))
             return jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, spec))
         return [one(a) for a in self.args]
 
@@ -149,7 +153,7 @@ class Signature:
                      else rng.integers(0, 4, a.shape)).astype(jnp.dtype(a.dtype))
             if a.placements is None:
                 return value
-            place = jax.jit(lambda v: jlm.distribute_tensor(v, mesh, a.placements))
+            place = jax.jit(lambda v: distribute_tensor(v, mesh, a.placements))
             return place.lower(jax.ShapeDtypeStruct(a.shape, a.dtype)).compile()(value)
         return [one(a) for a in self.args]
 

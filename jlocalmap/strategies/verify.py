@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import jlocalmap as jlm
+from jlocalmap.errors import PlacementValueError
+from jlocalmap.movement.distribute import full_tensor
 from jlocalmap.strategies.alternatives import Alternative, compiled, float_outputs
 from jlocalmap.strategies.signature import Signature, with_statics
 
@@ -49,14 +50,14 @@ def _values_and_gradients(alt: Alternative, out_placements: Any, sig: Signature,
         outs = float_outputs(call(*args))
         rng = np.random.default_rng(1)  # the same weights for every alternative
         weights = [rng.standard_normal(o.shape).astype(np.float32) for o in outs]
-        return sum(jnp.sum(jlm.full_tensor(o).astype(jnp.float32) * w)
+        return sum(jnp.sum(full_tensor(o).astype(jnp.float32) * w)
                    for o, w in zip(outs, weights))
 
     def values_and_gradients(*arrays):
         args = with_statics(arrays, sig)
-        outs = [jlm.full_tensor(o) for o in jax.tree_util.tree_leaves(call(*args))]
+        outs = [full_tensor(o) for o in jax.tree_util.tree_leaves(call(*args))]
         grads = jax.grad(loss, argnums=wrt)(*args) if wrt else ()
-        return outs, [jlm.full_tensor(g) for g in grads]
+        return outs, [full_tensor(g) for g in grads]
 
     _, program = compiled(values_and_gradients, sig.arrays(sig.abstract(mesh)), mesh)
     outs, grads = program(*arrays)
@@ -90,7 +91,7 @@ def verify(alternatives: Sequence[Alternative], out_placements: Any, sig: Signat
     for alt in alternatives[1:]:
         found = _values_and_gradients(alt, out_placements, sig, mesh, arrays)
         if len(found) != len(first):
-            raise jlm.PlacementValueError(
+            raise PlacementValueError(
                 f"alternative {alt.name!r} returns {len(found) - len(sig.differentiable)} "
                 f"outputs, {alternatives[0].name!r} returns "
                 f"{len(first) - len(sig.differentiable)}; all alternatives of a region "
@@ -98,7 +99,7 @@ def verify(alternatives: Sequence[Alternative], out_placements: Any, sig: Signat
         for (label, got), (_, want) in zip(found, first):
             problem = _differs(got, want, rtol)
             if problem:
-                raise jlm.PlacementValueError(
+                raise PlacementValueError(
                     f"alternative {alt.name!r} does not compute what "
                     f"{alternatives[0].name!r} computes: {label} {problem}\n"
                     f"(checked on a random input of signature {sig}); fix its body or "
