@@ -62,18 +62,28 @@ def _grad_tokens(case: Case) -> list[tuple[str, ...]]:
             if given_mesh(given)[0] != "scalar"]
 
 
-def _torch_uneven(case: Case, ranks: list[dict], ws: int, true_shape: tuple) -> tuple[dict, str]:
+def _torch_uneven(case: Case, ranks: list[dict], ws: int, true_shape: tuple,
+                  grad_shapes: list[tuple]) -> tuple[dict, str]:
     """Assemble the uneven case's local chunks; note the global shape PyTorch claims."""
     shape = mesh_shape(case.mesh, ws)
     tokens = placements(case.out_pl)
     out = assemble([r["local_out"] for r in ranks], shape, tokens)
-    grads = [assemble([r["local_grads"][i] for r in ranks], shape, t)
-             for i, t in enumerate(_grad_tokens(case))]
+    grads, whole = [], False
+    for i, (t, global_shape) in enumerate(zip(_grad_tokens(case), grad_shapes)):
+        local = [r["local_grads"][i] for r in ranks]
+        # torch 2.11 hands every rank the whole gradient of an uneven input (2.13 its chunk).
+        if all(g.shape == global_shape for g in local) and any(s.startswith("S") for s in t):
+            grads.append(local[0])
+            whole = True
+        else:
+            grads.append(assemble(local, shape, t))
     local = ranks[0]["local_out"].shape
     split = [int(np.prod([n for n, t in zip(shape, tokens) if t == f"S{d}"])) for d in range(len(local))]
     expected_claim = tuple(n * s for n, s in zip(local, split))
     claimed = tuple(ranks[0]["claimed_shape"])
     note = f"claims global shape {claimed} for {true_shape}" if claimed == expected_claim else ""
+    if whole:
+        note += "; every rank's local gradient is the whole gradient (torch 2.11)"
     return {"out": out, "grads": grads}, note
 
 
@@ -108,7 +118,8 @@ def measure(case: Case, ws: int) -> Measurement:
     ref_out = reference_output(case, ws)
     ref = reference_grads(case, ws) if case.grads else []
     if case.torch_wrong == "uneven_shape":
-        assembled, m.torch_note = _torch_uneven(case, ranks, ws, ref_out.shape)
+        assembled, m.torch_note = _torch_uneven(case, ranks, ws, ref_out.shape,
+                                                [np.shape(g) for g in ref])
         ranks = [assembled]
     m.out_torch_jlm = max(_maxdiff([r["out"]], [jlm["out"]]) for r in ranks)
     m.jlm_ref = _maxdiff([jlm["out"]] + jlm.get("grads", []), [ref_out] + ref)
