@@ -187,9 +187,12 @@ def make_mesh():
     return jax.make_mesh((2, 2), ("dp", "tp"), devices=jax.devices()[:4])
 
 
-def whole(tree):
-    """Every array of ``tree`` as a numpy global value."""
-    return jax.tree.map(lambda a: np.asarray(jlm.full_tensor(a)), tree)
+def whole(tree) -> dict[str, np.ndarray]:
+    """Every array of ``tree`` as a numpy global value, by its path
+    (``layers.0.wq``), as llama_torch.gradients names them."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path):
+            np.asarray(jlm.full_tensor(a)) for path, a in leaves}
 
 
 # -- the two runs the parity test compares --------------------------------------
@@ -217,7 +220,8 @@ def block_result(cfg: LlamaConfig, seed: int, mesh=None) -> dict:
     with context:
         (_, out), (grads, x_grad) = jax.jit(
             jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))(layer, x)
-    return {"out": whole(out), "x_grad": whole(x_grad), "grads": whole(grads)}
+    return {"out": np.asarray(jlm.full_tensor(out)), "x_grad": np.asarray(jlm.full_tensor(x_grad)),
+            "grads": whole(grads)}
 
 
 def make_adamw(opt: AdamWConfig) -> optax.GradientTransformation:
@@ -228,7 +232,8 @@ def make_adamw(opt: AdamWConfig) -> optax.GradientTransformation:
 
 def train(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int, mesh=None) -> dict:
     """``steps`` AdamW steps on llama_common's batches: each step's loss (before
-    its update), the seconds of the steps and of the compilation."""
+    its update), the first step's whole gradients, the seconds of the steps and
+    of the compilation."""
     ops, put, context = placed(mesh)
     weights = put(init_weights(cfg, seed), weight_placements(cfg))
     rope = put(rope_tables(cfg), ([R, R],) * 2)
@@ -238,15 +243,16 @@ def train(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int, mesh=None) 
     def train_step(weights, state, batch):
         loss, grads = jax.value_and_grad(loss_fn)(weights, batch, rope, ops, cfg)
         updates, state = optimizer.update(grads, state, weights)
-        return optax.apply_updates(weights, updates), state, loss
+        return optax.apply_updates(weights, updates), state, loss, grads
 
     with context:
         start = time.perf_counter()
         state = optimizer.init(weights)
         step = jax.jit(train_step).lower(weights, state, batches[0]).compile()
-        compiled, losses = time.perf_counter(), []
+        compiled, losses, first_grads = time.perf_counter(), [], None
         for batch in batches:
-            weights, state, loss = step(weights, state, batch)
+            weights, state, loss, grads = step(weights, state, batch)
+            first_grads = first_grads or whole(grads)
             losses.append(float(loss))
-    return {"losses": losses, "seconds": time.perf_counter() - compiled,
-            "compile_seconds": compiled - start}
+    return {"losses": losses, "first_grads": first_grads,
+            "seconds": time.perf_counter() - compiled, "compile_seconds": compiled - start}

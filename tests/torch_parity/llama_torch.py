@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 from torch.distributed.tensor.experimental import local_map
@@ -91,6 +92,12 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mesh is not None and not isinstance(x, DTensor):   # the local sequence shard
+            if isinstance(x, AsyncCollectiveTensor):
+                # The embedding's reduce-scatter is still in flight. local_map would
+                # wait() for it, and wait() cuts the autograd graph (pytorch#151240):
+                # the embedding would silently lose this path's gradient. clone()
+                # waits in an op that autograd records.
+                x = x.clone()
             x = DTensor.from_local(x, self.mesh, [Shard(1)], run_check=False)
         return self.region(x, self.weight, self.eps)
 
@@ -244,13 +251,14 @@ def full(t: torch.Tensor) -> np.ndarray:
 
 
 def gradients(model: nn.Module) -> dict[str, np.ndarray]:
-    """Whole gradients named as in llama_common (``attention.wq.weight`` -> ``wq``),
-    linear weights transposed back to (in, out)."""
+    """Whole gradients named by their path in llama_common.init_weights' tree
+    (``layers.0.attention.wq.weight`` -> ``layers.0.wq``), (in, out) for linears."""
     out = {}
     for name, p in model.named_parameters():
+        module = name.removesuffix(".weight")
+        path = [part for part in module.split(".") if part not in ("attention", "feed_forward")]
         g = full(p.grad)
-        out[name.split(".")[-2]] = g.T if isinstance(model.get_submodule(
-            name.rsplit(".", 1)[0]), nn.Linear) else g
+        out[".".join(path)] = g.T if isinstance(model.get_submodule(module), nn.Linear) else g
     return out
 
 
@@ -280,12 +288,13 @@ def block_rank(rank: int, world_size: int, cfg: LlamaConfig, seed: int) -> dict:
 
 def train_rank(rank: int, world_size: int, cfg: LlamaConfig, opt: AdamWConfig,
                steps: int, seed: int) -> dict:
-    """Train the TP+SP+DP llama ``steps`` AdamW steps on llama_common's batches;
-    the global mean loss of each step (before its update) and the seconds taken."""
+    """Train the TP+SP+DP llama ``steps`` AdamW steps on llama_common's batches:
+    the global mean loss of each step (before its update), the first step's
+    whole gradients and the seconds the steps took."""
     dp_mesh, tp_mesh = meshes(world_size)
     model = parallelize(Transformer(cfg, init_weights(cfg, seed)), tp_mesh)
     optimizer = make_adamw(model, opt)
-    losses, start = [], time.perf_counter()
+    losses, first_grads, start = [], None, time.perf_counter()
     for batch in token_batches(cfg, steps, seed):
         tokens = torch.from_numpy(dp_slice(batch, dp_mesh))
         logits = model(tokens[:, :-1])                   # whole (batch / dp, seq, vocab)
@@ -293,27 +302,39 @@ def train_rank(rank: int, world_size: int, cfg: LlamaConfig, opt: AdamWConfig,
         optimizer.zero_grad()
         loss.backward()
         average_gradients(model, dp_mesh.get_group())
+        first_grads = first_grads if losses else gradients(model)
         optimizer.step()
         dist.all_reduce(loss := loss.detach(), group=dp_mesh.get_group())
         losses.append(loss.item() / dp_mesh.size())
-    return {"losses": losses, "seconds": time.perf_counter() - start}
+    return {"losses": losses, "first_grads": first_grads, "seconds": time.perf_counter() - start}
 
 
 # -- the runs, on a spawned world of 4 ranks --------------------------------------
-def run_block(cfg: LlamaConfig, seed: int, world_size: int = 4) -> dict:
-    """block_rank on (dp, tp) = (world_size / 2, 2): the whole output and input
-    gradient (the dp ranks' rows joined) and the weight gradients."""
-    results = run_world(block_rank, world_size, cfg, seed)
+def joined_block(results: list[dict]) -> dict:
+    """The ranks' block_rank results as one: the whole output and input gradient
+    (the dp ranks' rows joined) and the weight gradients."""
     firsts = results[::2]                  # tp rank 0 of each dp rank (rank = 2 dp + tp)
     return {"out": np.concatenate([r["out"] for r in firsts]),
             "x_grad": np.concatenate([r["x_grad"] for r in firsts]),
             "grads": results[0]["grads"]}
 
 
-def run_training(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int,
-                 world_size: int = 4) -> dict:
-    """train_rank on (dp, tp) = (world_size / 2, 2): rank 0's losses and times,
-    with the wall time of the whole world (the processes' start included)."""
+def run_training(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> dict:
+    """train_rank on (dp, tp) = (2, 2): rank 0's losses and times, with the wall
+    time of the whole world (the processes' start included)."""
     start = time.perf_counter()
-    result = run_world(train_rank, world_size, cfg, opt, steps, seed)[0]
+    result = run_world(train_rank, 4, cfg, opt, steps, seed)[0]
     return {**result, "wall_seconds": time.perf_counter() - start}
+
+
+def parity_rank(rank: int, world_size: int, cfg: LlamaConfig, opt: AdamWConfig,
+                steps: int, seed: int) -> dict:
+    """block_rank, then train_rank, in one process (one start of the world)."""
+    return {"block": block_rank(rank, world_size, cfg, seed),
+            "train": train_rank(rank, world_size, cfg, opt, steps, seed)}
+
+
+def run_parity(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> tuple[dict, dict]:
+    """block_rank's results joined and train_rank's, from one world of 4 ranks."""
+    results = run_world(parity_rank, 4, cfg, opt, steps, seed)
+    return joined_block([r["block"] for r in results]), results[0]["train"]
