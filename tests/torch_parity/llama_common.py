@@ -130,3 +130,16 @@ def block_inputs(cfg: LlamaConfig, seed: int) -> tuple[np.ndarray, np.ndarray]:
 def max_relative(a: np.ndarray, b: np.ndarray) -> float:
     """max |a - b| / max |b|: one figure per array, blind to b's scale."""
     return float(np.max(np.abs(np.asarray(a) - np.asarray(b))) / np.max(np.abs(b)))
+
+
+def block_arrays(result: dict) -> dict[str, np.ndarray]:
+    """A block run's output, input gradient and weight gradients, one flat name each."""
+    return {"out": result["out"], "x_grad": result["x_grad"],
+            **{f"grad {k}": v for k, v in result["grads"].items()}}
+
+
+def differences(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> dict[str, float]:
+    """max_relative of each named array; the names must be the same."""
+    if sorted(got) != sorted(want):
+        raise ValueError(f"different arrays: {sorted(got)} against {sorted(want)}")
+    return {name: max_relative(got[name], want[name]) for name in want}

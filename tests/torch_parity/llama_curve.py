@@ -26,8 +26,9 @@ import argparse
 import dataclasses
 import json
 import sys
+import time
 
-from llama_common import AdamWConfig, LlamaConfig
+from llama_common import AdamWConfig, LlamaConfig, block_arrays, differences
 
 TOL = 1e-4
 
@@ -37,19 +38,36 @@ def relative_differences(a: list[float], ref: list[float]) -> list[float]:
     return [abs(x - r) / abs(r) for x, r in zip(a, ref)]
 
 
+def block_record(cfg: LlamaConfig, seed: int, torch_block: dict) -> dict:
+    """Per array, the block's max relative differences for three pairs of runs."""
+    import llama_jax
+    runs = {"torch": torch_block, "unsharded": llama_jax.block_result(cfg, seed),
+            "jlocalmap": llama_jax.block_result(cfg, seed, llama_jax.make_mesh())}
+    return {f"{a} vs {b}": differences(block_arrays(runs[a]), block_arrays(runs[b]))
+            for a, b in (("torch", "unsharded"), ("jlocalmap", "unsharded"),
+                         ("jlocalmap", "torch"))}
+
+
 def compare(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> dict:
     """Both frameworks' losses and their relative differences, step by step, and
-    the unsharded JAX run's. PyTorch runs on 4 gloo ranks, jlocalmap on 4 of the
-    simulated devices, both mesh (dp=2, tp=2)."""
+    the unsharded JAX run's; the first step's gradients and a block's. PyTorch
+    runs on 4 gloo ranks, jlocalmap on 4 of the simulated devices, both mesh
+    (dp=2, tp=2)."""
     import llama_jax      # here, not at the top: the spawned torch ranks import this module
     import llama_torch
-    torch_run = llama_torch.run_training(cfg, opt, steps, seed)
+    start = time.perf_counter()
+    torch_block, torch_run = llama_torch.run_parity(cfg, opt, steps, seed)
+    torch_run["wall_seconds"] = time.perf_counter() - start
     jax_run = llama_jax.train(cfg, opt, steps, seed, llama_jax.make_mesh())
     reference = llama_jax.train(cfg, opt, steps, seed)
+    grads = [run.pop("first_grads") for run in (torch_run, jax_run, reference)]
     return {"config": dataclasses.asdict(cfg), "adamw": dataclasses.asdict(opt), "seed": seed,
             "torch": torch_run, "jlocalmap": jax_run, "jax_unsharded": reference,
             "rel_diff_torch": relative_differences(jax_run["losses"], torch_run["losses"]),
-            "rel_diff_unsharded": relative_differences(jax_run["losses"], reference["losses"])}
+            "rel_diff_unsharded": relative_differences(jax_run["losses"], reference["losses"]),
+            "first_step_grads": {"jlocalmap vs torch": differences(grads[1], grads[0]),
+                                 "jlocalmap vs unsharded": differences(grads[1], grads[2])},
+            "block": block_record(cfg, seed, torch_block)}
 
 
 def plot(record: dict, path: str) -> None:
@@ -72,7 +90,7 @@ def plot(record: dict, path: str) -> None:
                     label="jlocalmap vs unsharded JAX")
     bottom.axhline(TOL, color="red", linestyle=":", label=f"tolerance {TOL:g}")
     bottom.set_xlabel("step")
-    bottom.set_ylabel("relative difference")
+    bottom.set_ylabel("relative difference\n(0 drawn at 1e-9)")
     bottom.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -84,8 +102,13 @@ def report(record: dict) -> str:
     for i, (t, j, d, u) in enumerate(zip(record["torch"]["losses"], record["jlocalmap"]["losses"],
                                          record["rel_diff_torch"], record["rel_diff_unsharded"])):
         lines.append(f"{i + 1:4d}  {t:12.6f}  {j:14.6f}  {d:18.2e}  {u:20.2e}")
+    for what, key in (("first step's gradients", "first_step_grads"), ("block", "block")):
+        for pair, diffs in record[key].items():
+            name = max(diffs, key=diffs.get)
+            lines.append(f"{what}, {pair}: max relative difference {diffs[name]:.2e} "
+                         f"({name}, of {len(diffs)} arrays)")
     lines.append(f"PyTorch: {record['torch']['seconds']:.1f} s of steps, "
-                 f"{record['torch']['wall_seconds']:.1f} s with the processes' start; "
+                 f"{record['torch']['wall_seconds']:.1f} s with the processes' start and the block; "
                  f"jlocalmap: {record['jlocalmap']['seconds']:.1f} s of steps, "
                  f"{record['jlocalmap']['compile_seconds']:.1f} s to compile")
     return "\n".join(lines)

@@ -319,14 +319,6 @@ def joined_block(results: list[dict]) -> dict:
             "grads": results[0]["grads"]}
 
 
-def run_training(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> dict:
-    """train_rank on (dp, tp) = (2, 2): rank 0's losses and times, with the wall
-    time of the whole world (the processes' start included)."""
-    start = time.perf_counter()
-    result = run_world(train_rank, 4, cfg, opt, steps, seed)[0]
-    return {**result, "wall_seconds": time.perf_counter() - start}
-
-
 def parity_rank(rank: int, world_size: int, cfg: LlamaConfig, opt: AdamWConfig,
                 steps: int, seed: int) -> dict:
     """block_rank, then train_rank, in one process (one start of the world)."""

@@ -14,7 +14,7 @@ pytest.importorskip("torch", reason="the PyTorch side of the parity suite needs 
 
 import llama_jax  # noqa: E402
 import llama_torch  # noqa: E402
-from llama_common import AdamWConfig, LlamaConfig, max_relative  # noqa: E402
+from llama_common import AdamWConfig, LlamaConfig, block_arrays, differences  # noqa: E402
 
 CFG, SEED, STEPS = LlamaConfig(), 0, 30
 BLOCK_TOL = 1e-5     # float32, max |a - b| / max |b| per array; measured <= 6e-7
@@ -35,19 +35,11 @@ def blocks(torch_runs) -> dict:
             "unsharded": llama_jax.block_result(CFG, SEED)}
 
 
-def arrays(result: dict) -> dict:
-    """Output, input gradient and weight gradients by one flat name each."""
-    return {"out": result["out"], "x_grad": result["x_grad"],
-            **{f"grad {k}": v for k, v in result["grads"].items()}}
-
-
 @pytest.mark.parametrize("run, ref", [("torch", "unsharded"), ("jlocalmap", "unsharded"),
                                       ("jlocalmap", "torch")])
 def test_block_outputs_and_gradients_agree(blocks, run, ref):
-    got, want = arrays(blocks[run]), arrays(blocks[ref])
-    assert sorted(got) == sorted(want) and len(got) == 11   # out, x_grad, 9 weights
-    diffs = {name: max_relative(got[name], want[name]) for name in want}
-    assert max(diffs.values()) < BLOCK_TOL, diffs
+    diffs = differences(block_arrays(blocks[run]), block_arrays(blocks[ref]))
+    assert len(diffs) == 11 and max(diffs.values()) < BLOCK_TOL, diffs   # out, x_grad, 9 weights
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +51,8 @@ def test_first_step_gradients_agree(torch_runs, jax_training):
     """Every weight's gradient of the whole model (the embedding, the output, the
     final norm): the loss curve alone is a weak test (a 3% error in the
     embedding's gradient moved the 30th loss by only 4e-6, docs/parity.md)."""
-    got, want = jax_training["first_grads"], torch_runs[1]["first_grads"]
-    assert sorted(got) == sorted(want) and len(got) == 3 + 9 * CFG.n_layers
-    diffs = {name: max_relative(got[name], want[name]) for name in want}
-    assert max(diffs.values()) < BLOCK_TOL, diffs
+    diffs = differences(jax_training["first_grads"], torch_runs[1]["first_grads"])
+    assert len(diffs) == 3 + 9 * CFG.n_layers and max(diffs.values()) < BLOCK_TOL, diffs
 
 
 def test_loss_curves_agree(torch_runs, jax_training):
