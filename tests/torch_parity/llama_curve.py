@@ -108,7 +108,8 @@ def report(record: dict) -> str:
             lines.append(f"{what}, {pair}: max relative difference {diffs[name]:.2e} "
                          f"({name}, of {len(diffs)} arrays)")
     lines.append(f"PyTorch: {record['torch']['seconds']:.1f} s of steps, "
-                 f"{record['torch']['wall_seconds']:.1f} s with the processes' start and the block; "
+                 f"{record['torch']['wall_seconds']:.1f} s with the processes' start and "
+                 f"the block; "
                  f"jlocalmap: {record['jlocalmap']['seconds']:.1f} s of steps, "
                  f"{record['jlocalmap']['compile_seconds']:.1f} s to compile")
     return "\n".join(lines)

@@ -118,7 +118,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos, sin) -> torch.Tensor:
         b, s, _ = x.shape
-        q, k, v = (w(x).view(b, s, self.n_heads, self.head_dim) for w in (self.wq, self.wk, self.wv))
+        q, k, v = (w(x).view(b, s, self.n_heads, self.head_dim)
+                   for w in (self.wq, self.wk, self.wv))
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         out = self.inner(*(t.transpose(1, 2) for t in (q, k, v)))
         return self.wo(out.transpose(1, 2).reshape(b, s, -1))
@@ -264,7 +265,8 @@ def gradients(model: nn.Module) -> dict[str, np.ndarray]:
 
 def sequence_shard(a: np.ndarray, tp_mesh: DeviceMesh) -> torch.Tensor:
     """This tp rank's sequence chunk (dim 1) of a (batch, seq, ...) array."""
-    return torch.from_numpy(np.array_split(a, tp_mesh.size(), axis=1)[tp_mesh.get_local_rank()].copy())
+    chunk = np.array_split(a, tp_mesh.size(), axis=1)[tp_mesh.get_local_rank()]
+    return torch.from_numpy(chunk.copy())
 
 
 def block_rank(rank: int, world_size: int, cfg: LlamaConfig, seed: int) -> dict:
