@@ -56,7 +56,8 @@ def compare(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> dict:
     import llama_jax      # here, not at the top: the spawned torch ranks import this module
     import llama_torch
     start = time.perf_counter()
-    torch_block, torch_run = llama_torch.run_parity(cfg, opt, steps, seed)
+    torch_runs = llama_torch.run_parity(cfg, opt, steps, seed)
+    torch_block, torch_run = torch_runs["block"], torch_runs["train"]
     torch_run["wall_seconds"] = time.perf_counter() - start
     jax_run = llama_jax.train(cfg, opt, steps, seed, llama_jax.make_mesh())
     reference = llama_jax.train(cfg, opt, steps, seed)
@@ -67,7 +68,8 @@ def compare(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> dict:
             "rel_diff_unsharded": relative_differences(jax_run["losses"], reference["losses"]),
             "first_step_grads": {"jlocalmap vs torch": differences(grads[1], grads[0]),
                                  "jlocalmap vs unsharded": differences(grads[1], grads[2])},
-            "block": block_record(cfg, seed, torch_block)}
+            "block": block_record(cfg, seed, torch_block),
+            "torch_embedding_gradient_through_local_map_norm": torch_runs["async_input"]}
 
 
 def plot(record: dict, path: str) -> None:

@@ -321,14 +321,40 @@ def joined_block(results: list[dict]) -> dict:
             "grads": results[0]["grads"]}
 
 
+def embedding_reaches_norm_gradient(tp_mesh: DeviceMesh) -> dict[str, bool]:
+    """Whether a RowwiseParallel embedding gets a gradient through a local_map
+    RMSNorm fed its output directly (an AsyncCollectiveTensor), without and
+    with RMSNorm.forward's clone(): pytorch#151240 says no, then yes."""
+    reached = {}
+    for name in ("local_map alone", "clone() first"):
+        embedding = nn.Embedding(16, 8)
+        parallelize_module(embedding, tp_mesh, RowwiseParallel(input_layouts=Replicate(),
+                                                               output_layouts=Shard(1)))
+        norm = RMSNorm(np.ones(8, np.float32), eps=1e-5)
+        norm.shard(tp_mesh)
+        x = embedding(torch.arange(8).view(1, 8))      # local (1, 8 / tp, 8), in flight
+        if name == "local_map alone":
+            y = norm.region(DTensor.from_local(x, tp_mesh, [Shard(1)], run_check=False),
+                            norm.weight, norm.eps)
+        else:
+            y = norm(x)
+        y.to_local().pow(2).sum().backward()
+        reached[name] = embedding.weight.grad is not None
+    return reached
+
+
 def parity_rank(rank: int, world_size: int, cfg: LlamaConfig, opt: AdamWConfig,
                 steps: int, seed: int) -> dict:
-    """block_rank, then train_rank, in one process (one start of the world)."""
+    """block_rank, train_rank and the embedding_reaches_norm_gradient check, in
+    one process (one start of the world)."""
     return {"block": block_rank(rank, world_size, cfg, seed),
-            "train": train_rank(rank, world_size, cfg, opt, steps, seed)}
+            "train": train_rank(rank, world_size, cfg, opt, steps, seed),
+            "async_input": embedding_reaches_norm_gradient(meshes(world_size)[1])}
 
 
-def run_parity(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> tuple[dict, dict]:
-    """block_rank's results joined and train_rank's, from one world of 4 ranks."""
+def run_parity(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int) -> dict:
+    """From one world of 4 ranks: block_rank's results joined ("block"), rank 0's
+    train_rank ("train") and embedding_reaches_norm_gradient ("async_input")."""
     results = run_world(parity_rank, 4, cfg, opt, steps, seed)
-    return joined_block([r["block"] for r in results]), results[0]["train"]
+    return {"block": joined_block([r["block"] for r in results]), "train": results[0]["train"],
+            "async_input": results[0]["async_input"]}
