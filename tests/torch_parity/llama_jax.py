@@ -12,11 +12,12 @@ where its embedding's DTensor op computes a ``Partial()`` value):
 * ``rms_norm`` under sequence parallelism: x ``[Shard(0), Shard(1)]``, weight
   replicated, its gradient declared ``Partial()`` on dp and tp;
 * ``causal_attention``: q, k, v as (batch, heads, seq, head_dim) with
-  ``[Shard(0), Shard(1)]`` (batch on dp, heads on tp), gradients the same.
+  ``[Shard(0), Shard(1)]`` (batch on dp, heads on tp), gradients the same;
+* the row-parallel matmuls (wo, w2): the local product is ``Partial()`` over
+  tp, reduce-scattered onto the sequence (DTensor's RowwiseParallel).
 
-Between them the projections are plain JAX on Explicit-axis shardings (the
-counterpart of DTensor ops): a column-parallel matmul needs no communication,
-a row-parallel one's ``out_sharding`` on the sequence is its reduce-scatter.
+The column-parallel projections, RoPE and the output projection are plain JAX
+on Explicit-axis shardings (the counterpart of DTensor ops).
 
     >>> import jax
     >>> from llama_common import LlamaConfig, init_weights, rope_tables
@@ -150,18 +151,25 @@ def make_embedding(mesh) -> Callable:
                                                   mesh, STREAM)
 
 
+def make_row(mesh) -> Callable:
+    """Row-parallel x @ w onto the stream, as DTensor's RowwiseParallel: the local
+    product is a Partial() sum over tp, reduce-scattered onto the sequence."""
+    local_product = jlm.local_map(jnp.matmul, out_placements=[S0, Partial()],
+                                  in_placements=([S0, Shard(2)], ROW), device_mesh=mesh)
+    return lambda x, w: jlm.redistribute(local_product(x, w), mesh, STREAM)
+
+
 def sharded_ops(mesh) -> Ops:
     """The model's pieces on the (dp, tp) ``mesh``."""
-    on = lambda *spec: NamedSharding(mesh, P(*spec))
     norm = jlm.local_map(rms_norm, out_placements=STREAM, in_placements=(STREAM, [R, R]),
                          in_grad_placements=(STREAM, SUMMED), device_mesh=mesh)
+    whole_logits = NamedSharding(mesh, P("dp", None, None))
     return Ops(embed=make_embedding(mesh), norm=norm,
-               gather=lambda x: jlm.redistribute(x, mesh, GATHERED),
-               row=functools.partial(jnp.matmul, out_sharding=on("dp", "tp", None)),
+               gather=lambda x: jlm.redistribute(x, mesh, GATHERED), row=make_row(mesh),
                attention=jlm.local_map(causal_attention, out_placements=HEADS,
                                        in_placements=(HEADS,) * 3,
                                        in_grad_placements=(HEADS,) * 3, device_mesh=mesh),
-               logits=functools.partial(jnp.matmul, out_sharding=on("dp", None, None)))
+               logits=functools.partial(jnp.matmul, out_sharding=whole_logits))
 
 
 def layer_placements() -> dict:
