@@ -264,3 +264,14 @@ def train(cfg: LlamaConfig, opt: AdamWConfig, steps: int, seed: int, mesh=None) 
             losses.append(float(loss))
     return {"losses": losses, "first_grads": first_grads,
             "seconds": time.perf_counter() - compiled, "compile_seconds": compiled - start}
+
+
+def forward_collectives(cfg: LlamaConfig, mesh) -> dict[str, int]:
+    """The collectives of the compiled sharded loss (the forward pass), by kind."""
+    ops, put, context = placed(mesh)
+    weights = put(init_weights(cfg, seed=0), weight_placements(cfg))
+    rope = put(rope_tables(cfg), ([R, R],) * 2)
+    batch = put(token_batches(cfg, steps=1, seed=0)[0], GATHERED)
+    with context:
+        comms = jlm.count_collectives(lambda w, b: loss_fn(w, b, rope, ops, cfg), weights, batch)
+    return dict(comms.counts)

@@ -6,6 +6,7 @@ jlocalmap (llama_jax, 4 simulated devices), mesh (dp=2, tp=2), same weights:
 * the whole model's first-step gradients agree;
 * PyTorch's local_map still drops the gradient of an in-flight input (the
   workaround in llama_torch is still needed);
+* jlocalmap's compiled forward pass has sequence parallelism's collectives;
 * 30 AdamW steps on the same token batches: the losses agree to 1e-4 relative
   at every step (docs/parity.md, "A loss curve", has the figures).
 """
@@ -75,3 +76,13 @@ def test_pytorch_local_map_cuts_the_gradient_of_an_async_input(torch_runs):
     local_map wait()s for an AsyncCollectiveTensor input, detaching it. If this
     fails with {"local_map alone": True}, PyTorch fixed it: drop the clone()."""
     assert torch_runs["async_input"] == {"local_map alone": False, "clone() first": True}
+
+
+def test_jlocalmap_forward_has_torchtitans_collectives():
+    """Sequence parallelism's pattern: per block 2 all-gathers (attention and
+    feed-forward inputs) and 2 reduce-scatters (wo, w2); the embedding's
+    reduce-scatter, the output projection's 2 all-gathers, the loss's all-reduce."""
+    counts = llama_jax.forward_collectives(CFG, llama_jax.make_mesh())
+    n = CFG.n_layers
+    assert counts == {"all-reduce": 1, "all-gather": 2 * n + 2, "reduce-scatter": 2 * n + 1,
+                      "all-to-all": 0, "collective-permute": 0}, counts
