@@ -35,11 +35,16 @@ def _mlp(x, w1, w2):
     return np.tanh(x @ w1) @ w2
 
 
+def _equal(x, y):
+    return np.asarray(np.array_equal(x, y))
+
+
 # What each body computes, unsharded: the framework sides implement the local
 # versions (``mm_allreduce`` all-reduces a partial product inside the body...).
 REFERENCE: dict[str, Callable[..., np.ndarray]] = {
     "mm": _mm, "mm_allreduce": _mm, "mul": _mul,
     "mlp_allreduce": _mlp, "mlp_g": _mlp, "mlp_f_g": _mlp,
+    "equal_allgather": _equal, "mm_allgather": _mm,
 }
 
 
@@ -60,6 +65,12 @@ class Case:
     refusal: str | None = None                   # both must refuse with this phrase
     torch_wrong: str | None = None               # what PyTorch gets wrong (see parity.py)
     note: str = ""
+    # PyTorch's out_placements where they differ from jlocalmap's ("none": None), and
+    # whether PyTorch returns the global value itself (a bool, or the plain tensor a
+    # call with no DTensor input returns) rather than a DTensor or a local chunk.
+    torch_out_pl: str | None = None
+    torch_plain: bool = False
+    same_inputs: bool = False                    # every input the same array (X.equal(X))
 
 
 def placements(text: str | None) -> tuple[str, ...] | None:
@@ -85,8 +96,9 @@ def _seed(*parts) -> int:
 def case_inputs(case: Case, world_size: int) -> list:
     """The global inputs (float32 arrays from a seed of the case's name; floats as they are)."""
     rng = np.random.default_rng(_seed(case.name, world_size))
-    return [s if isinstance(s, float) else rng.standard_normal(s).astype(np.float32)
-            for s in case.shapes(world_size)]
+    inputs = [s if isinstance(s, float) else rng.standard_normal(s).astype(np.float32)
+              for s in case.shapes(world_size)]
+    return [inputs[0]] * len(inputs) if case.same_inputs else inputs
 
 
 def cotangent(case: Case, world_size: int) -> np.ndarray:
@@ -169,6 +181,19 @@ def _cases() -> list[Case]:
         Case("plain_tensors", f"{TESTS}: in_placements tests 4, 5", "mm",
              ("host", "host"), MM, ("S0", "R"), "S0", grads=False,
              note="PyTorch takes plain tensors as local chunks, jlocalmap as global values"),
+        Case("out_placements_bool", f"{TESTS}: out_placements test 1 (X.equal(Y))",
+             "equal_allgather", ("line:S0", "line:S0"), lambda ws: ((8, 8), (8, 8)), None, "R",
+             grads=False, torch_out_pl="none", torch_plain=True,
+             note="PyTorch returns a Python bool (.item()); jlocalmap a replicated bool array"),
+        Case("out_placements_bool_equal", f"{TESTS}: out_placements test 1, with Y = X",
+             "equal_allgather", ("line:S0", "line:S0"), lambda ws: ((8, 8), (8, 8)), None, "R",
+             grads=False, torch_out_pl="none", torch_plain=True, same_inputs=True,
+             note="as out_placements_bool"),
+        Case("out_placements_plain", f"{TESTS}: out_placements test 2 (no DTensor input)",
+             "mm_allgather", ("host", "host"), lambda ws: ((4 * ws, 4), (4, 4)), ("S0", "R"), "R",
+             grads=False, torch_out_pl="S0", torch_plain=True,
+             note="PyTorch runs the body as a plain function on each rank's chunk; jlocalmap "
+                  "lays the global value out (device_mesh given) and gathers it alike"),
         Case("expects_placements", f"{TESTS}: in_placements test 6", "mm",
              ("line:S0", "line:R"), MM, ("S0", None), "S0", refusal="expects placements"),
         Case("redistribute_inputs", f"{TESTS}: redistribute test 1", "mm_allreduce",

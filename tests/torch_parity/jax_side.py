@@ -43,6 +43,10 @@ BODIES = {
     "mlp_allreduce": lambda x, w1, w2: jax.lax.psum(_mlp(x, w1, w2), "tp"),
     "mlp_g": lambda x, w1, w2: jax.lax.psum(_mlp(x, w1, w2), "tp"),
     "mlp_f_g": lambda x, w1, w2: jax.lax.psum(_mlp(x, w1, w2), "tp"),
+    # A traced body has no Python bool to return: the gathered comparison stays an array.
+    "equal_allgather": lambda x, y: jnp.all(jlm.collectives.all_gather_tensor(
+        jnp.array_equal(x, y)[None], 0, "tp")),
+    "mm_allgather": lambda a, b: jlm.collectives.all_gather_tensor(a @ b, 0, "tp"),
 }
 
 

@@ -10,6 +10,7 @@ gradient per array input]}`` as numpy arrays, or ``{"error": "Type: message"}``.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import init_device_mesh
@@ -28,6 +29,12 @@ def to_placements(tokens: tuple[str, ...] | None) -> list | None:
 
 def _all_reduce(y: torch.Tensor, mesh) -> torch.Tensor:
     return funcol.all_reduce(y, "sum", mesh).wait()
+
+
+def _equal_allgather(mesh, x, y) -> bool:
+    """PyTorch's test body: a Python bool from the gathered local comparisons."""
+    eq = torch.tensor([torch.equal(x, y)])
+    return torch.all(funcol.all_gather_tensor(eq, 0, mesh)).item()
 
 
 class AllReduceIdentityBackward(torch.autograd.Function):
@@ -64,8 +71,11 @@ BODIES = {
     "mlp_g": lambda mesh, x, w1, w2: AllReduceIdentityBackward.apply(torch.tanh(x @ w1) @ w2, mesh),
     "mlp_f_g": lambda mesh, x, w1, w2: AllReduceIdentityBackward.apply(
         torch.tanh(IdentityAllReduceBackward.apply(x, mesh) @ w1) @ w2, mesh),
+    "equal_allgather": _equal_allgather,
+    "mm_allgather": lambda mesh, a, b: funcol.all_gather_tensor(torch.mm(a, b), 0, mesh),
 }
-TAKES_MESH = {"mm_allreduce", "mlp_allreduce", "mlp_g", "mlp_f_g"}
+TAKES_MESH = {"mm_allreduce", "mlp_allreduce", "mlp_g", "mlp_f_g", "equal_allgather",
+              "mm_allgather"}
 
 
 def _hold(value, given: str, entry, meshes: dict):
@@ -92,7 +102,9 @@ def _wrapped(case: Case, meshes: dict):
     if case.body in TAKES_MESH:
         entries = None if entries is None else [None] + entries
         grads = None if grads is None else [None] + grads
-    f = local_map(BODIES[case.body], out_placements=to_placements(placements(case.out_pl)),
+    out_pl = case.out_pl if case.torch_out_pl is None else case.torch_out_pl
+    f = local_map(BODIES[case.body],
+                  out_placements=None if out_pl == "none" else to_placements(placements(out_pl)),
                   in_placements=entries, in_grad_placements=grads, device_mesh=mesh,
                   redistribute_inputs=case.redistribute)
     return (lambda *a: f(mesh, *a)) if case.body in TAKES_MESH else f
@@ -128,6 +140,9 @@ def run_case(case: Case, world_size: int, meshes: dict) -> dict:
         out = _wrapped(case, meshes)(*args)
     except (AssertionError, ValueError) as e:
         return {"error": f"{type(e).__name__}: {e}"}
+    if case.torch_plain:   # the global value itself, not a DTensor
+        assert not isinstance(out, DTensor), type(out)
+        return {"out": np.asarray(out if isinstance(out, bool) else out.numpy())}
     read = _local_result if case.torch_wrong == "uneven_shape" else _global_result
     return read(out, args, case, world_size, meshes)
 
