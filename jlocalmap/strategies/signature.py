@@ -64,15 +64,6 @@ class ArgSpec:
     def is_array(self) -> bool:
         return self.shape is not None
 
-    def arrays(self, values: Sequence[Any]) -> list:
-        """The array arguments among ``values`` (one per argument)."""
-        return [x for x, a in zip(values, self.args) if a.is_array]
-
-    def over_arrays(self, fn: Callable) -> Callable:
-        """``fn`` taking only the array arguments, its static ones bound (what
-        ``jax.jit`` compiles: static values are no arrays)."""
-        return lambda *arrays: fn(*with_statics(arrays, self))
-
     @property
     def differentiable(self) -> bool:
         return self.is_array and jnp.issubdtype(self.dtype, jnp.inexact)
