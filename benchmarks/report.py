@@ -159,7 +159,7 @@ def table(result: dict) -> str:
 def _depth_lines(depth: dict) -> list:
     if not depth:
         return []
-    lines = [f"-- depth (best of rounds; seconds) " + "-" * 34,
+    lines = ["-- depth (best of rounds; seconds) " + "-" * 34,
              f"{'layers':>6s} " + " ".join(f"{impl + ' ' + phase:>19s}"
                                          for impl in depth for phase in ("trace", "compile"))]
     for layers in sorted({int(d) for times in depth.values() for d in times}):

@@ -291,7 +291,7 @@ def test_written_right_equals_the_unsharded_gradients(case):
 def test_the_buggy_declaration_raises_at_trace_time(case):
     program, argument = BUGGY[case]
     with pytest.raises(jlm.PlacementValueError, match=re.escape(argument) + r".*(Declare|declare) "
-                       r"Partial\(\)") as error:
+                       r"Partial\(\)"):
         program()
 
 
