@@ -60,8 +60,8 @@ class Choice:
         ranked = sorted(self.rows, key=key)
         text = f"{what}: {key(ranked[0]) * 1e3:.3f} ms"
         if len(ranked) > 1:
-            text += (f" (next: {ranked[1].name}, {key(ranked[1]) * 1e3:.3f} ms, "
-                     f"{key(ranked[1]) / key(ranked[0]):.2f}x)")
+            ratio = f", {key(ranked[1]) / key(ranked[0]):.2f}x" if key(ranked[0]) > 0 else ""
+            text += f" (next: {ranked[1].name}, {key(ranked[1]) * 1e3:.3f} ms{ratio})"
         if self.by == "measure" and self.predicted != self.chosen:
             text += f"; the cost model ranked {self.predicted} first"
         return text

@@ -142,10 +142,16 @@ class Estimate:
         return self.compute_s + self.memory_s + self.comm_s
 
 
-def _cost_analysis(lowered: jax.stages.Lowered) -> dict:
-    cost = lowered.cost_analysis()
+def _first(cost) -> dict:
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return dict(cost or {})
+
+
+def _cost_analysis(lowered: jax.stages.Lowered) -> dict:
+    """XLA's analysis of the lowered program (the same on every platform); where
+    a backend gives none (seen on the GPU with jax 0.11), the compiled program's."""
+    cost = _first(lowered.cost_analysis())
+    return cost if cost.get("flops") else _first(lowered.compile().cost_analysis())
 
 
 def estimate(model: CostModel, lowered: jax.stages.Lowered, hlo_text: str,
