@@ -32,6 +32,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 import jlocalmap as jlm
 from jlocalmap import Replicate as R, Shard as S, collectives as C
+from jlocalmap.strategies.cost_model import program_cost
 
 from benchmarks.timing import Row
 
@@ -88,17 +89,9 @@ def hlo_collectives(lowered: jax.stages.Lowered) -> dict:
 
 
 def compiled_flops(lowered: jax.stages.Lowered) -> float:
-    """XLA's count of floating-point operations of one device's program, from the
-    lowered program: the same count on every platform (the GPU's compiled one
-    leaves out the matmuls it hands to cuBLAS)."""
-    cost = lowered.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    flops = float((cost or {}).get("flops", 0.0))
-    if flops:
-        return flops
-    cost = lowered.compile().cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-    return float(cost.get("flops", 0.0))
+    """XLA's count of floating-point operations of one device's program (the
+    strategy cost model's reading: the lowered program's, else the compiled one's)."""
+    return float(program_cost(lowered).get("flops", 0.0))
 
 
 def grad_step(forward: Callable, argnums: Any = (0, 1)) -> Callable:

@@ -27,11 +27,14 @@ def is_none(x: Any) -> bool:
     return x is None
 
 
+def is_placement_list(x: Any) -> bool:
+    """A non-empty list or tuple of placements (one per mesh axis)."""
+    return isinstance(x, (list, tuple)) and len(x) > 0 and all(isinstance(p, Placement) for p in x)
+
+
 def is_entry(x: Any) -> bool:
     """One leaf's placement entry: None, a Placement, or a list of them."""
-    return x is None or isinstance(x, Placement) or (
-        isinstance(x, (list, tuple)) and len(x) > 0
-        and all(isinstance(p, Placement) for p in x))
+    return x is None or isinstance(x, Placement) or is_placement_list(x)
 
 
 def is_array(x: Any) -> bool:

@@ -27,14 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
-from jlocalmap.layouts.placements import Placement
+from jlocalmap.layouts.entries import is_placement_list
 from jlocalmap.layouts.value_layout import placements_of
 from jlocalmap.movement.distribute import distribute_tensor, redistribute
-
-
-def _is_placement_list(value: Any) -> bool:
-    return isinstance(value, (list, tuple)) and len(value) > 0 and all(
-        isinstance(p, Placement) for p in value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +55,7 @@ class Alternative:
                 f"{what}: expected local_map(..., device_mesh=mesh) with a concrete "
                 f"jax.sharding.Mesh, found device_mesh={fn.device_mesh!r}; the region "
                 f"moves inputs to each alternative's mesh and times it there.")
-        if not isinstance(fn.in_placements, (list, tuple)) or _is_placement_list(
+        if not isinstance(fn.in_placements, (list, tuple)) or is_placement_list(
                 fn.in_placements):
             raise PlacementValueError(
                 f"{what}: expected in_placements with one entry per positional argument "
@@ -101,7 +96,7 @@ def _move(x: Any, placements: Optional[Sequence], mesh) -> Any:
 
 def _move_outputs(out: Any, out_placements: Any, mesh) -> Any:
     leaves, tree = jax.tree_util.tree_flatten(out)
-    entries = ([out_placements] * len(leaves) if _is_placement_list(out_placements)
+    entries = ([out_placements] * len(leaves) if is_placement_list(out_placements)
                else list(out_placements))
     if len(entries) != len(leaves):
         raise PlacementValueError(

@@ -26,25 +26,16 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from jlocalmap.errors import PlacementTypeError
-from jlocalmap.layouts.placements import Placement
+from jlocalmap.layouts.placements import compact
 from jlocalmap.layouts.specs import placements_to_spec
-from jlocalmap.layouts.value_layout import placements_of
+from jlocalmap.layouts.value_layout import mesh_of, placements_of
 from jlocalmap.movement.distribute import distribute_tensor
 
 
 def _placements(x: Any, mesh: jax.sharding.Mesh) -> Optional[tuple]:
     """The current placements of ``x`` on ``mesh``; None for a value on no mesh
     (host arrays, single-device arrays), which the region takes as global."""
-    sharding = getattr(jax.typeof(x), "sharding", None) if isinstance(x, jax.core.Tracer) \
-        else getattr(x, "sharding", None)
-    if getattr(getattr(sharding, "mesh", None), "empty", True):
-        return None
-    return tuple(placements_of(x, mesh))
-
-
-def _short(p: Placement) -> str:
-    return {"Shard": lambda: f"S({p.dim})", "Replicate": lambda: "R",
-            "Partial": lambda: "P"}[type(p).__name__]()
+    return None if mesh_of(x) is None else tuple(placements_of(x, mesh))
 
 
 _DTYPES = {"float32": "f32", "float64": "f64", "bfloat16": "bf16", "float16": "f16",
@@ -74,7 +65,7 @@ class ArgSpec:
         text = f"{_DTYPES.get(self.dtype, self.dtype)}[{','.join(map(str, self.shape))}]"
         if self.placements is None:
             return text + "{global}"
-        return text + "{" + ",".join(map(_short, self.placements)) + "}"
+        return text + "{" + compact(self.placements) + "}"
 
 
 def _arg_spec(x: Any, mesh: jax.sharding.Mesh, index: int) -> ArgSpec:

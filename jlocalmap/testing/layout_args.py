@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 import jlocalmap as jlm
+from jlocalmap.layouts.entries import is_placement_list
 
 _HOST_OR_DEVICE = (jax.Array, np.ndarray)
 
@@ -27,12 +28,6 @@ _HOST_OR_DEVICE = (jax.Array, np.ndarray)
 def is_uneven(x: Any) -> bool:
     """An :class:`~jlocalmap.UnevenArray` is one value, not a pytree of its storage."""
     return isinstance(x, jlm.UnevenArray)
-
-
-def is_placement_list(p: Any) -> bool:
-    """A list or tuple of placements (one per mesh axis)."""
-    return (isinstance(p, (list, tuple)) and len(p) > 0
-            and all(isinstance(q, jlm.Placement) for q in p))
 
 
 def _is_entry(p: Any) -> bool:
