@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Optional
 
 import jax
 
 from jlocalmap.errors import PlacementValueError
-from jlocalmap.inspect.comm import CommCounts
+from jlocalmap.inspect.comm import collectives_in_hlo
 from jlocalmap.strategies.collective_axes import (
     axes_of_line,
     in_region_body,
@@ -147,19 +147,25 @@ def _first(cost) -> dict:
     return dict(cost or {})
 
 
-def program_cost(lowered: jax.stages.Lowered) -> dict:
+def program_cost(lowered: jax.stages.Lowered,
+                 compiled: Optional[jax.stages.Compiled] = None) -> dict:
     """XLA's analysis of the lowered program (the same on every platform); where
     a backend gives none (seen on the GPU with jax 0.11), the compiled program's
-    (the GPU's leaves out the matmuls it hands to cuBLAS)."""
+    (the GPU's leaves out the matmuls it hands to cuBLAS). ``compiled``: that
+    program where the caller has it (else it is compiled here)."""
     cost = _first(lowered.cost_analysis())
-    return cost if cost.get("flops") else _first(lowered.compile().cost_analysis())
+    if cost.get("flops"):
+        return cost
+    return _first((compiled or lowered.compile()).cost_analysis())
 
 
-def estimate(model: CostModel, lowered: jax.stages.Lowered, hlo_text: str,
-             comms: CommCounts, mesh: jax.sharding.Mesh) -> Estimate:
-    """Price a program: FLOPs and bytes from XLA's analysis of the lowered
-    program (the same on every platform), collectives from the compiled HLO."""
-    cost = program_cost(lowered)
+def estimate(model: CostModel, lowered: jax.stages.Lowered, compiled: jax.stages.Compiled,
+             mesh: jax.sharding.Mesh) -> Estimate:
+    """Price a program: FLOPs and bytes from XLA's analysis (:func:`program_cost`),
+    collectives from the compiled HLO."""
+    cost = program_cost(lowered, compiled)
+    hlo_text = compiled.as_text()
+    comms = collectives_in_hlo(hlo_text)
     lines = instruction_lines(hlo_text)
     shape, names = tuple(mesh.devices.shape), tuple(mesh.axis_names)
     comm_s, body, layout = 0.0, 0, 0

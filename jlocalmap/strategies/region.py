@@ -19,7 +19,6 @@ from typing import Any, Optional
 import jax
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
-from jlocalmap.inspect.comm import collectives_in_hlo
 from jlocalmap.strategies.alternatives import (
     Alternative,
     compiled,
@@ -147,9 +146,7 @@ class StrategyRegion:
         programs = self._programs(sig)
         estimates = {}
         for name, (lowered, program) in programs.items():
-            text = program.as_text()
-            estimates[name] = estimate(self.cost_model, lowered, text,
-                                       collectives_in_hlo(text), self.mesh)
+            estimates[name] = estimate(self.cost_model, lowered, program, self.mesh)
         measured = self._measured(sig, programs) if self.choose == "measure" else {}
         rows = tuple(TableRow(n, e, measured.get(n)) for n, e in estimates.items())
         key = (measured.get if measured else lambda n: estimates[n].seconds)
