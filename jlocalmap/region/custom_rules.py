@@ -65,13 +65,10 @@ def check_custom_rules(trace_backward: Callable[[], object], plan, func_name: st
     Other failures are left to the user's own backward, where they belong."""
     try:
         trace_backward()
-    except ValueError as e:
-        parsed = parse_rule_error(str(e))
-        if parsed is None:
-            return
-        raise PlacementValueError(_message(parsed, plan, func_name, str(e))) from e
-    except Exception:  # noqa: BLE001 - only the type mismatch is this check's business
-        return
+    except Exception as e:  # noqa: BLE001 - only the type mismatch is this check's business
+        parsed = parse_rule_error(str(e)) if isinstance(e, ValueError) else None
+        if parsed is not None:
+            raise PlacementValueError(_message(parsed, plan, func_name, str(e))) from e
 
 
 def _suspects(parsed: tuple, plan) -> list:
