@@ -32,7 +32,7 @@ DEPTH_EXPONENT_SLACK = 0.05  # JAX's own tracing may grow faster: jlocalmap adds
 
 
 def paired_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
-    return statistics.median(t / b for t, b in zip(times, baseline))
+    return statistics.median(t / b for t, b in zip(times, baseline, strict=True))
 
 
 def linear_exponent(seconds_by_depth: dict) -> float:
@@ -53,7 +53,7 @@ def relative_difference(a: Any, b: Any) -> float:
     import jax
     import numpy as np
     diffs, scales = [0.0], [1e-30]
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         x, y = np.asarray(x, np.float32), np.asarray(y, np.float32)
         diffs.append(float(np.max(np.abs(x - y))) if x.size else 0.0)
         scales.append(float(np.max(np.abs(y))) if y.size else 0.0)
@@ -198,7 +198,7 @@ def _step_plot(plt, result: dict, path: pathlib.Path) -> pathlib.Path:
         groups.setdefault(name.split("/")[0], []).append((name.split("/", 1)[1], entry["stats"]))
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.2 + 0.45 * len(result["rows"])
                                                      + 0.6 * len(groups)), squeeze=False)
-    for ax, (group, items) in zip(axes[:, 0], groups.items()):
+    for ax, (group, items) in zip(axes[:, 0], groups.items(), strict=True):
         scale, unit = (1e6, "us") if max(s["median"] for _, s in items) < 1e-3 else (1e3, "ms")
         medians = [s["median"] * scale for _, s in items]
         errors = [[(s["median"] - s["q1"]) * scale for _, s in items],
@@ -215,13 +215,13 @@ def _step_plot(plt, result: dict, path: pathlib.Path) -> pathlib.Path:
 
 def _depth_plot(plt, depth: dict, path: pathlib.Path) -> pathlib.Path:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, phase in zip(axes, ("trace", "compile")):
+    for ax, phase in zip(axes, ("trace", "compile"), strict=True):
         deepest = None
         for impl, times in depth.items():
             points = sorted((int(d), t[phase]) for d, t in times.items()
                             if t.get(phase) is not None)
             if points:
-                ax.plot(*zip(*points), marker="o", label=impl)
+                ax.plot(*zip(*points, strict=True), marker="o", label=impl)
                 deepest = max(deepest or points[-1], points[-1])
         if deepest is not None:  # a line through the deepest point, slope 1: linear
             d, t = deepest

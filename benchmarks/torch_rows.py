@@ -155,8 +155,8 @@ def _grad_scale(torch, host: dict, w1, w2, mlp, x, rank: int) -> Optional[dict]:
     ref_w = [host["w1"].float().clone().requires_grad_(), host["w2"].float().clone().requires_grad_()]
     h = torch.nn.functional.gelu(host["x"].float() @ ref_w[0], approximate="tanh")
     ((h @ ref_w[1]) * host["dy"]).sum().backward()
-    scale = [float(g.norm() / r.grad.norm()) for g, r in zip(got, ref_w)]
-    err = [float((g - r.grad).abs().max() / r.grad.abs().max()) for g, r in zip(got, ref_w)]
+    scale = [float(g.norm() / r.grad.norm()) for g, r in zip(got, ref_w, strict=True)]
+    err = [float((g - r.grad).abs().max() / r.grad.abs().max()) for g, r in zip(got, ref_w, strict=True)]
     return {"norm_ratio": scale, "max_rel_err": err}
 
 

@@ -69,7 +69,7 @@ def raw_regions():
 
         def call(*args):
             return mapped(*(jax.reshard(a, NamedSharding(MESH, s))
-                            for a, s in zip(args, in_specs)))
+                            for a, s in zip(args, in_specs, strict=True)))
         return call
     qkv = (P("dp", "tp", "cp"), P("dp", "tp"), P("dp", "tp"))
     mlp = (P("dp", "cp"), P(None, "tp"), P("tp"))
@@ -82,7 +82,7 @@ def model(layers, regions):
 
     def forward(params, x):
         for p in params[:layers]:
-            def heads(w):
+            def heads(w, x=x):
                 return jnp.transpose((x @ w).reshape(B, T, H, D), (0, 2, 1, 3))
             o = attention(heads(p["wq"]), heads(p["wk"]), heads(p["wv"]))
             x = x + jnp.transpose(o, (0, 2, 1, 3)).reshape(B, T, E) @ p["wo"]
@@ -133,7 +133,7 @@ def trace_times(layers, ours, raw, repeat=5):
     times: dict = {}
     for _ in range(repeat):
         for impl, pair in progs.items():
-            for what, fn in zip(("forward", "value_and_grad"), pair):
+            for what, fn in zip(("forward", "value_and_grad"), pair, strict=True):
                 times.setdefault((impl, what), []).append(timed(fn))
     return {k: (v[0], min(v)) for k, v in times.items()}
 

@@ -327,7 +327,7 @@ def block_workload(devices: Sequence[Any], shape: Sequence[int], size: BlockSize
                              argnums=0) for impl in ("shard_map", "jlocalmap")}
     with jax.set_mesh(mesh):
         flops = compiled_flops(steps["shard_map"].lower(params, x, dy))
-    work = Workload(rows=[], info={"mesh": dict(zip(BLOCK_AXES, shape)),
+    work = Workload(rows=[], info={"mesh": dict(zip(BLOCK_AXES, shape, strict=True)),
                                    "size": dataclasses.asdict(size), "flops_per_device": flops,
                                    "flops_source": "XLA cost analysis of the hand-written step"})
     _add_steps(work, mesh, "block", steps, (params, x, dy), flops)

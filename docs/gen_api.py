@@ -59,7 +59,8 @@ GROUPS = (
     ("api/errors.md", "Errors",
      "The exceptions jlocalmap raises; each message names the argument, what was expected, "
      "what was found and the fix.",
-     ("LocalMapError", "PlacementTypeError", "PlacementValueError")),
+     ("LocalMapError", "LocalMapValueError", "LocalMapTypeError", "PlacementValueError",
+      "PlacementTypeError")),
 )
 
 

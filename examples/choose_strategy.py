@@ -86,14 +86,14 @@ def check_against_unsharded(region, mesh, host, device):
     def loss(f):
         return lambda x, w1, w2: jnp.sum(f(x, w1, w2) ** 2)
     x, w1, w2 = (jlm.distribute_tensor(a, mesh, p) for a, p in
-                 zip(host, ([Shard(0)], [Shard(1)], [Shard(0)])))
+                 zip(host, ([Shard(0)], [Shard(1)], [Shard(0)]), strict=True))
     with jax.set_mesh(mesh):
         value, grads = jax.jit(jax.value_and_grad(loss(region), argnums=(0, 1, 2)))(x, w1, w2)
     ref_value, ref_grads = jax.jit(jax.value_and_grad(loss(mlp), argnums=(0, 1, 2)))(
         *jax.device_put(host, device))
     scale = max(1.0, abs(float(ref_value)))
     worst = abs(float(value) - float(ref_value)) / scale
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         worst = max(worst, float(np.max(np.abs(np.asarray(jlm.full_tensor(g)) - np.asarray(r))))
                     / max(1.0, float(np.max(np.abs(np.asarray(r))))))
     return worst
@@ -131,7 +131,7 @@ def main():
         host = (rng.standard_normal((t, d)).astype(np.float32),) + weights
         x = jlm.distribute_tensor(host[0], mesh, [Shard(0)])
         w1, w2 = (jlm.distribute_tensor(w, mesh, p) for w, p in
-                  zip(weights, ([Shard(1)], [Shard(0)])))
+                  zip(weights, ([Shard(1)], [Shard(0)]), strict=True))
         choice = region.choice(x, w1, w2)
         print(f"\n== tokens {t} ==\n{choice}")
         diff = check_against_unsharded(region, mesh, host, devices[0])

@@ -171,7 +171,7 @@ def train_step(model: Model, optimizer: nnx.Optimizer, x, y):
 def max_diff(tree, ref_tree) -> float:
     """Largest |sharded - unsharded| over every entry of two trees of arrays."""
     return max(float(np.max(np.abs(np.asarray(jlm.full_tensor(a)) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree)))
+               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree), strict=True))
 
 
 def build(mesh, args, seed: int = 0):
@@ -234,7 +234,7 @@ def main(argv=None) -> float:
         parser.error(f"--hidden must be a multiple of tp={tp} and --batch of dp={dp}")
     mesh = jax.make_mesh((dp, tp), ("dp", "tp"), devices=devices)
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
-          f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes))}")
+          f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.dim)).astype(np.float32)
     y = np.sin(x @ rng.standard_normal((args.dim, args.out))).astype(np.float32)

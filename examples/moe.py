@@ -175,7 +175,7 @@ def init_params(rng, dim: int, hidden: int, cfg: MoEConfig) -> dict[str, np.ndar
 
 
 def max_diff(sharded, unsharded) -> float:
-    leaves = zip(jax.tree.leaves(sharded), jax.tree.leaves(unsharded))
+    leaves = zip(jax.tree.leaves(sharded), jax.tree.leaves(unsharded), strict=True)
     return max(float(np.max(np.abs(np.asarray(jlm.full_tensor(a)) - np.asarray(b))))
                for a, b in leaves)
 
@@ -251,7 +251,7 @@ def main():
     mesh = make_mesh(parser, args)
     cfg = MoEConfig(args.experts, 2, args.capacity_factor)
     group = args.tokens // mesh.size
-    print(f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes))}; {args.experts} experts, "
+    print(f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}; {args.experts} experts, "
           f"top-{cfg.top_k}, capacity {cfg.capacity(group)} slots per expert per "
           f"{group}-token group")
 

@@ -91,7 +91,7 @@ def launch(args) -> int:
 
 def report(outputs, codes) -> int:
     worst = 0.0
-    for i, (out, code) in enumerate(zip(outputs, codes)):
+    for i, (out, code) in enumerate(zip(outputs, codes, strict=True)):
         print(f"---- process {i} (exit status {code}) ----")
         for line in out.splitlines():
             if line.startswith("[Gloo]"):   # gloo's connection log
@@ -245,7 +245,7 @@ def worker(args) -> int:
     mesh = global_mesh()
     check.say(f"process {jax.process_index()} of {jax.process_count()}: "
               f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
-              f"mesh {dict(zip(mesh.axis_names, mesh.axis_sizes))}")
+              f"mesh {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}")
     rng = np.random.default_rng(0)          # the same seed: the same global host data
     X = rng.standard_normal((8, 16)).astype(np.float32)
     W = rng.standard_normal((16, 4)).astype(np.float32)

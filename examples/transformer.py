@@ -349,7 +349,7 @@ def make_train_step(ops: Ops, optimizer, head_dim: int):
 def max_diff(tree, ref_tree) -> float:
     """Largest |sharded - unsharded| over every entry of two trees of arrays."""
     return max(float(np.max(np.abs(np.asarray(jlm.full_tensor(a)) - np.asarray(b))))
-               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree)))
+               for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree), strict=True))
 
 
 def starting_point(mesh, cfg: Config, seed: int):
@@ -445,7 +445,7 @@ def main(argv=None) -> float:
     check_sizes(parser, cfg, *shape, overlap=args.overlap)
     mesh = jax.make_mesh(shape, ("dp", "cp", "tp"), devices=devices[:int(np.prod(shape))])
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
-          f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes))} ({mesh.axis_types[0].name} "
+          f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))} ({mesh.axis_types[0].name} "
           f"axes); attention: {args.attention}"
           + ("; tp projections: all_gather_matmul / matmul_reduce_scatter rings (--overlap)"
              if args.overlap else ""))

@@ -1,12 +1,26 @@
 """jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``."""
 
 from jlocalmap import collectives
-from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
+from jlocalmap.errors import (
+    LocalMapError,
+    LocalMapTypeError,
+    LocalMapValueError,
+    PlacementTypeError,
+    PlacementValueError,
+)
 from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.inspect.inspection import Region, regions
 from jlocalmap.inspect.layout_view import describe, print_layout
 from jlocalmap.inspect.residuals import Residual
-from jlocalmap.layouts.placements import Partial, Placement, Replicate, Shard
+from jlocalmap.layouts.placements import (
+    Partial,
+    Placement,
+    PlacementList,
+    Placements,
+    PlacementTree,
+    Replicate,
+    Shard,
+)
 from jlocalmap.layouts.specs import placements_to_spec, spec_to_placements
 from jlocalmap.layouts.uneven import UnevenArray, local_valid_size
 from jlocalmap.layouts.value_layout import placements_of
@@ -16,8 +30,9 @@ from jlocalmap.region.record import Operand, RegionCall, region_settings
 from jlocalmap.strategies import CostModel, Link, StrategyRegion, strategy_region
 
 __all__ = [
-    "LocalMapError", "PlacementTypeError", "PlacementValueError",
-    "Placement", "Shard", "Replicate", "Partial",
+    "LocalMapError", "LocalMapValueError", "LocalMapTypeError",
+    "PlacementValueError", "PlacementTypeError",
+    "Placement", "Shard", "Replicate", "Partial", "Placements", "PlacementList", "PlacementTree",
     "placements_to_spec", "spec_to_placements",
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
     "collectives", "CommCounts", "count_collectives", "collectives_in_hlo",

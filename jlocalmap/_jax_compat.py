@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from jax._src import core as _core
 
@@ -42,3 +44,9 @@ def under_jit() -> bool:
     under eager transformations alone, such as an eager ``jax.vmap``)."""
     return True if _UNDER_JIT is None else _UNDER_JIT()
 
+
+
+def config_value(name: str) -> Any:
+    """The value of the ``jax.config`` flag ``name`` (``jax_disable_jit``, ...): JAX
+    adds its flags as attributes at import time, which type checkers cannot see."""
+    return getattr(jax.config, name)

@@ -1,10 +1,20 @@
 """jlocalmap's error classes: every error the library raises on bad input is one
 of these, so callers can catch them and tests can tell them from JAX's own.
 
+``LocalMapValueError`` and ``LocalMapTypeError`` are the two kinds (an argument of
+the right kind with a wrong value, an argument of the wrong kind), subclasses of
+``ValueError`` and ``TypeError``. ``PlacementValueError`` and ``PlacementTypeError``
+are their placement cases: a placement, placement list, ``PartitionSpec`` or mesh
+that cannot lay out the value (a Shard dim out of range, a Partial kind JAX cannot
+hold, inputs placed otherwise than ``in_placements`` says). Errors about anything
+else (a function that is not callable, a ``Link``'s bandwidth, a collective's
+shapes, strategy alternatives that disagree) are the plain kinds.
+
 Example:
     >>> import jlocalmap as jlm
-    >>> issubclass(jlm.PlacementValueError, ValueError)
-    True
+    >>> issubclass(jlm.PlacementValueError, jlm.LocalMapValueError), \\
+    ...     issubclass(jlm.LocalMapValueError, ValueError)
+    (True, True)
 """
 
 
@@ -18,8 +28,36 @@ class LocalMapError(Exception):
     """
 
 
-class PlacementValueError(LocalMapError, ValueError):
-    """A value is of the right kind but wrong: a count, a dim, a mesh, a layout.
+class LocalMapValueError(LocalMapError, ValueError):
+    """An argument is of the right kind but its value is wrong (a count, a size,
+    a shape, a bandwidth...).
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> try:
+        ...     jlm.strategies.Link(bandwidth=0.0)
+        ... except jlm.LocalMapValueError as e:
+        ...     print("bandwidth > 0" in str(e))
+        True
+    """
+
+
+class LocalMapTypeError(LocalMapError, TypeError):
+    """An argument is of the wrong kind (a string where a function belongs...).
+
+    Example:
+        >>> import jlocalmap as jlm
+        >>> try:
+        ...     jlm.local_map("not a function", [jlm.Replicate()])
+        ... except jlm.LocalMapTypeError as e:
+        ...     print(str(e).split(";")[0])
+        func: expected a callable to run on local shards, found str
+    """
+
+
+class PlacementValueError(LocalMapValueError):
+    """A placement, placement list, spec or mesh that cannot lay out the value:
+    a count, a dim, a reduce op, a layout that differs from the one required.
 
     Example:
         >>> import jlocalmap as jlm
@@ -31,8 +69,8 @@ class PlacementValueError(LocalMapError, ValueError):
     """
 
 
-class PlacementTypeError(LocalMapError, TypeError):
-    """An argument is of the wrong kind (a string where a placement belongs...).
+class PlacementTypeError(LocalMapTypeError):
+    """A placement argument of the wrong kind (a string where a placement belongs...).
 
     Example:
         >>> import jlocalmap as jlm

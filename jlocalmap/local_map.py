@@ -31,9 +31,10 @@ from jlocalmap.call.arguments import (
 from jlocalmap.call.call_plan import CallPlan
 from jlocalmap.call.other_mesh import to_mesh
 from jlocalmap.call.settings import Settings
-from jlocalmap.errors import LocalMapError, PlacementValueError
+from jlocalmap.errors import LocalMapError, LocalMapValueError
 from jlocalmap.layouts.entries import assign_placements
 from jlocalmap.layouts.meshes import AnyMesh, mesh_context, same_mesh
+from jlocalmap.layouts.placements import PlacementTree
 from jlocalmap.layouts.uneven import UnevenArray
 from jlocalmap.movement.distribute import full_tensor
 from jlocalmap.region.outputs import OutputFacts, assemble
@@ -42,7 +43,7 @@ from jlocalmap.region.program import Region, check_batchable
 _CACHE_SIZE = 64
 
 
-def _jit_named_after(func: Callable, fn: Callable) -> Callable:
+def _jit_named_after(func: Callable, fn: Callable) -> jax.stages.Wrapped:
     """``jax.jit(fn)``, named after ``func``: HLO metadata reads
     ``jit(func)/local_map[func](...)/...``."""
     if hasattr(func, "__name__"):
@@ -68,6 +69,7 @@ class _Compiled:
             if self.facts is not None:
                 check_batchable(self.facts)
             raise
+        assert self.facts is not None, "the first trace of run sets them"
         return arrays, self.facts
 
 
@@ -164,10 +166,11 @@ class LocalMapped:
         """
         prepared = self._prepare(args, kwargs)
         if prepared is None or prepared.traced:
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 "lower: expected concrete arguments with a mesh (distributed arrays, or "
                 "host values with device_mesh set), found tracers or no mesh; call it "
                 "outside jax.jit, or use jax.jit(f).lower(...) there.")
+        assert isinstance(prepared.program, _Compiled), "eager calls run a compiled region"
         with mesh_context(prepared.plan.mesh):
             return prepared.program.jitted.lower(*prepared.dyn)
 
@@ -189,7 +192,7 @@ class LocalMapped:
             if mesh is None or set(mesh.axis_names) <= manual_axes():
                 return None
             plan, moved = self._plan(args, records, in_tree, kwargs, mesh)
-            if traced is not None and all(a is b for a, b in zip(moved, leaves)):
+            if traced is not None and all(a is b for a, b in zip(moved, leaves, strict=True)):
                 self._remember(traced, plan)
         mesh = plan.mesh
         dyn = _values(plan, moved)
@@ -202,7 +205,7 @@ class LocalMapped:
             # JAX's eager reshard refuses a named vmap axis, a compiled region does not.
             return _Prepared(plan, self._program(plan, dyn), dyn, True)
         program = self._program(plan, dyn)
-        if signature is not None and all(a is b for a, b in zip(moved, leaves)) and \
+        if signature is not None and all(a is b for a, b in zip(moved, leaves, strict=True)) and \
                 not any(isinstance(leaves[p.index], UnevenArray) and not p.padded
                         for p in plan.inputs):
             self._cache[signature] = (plan, program)
@@ -259,8 +262,8 @@ def _values(plan: CallPlan, leaves: Sequence[Any]) -> list:
     return [value(p) for p in plan.inputs]
 
 
-def local_map(func: Optional[Callable] = None, out_placements: Any = None,
-              in_placements: Any = None, in_grad_placements: Any = None,
+def local_map(func: Optional[Callable] = None, out_placements: PlacementTree = None,
+              in_placements: PlacementTree = None, in_grad_placements: PlacementTree = None,
               device_mesh: Optional[AnyMesh] = None, *,
               redistribute_inputs: bool = False, check_vma: bool = True) -> Callable:
     """Run ``func``, written for local shards, on values distributed over a mesh.

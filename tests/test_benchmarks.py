@@ -61,7 +61,7 @@ def test_block_step_matches_hand_written_and_unsharded():
     forward = workloads.block_forward((attention, mlp))
     ref_loss, ref_grads = jax.value_and_grad(lambda p: jnp.sum(forward(p, x) * dy))(params)
     np.testing.assert_allclose(loss, ref_loss, rtol=1e-4)
-    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    for got, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
         np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-5)
 
 

@@ -18,19 +18,19 @@ REDUCE = {"sum": jnp.sum, "avg": jnp.mean, "max": jnp.max, "min": jnp.min}
 # -- a model of the collectives: per-device locals, grouped as torch groups them --
 def local_of(X, mesh, placements, coords):
     """Device ``coords``' local value of global ``X`` (mesh-order nested splits)."""
-    for axis, p in zip(mesh.axis_names, placements):
+    for axis, p in zip(mesh.axis_names, placements, strict=True):
         if p.is_shard():
-            X = jnp.split(X, dict(zip(mesh.axis_names, mesh.axis_sizes))[axis], p.dim)[coords[axis]]
+            X = jnp.split(X, dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[axis], p.dim)[coords[axis]]
     return X
 
 
 def groups(mesh, axes):
     """For each device in mesh order: its group's devices' coords in rank order, and its rank."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     out = []
     for idx in np.ndindex(*mesh.axis_sizes):
-        coords = dict(zip(mesh.axis_names, idx))
-        members = [{**coords, **dict(zip(axes, g))} for g in np.ndindex(*[sizes[a] for a in axes])]
+        coords = dict(zip(mesh.axis_names, idx, strict=True))
+        members = [{**coords, **dict(zip(axes, g, strict=True))} for g in np.ndindex(*[sizes[a] for a in axes])]
         rank = int(np.ravel_multi_index([coords[a] for a in axes], [sizes[a] for a in axes]))
         out.append((members, rank))
     return out
@@ -204,7 +204,7 @@ def test_megatron_mlp_gradients_are_unsharded(rng, n):
     unsharded = lambda x, w1, w2: jax.nn.relu(x @ w1) @ w2
     ref_value, ref_grads = jax.value_and_grad(lambda *a: loss(unsharded, *a), argnums=(0, 1, 2))(X, W1, W2)
     assert_close(value, ref_value, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, rtol=1e-4)
     assert [jlm.placements_of(g) for g in grads] == [(Replicate(),), (Shard(1),), (Shard(0),)]
 
@@ -247,12 +247,12 @@ def _run_body(mesh, body, X):
     (lambda x, m: C.all_reduce("x", "sum", m), r"x: expected the local array"),
 ])
 def test_errors_name_argument_and_fix(mesh1, rng, body, match):
-    with pytest.raises((jlm.PlacementValueError, jlm.PlacementTypeError), match=match):
+    with pytest.raises((jlm.LocalMapValueError, jlm.LocalMapTypeError), match=match):
         _run_body(mesh1, lambda x: body(x, mesh1), randn(rng, 8, 3))
 
 
 def test_outside_a_body_is_an_error(mesh1, rng):
-    with pytest.raises(jlm.PlacementValueError,
+    with pytest.raises(jlm.LocalMapValueError,
                        match="no mesh axis is manual here.*inside the body of a jlocalmap.local_map"):
         C.all_reduce(randn(rng, 2), "sum", mesh1)
 
@@ -277,7 +277,7 @@ def _check_against_unsharded(mesh, f, unsharded, X, W, in_pl, out_pl, rng):
                                               argnums=(0, 1))(X, W)
     assert_close(jlm.full_tensor(out), unsharded(X, W), rtol=1e-4, atol=1e-4)
     assert_close(value, ref_value, rtol=1e-4, atol=1e-3)
-    for got, ref in zip(grads, ref_grads):
+    for got, ref in zip(grads, ref_grads, strict=True):
         assert_close(jlm.full_tensor(got), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -319,14 +319,14 @@ def test_sequence_parallel_mlp_with_collective_matmuls(mesh2x4, rng):
     R = randn(rng, 16, 8)
     with jax.set_mesh(mesh2x4):
         results = [jax.jit(jax.value_and_grad(
-            lambda *a: jnp.sum(jlm.local_map(body, [Shard(0), Shard(0)], in_pl,
-                                             device_mesh=mesh2x4)(*a) * R),
+            lambda *a, body=body: jnp.sum(jlm.local_map(body, [Shard(0), Shard(0)], in_pl,
+                                                        device_mesh=mesh2x4)(*a) * R),
             argnums=(0, 1, 2)))(X, W1, W2) for body in (ring, plain)]
     expected = jax.value_and_grad(lambda *a: jnp.sum(unsharded(*a) * R), argnums=(0, 1, 2))(
         X, W1, W2)
     for value, grads in results:
         assert_close(value, expected[0], rtol=1e-4, atol=1e-3)
-        for got, ref in zip(grads, expected[1]):
+        for got, ref in zip(grads, expected[1], strict=True):
             assert_close(jlm.full_tensor(got), ref, rtol=1e-4, atol=1e-4)
 
 
@@ -334,11 +334,10 @@ def test_collective_matmuls_are_rings_of_permutes(mesh4, rng):
     """n - 1 collective-permutes per ring, no all-gather or reduce-scatter left."""
     X, W = randn(rng, 16, 8), randn(rng, 8, 16)
     for bidirectional, permutes in ((False, 3), (True, 6)):
-        f = jlm.local_map(lambda x, w: C.all_gather_matmul(x, w, 0, mesh4,
-                                                           bidirectional=bidirectional),
+        ring = {"group": mesh4, "bidirectional": bidirectional}
+        f = jlm.local_map(lambda x, w, ring=ring: C.all_gather_matmul(x, w, 0, **ring),
                           [Shard(1)], ([Shard(0)], [Shard(1)]), device_mesh=mesh4)
-        g = jlm.local_map(lambda x, w: C.matmul_reduce_scatter(x, w, 0, mesh4,
-                                                               bidirectional=bidirectional),
+        g = jlm.local_map(lambda x, w, ring=ring: C.matmul_reduce_scatter(x, w, 0, **ring),
                           [Shard(0)], ([Shard(1)], [Shard(0)]), device_mesh=mesh4)
         for fn, args in ((f, (X, W)), (g, (W.T, X.T))):
             counts = count_collectives(fn, *args)
@@ -358,5 +357,5 @@ def test_collective_matmuls_are_rings_of_permutes(mesh4, rng):
      r"bidirectional: expected True, False or None"),
 ])
 def test_collective_matmul_errors(mesh1, rng, body, match):
-    with pytest.raises((jlm.PlacementValueError, jlm.PlacementTypeError), match=match):
+    with pytest.raises((jlm.LocalMapValueError, jlm.LocalMapTypeError), match=match):
         _run_body(mesh1, lambda x: body(x, mesh1), randn(rng, 8, 4))

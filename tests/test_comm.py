@@ -14,6 +14,7 @@ from jax.sharding import NamedSharding
 import jlocalmap as jlm
 from jlocalmap import Replicate, Shard
 from jlocalmap import collectives as C
+from jlocalmap.inspect.comm import Collective, collectives_in_hlo
 from jlocalmap.testing import expect_collectives
 
 
@@ -22,7 +23,6 @@ def helpers_count(fn, *args):
     text = jax.jit(fn).lower(*args).compile().as_text()
     kinds = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
     return {c: len(re.findall(rf"\s{c}(?:-start)?\(", text)) for c in kinds}
-from jlocalmap.inspect.comm import Collective, collectives_in_hlo
 
 NONE = dict.fromkeys(("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute"), 0)
 F32 = 4
@@ -177,9 +177,9 @@ def test_async_pairs_count_once_with_done_result():
 
 
 def test_errors_name_the_argument():
-    with pytest.raises(jlm.PlacementTypeError, match=r"fn: expected a function to compile, found int"):
+    with pytest.raises(jlm.LocalMapTypeError, match=r"fn: expected a function to compile, found int"):
         jlm.count_collectives(3, np.ones(2))
-    with pytest.raises(jlm.PlacementTypeError, match=r"hlo_text: expected the text of an HLO module"):
+    with pytest.raises(jlm.LocalMapTypeError, match=r"hlo_text: expected the text of an HLO module"):
         collectives_in_hlo(b"HloModule m")
 
 

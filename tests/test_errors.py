@@ -18,7 +18,8 @@ import jlocalmap as jlm
 from helpers import randn
 from jlocalmap import Partial, Replicate, Shard
 
-VE, TE = jlm.PlacementValueError, jlm.PlacementTypeError
+VE, TE = jlm.PlacementValueError, jlm.PlacementTypeError   # placement problems
+LTE = jlm.LocalMapTypeError   # bad arguments that are not placements
 S0, S1, R = Shard(0), Shard(1), Replicate()
 L = jlm.local_map
 
@@ -201,10 +202,10 @@ CASES = [
                  r"out_placements\[1\]: output 1 is a str, not an array, so its entry must be None",
                  id="placements-for-string-output"),
     # -- func, device_mesh, redistribute_inputs ------------------------------------------
-    pytest.param(lambda e: L(3, [S0], ([S0],)), TE,
+    pytest.param(lambda e: L(3, [S0], ([S0],)), LTE,
                  r"func: expected a callable to run on local shards, found int; pass a function, or "
                  r"call local_map without func to get a decorator", id="func-int"),
-    pytest.param(lambda e: L("matmul", [S0], ([S0],)), TE,
+    pytest.param(lambda e: L("matmul", [S0], ([S0],)), LTE,
                  r"func: expected a callable .*found str", id="func-string"),
     pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh="tp"), TE,
                  MESH_FIX.format("str"), id="mesh-string"),
@@ -212,7 +213,7 @@ CASES = [
                  MESH_FIX.format("list"), id="mesh-list"),
     pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh={"tp": 2}), TE,
                  MESH_FIX.format("dict"), id="mesh-dict"),
-    pytest.param(lambda e: L(ident, [S0], ([R],), redistribute_inputs="no")(e.x), TE,
+    pytest.param(lambda e: L(ident, [S0], ([R],), redistribute_inputs="no")(e.x), LTE,
                  r"redistribute_inputs: expected True or False, found 'no'", id="redistribute-inputs-string"),
     # -- inputs on another mesh --------------------------------------------------------
     pytest.param(lambda e: L(ident, [S0], ([S0],), device_mesh=e.m1)(e.x4), VE,
@@ -296,7 +297,7 @@ CASES = [
 def test_bad_local_map_call(env, build, cls, pattern):
     with pytest.raises(cls, match=f"(?s){pattern}") as excinfo:
         build(env)
-    assert excinfo.type.__module__.startswith("jlocalmap"), excinfo.type
+    assert excinfo.type is cls, excinfo.type   # a placement error only for placement problems
     assert issubclass(excinfo.type, jlm.LocalMapError)
     assert issubclass(excinfo.type, (ValueError, TypeError))
 
@@ -315,3 +316,21 @@ def test_errors_are_catchable_as_builtin_classes(env):
         L(ident, [S0], ([S0],), device_mesh="tp")
     with pytest.raises(jlm.LocalMapError):
         L(ident, [S0], ([S0], [S0]))(env.x)
+
+
+@pytest.mark.parametrize("build, cls, pattern", [
+    (lambda e: jax.jit(L(ident, [S0], ([S0],), device_mesh=e.m1).lower)(e.X), jlm.LocalMapValueError,
+     r"lower: expected concrete arguments"),
+    (lambda e: jlm.strategies.Link(bandwidth=0.0), jlm.LocalMapValueError, r"Link: expected bandwidth > 0"),
+    (lambda e: jlm.collectives.all_reduce(e.X, "sum", e.m1), jlm.LocalMapValueError,
+     r"no mesh axis is manual here"),
+    (lambda e: jlm.collectives.all_reduce(e.X, "mean", "tp"), jlm.LocalMapValueError,
+     r"reduce_op: expected one of"),
+], ids=["lower-under-jit", "link-bandwidth", "collective-outside-body", "collective-reduce-op"])
+def test_errors_that_are_not_about_placements_are_not_placement_errors(env, build, cls, pattern):
+    """A bad argument that is not a placement (lower's arguments, a Link, a collective's
+    reduce op or group) raises LocalMapValueError / LocalMapTypeError itself, not
+    their Placement subclasses."""
+    with pytest.raises(cls, match=pattern) as excinfo:
+        build(env)
+    assert excinfo.type is cls, excinfo.type

@@ -59,7 +59,7 @@ def test_parameters_and_adam_moments_keep_the_declared_layouts(mesh):
     params = nnx.state(model, nnx.Param)
     moments = nnx.state(optimizer)["opt_state"][0]
     for name in ("mu", "nu"):
-        for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(moments[name])):
+        for p, m in zip(jax.tree.leaves(params), jax.tree.leaves(moments[name]), strict=True):
             assert jlm.placements_of(m) == jlm.placements_of(p)
 
 

@@ -282,7 +282,7 @@ def trees(draw, mesh_shape, auto, depth=0, counter=None):
     if kind == "list":
         return children
     keys = draw(st.permutations(["w", "b", "x", "k"]))[:n]
-    return dict(zip(keys, children))
+    return dict(zip(keys, children, strict=True))
 
 
 @st.composite
@@ -381,7 +381,7 @@ def prefix_of(tree, fn, rng: np.random.Generator):
             and rng.integers(0, 3) == 0:
         return entries[0]
     if isinstance(tree, dict):
-        return dict(zip(tree.keys(), sub))
+        return dict(zip(tree.keys(), sub, strict=True))
     return type(tree)(sub)
 
 
@@ -547,7 +547,7 @@ def call_jitted(f, args):
 
     def call(*values):
         leaves = list(flat)
-        for i, v in zip(dyn, values):
+        for i, v in zip(dyn, values, strict=True):
             leaves[i] = v
         return f(*jax.tree_util.tree_unflatten(tree, leaves))
 
@@ -570,7 +570,7 @@ def check_equal(out, expected, case: Case):
     out_leaves, out_tree = jax.tree_util.tree_flatten(out, is_leaf=is_out_leaf)
     exp_leaves, exp_tree = jax.tree_util.tree_flatten(expected, is_leaf=lambda x: x is None)
     assert out_tree == exp_tree, f"output structure {out_tree} != {exp_tree}"
-    for j, (o, e) in enumerate(zip(out_leaves, exp_leaves)):
+    for j, (o, e) in enumerate(zip(out_leaves, exp_leaves, strict=True)):
         if e is None or isinstance(e, str):
             assert o == e and type(o) is type(e), f"static output {j}: {o!r} != {e!r}"
             continue

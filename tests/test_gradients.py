@@ -159,7 +159,7 @@ def test_opt_out_for_bodies_the_typing_cannot_see(mesh1, rng):
     rx, rw = unsharded_grads(lambda x, w: ((x @ w) ** 2).sum(), X, W)
     for in_grad in [None, ([Shard(0)], [Partial()])]:
         f = jlm.local_map(matmul, [Shard(0)], ([Shard(0)], [Replicate()]), in_grad, check_vma=False)
-        gx, gw = grads(mesh1, lambda x, w: (f(x, w) ** 2).sum(), x, w)
+        gx, gw = grads(mesh1, lambda x, w, f=f: (f(x, w) ** 2).sum(), x, w)
         assert_close(gx, rx, rtol=1e-4)
         assert_close(gw, rw, rtol=1e-4)
 
@@ -177,7 +177,7 @@ def test_gradient_through_partial_values(mesh2x2, rng):
 
     g = grads(mesh2x2, loss, x, w)
     r = unsharded_grads(lambda x, w: (jnp.tanh(3 * (x @ w)) ** 2).sum(), X, W)
-    for a, b in zip(g, r):
+    for a, b in zip(g, r, strict=True):
         assert_close(a, b, rtol=1e-4)
 
 
@@ -193,7 +193,7 @@ def test_checkpoint_policies(mesh1, rng, policy, in_grad):
     loss = jax.checkpoint(lambda x, w: (f(x, w) ** 2).sum(), policy=policy)
     g = grads(mesh1, loss, x, w)
     r = unsharded_grads(lambda x, w: (jnp.tanh(jnp.tanh(x @ w) @ w) ** 2).sum(), X, W)
-    for a, b in zip(g, r):
+    for a, b in zip(g, r, strict=True):
         assert_close(a, b, rtol=1e-4)
 
 
@@ -236,7 +236,7 @@ def test_partial_output_redistributed_with_one_collective(mesh4, rng, op, target
     assert_close(y, X @ W, rtol=1e-5)
     assert counts[kind] == 1 and sum(counts.values()) == 1
     r = unsharded_grads(lambda x, w: ((x @ w) ** 2).sum(), X, W)
-    for a, b in zip(g, r):
+    for a, b in zip(g, r, strict=True):
         assert_close(a, b, rtol=1e-4)
 
 
@@ -352,12 +352,12 @@ def test_no_gradient_paths_are_filtered(mesh2x2, rng, declared, jit):
     assert_close(val, rval, rtol=1e-4)
     assert int(count) == int(rcount)
     np.testing.assert_array_equal(np.asarray(mask), np.asarray(rmask))
-    for a, b in zip(g, r):
+    for a, b in zip(g, r, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
     assert g[2].dtype == jax.dtypes.float0 and g[3].dtype == jax.dtypes.float0
-    for a, b in zip([g[0], g[1], g[4]], [r[0], r[1], r[4]]):
+    for a, b in zip([g[0], g[1], g[4]], [r[0], r[1], r[4]], strict=True):
         assert_close(a, b, rtol=1e-4)
-    for a, b in zip(g_float, [r[0], r[1], r[4]]):
+    for a, b in zip(g_float, [r[0], r[1], r[4]], strict=True):
         assert_close(a, b, rtol=1e-4)
     assert not np.any(np.asarray(g[4])) and not np.any(np.asarray(g_float[2]))
 
@@ -401,7 +401,7 @@ def test_custom_vjp_in_the_body_keeps_its_backward(mesh2x2, rng, where, in_grad,
         g = maybe_jit(jax.grad(lambda x, w: (f(x, w) ** 2).sum(), (0, 1)), jit)(x, w)
     r = unsharded_grads(lambda x, w: (unsharded(x, w) ** 2).sum(), X, W)
     plain = unsharded_grads(lambda x, w: (jnp.tanh(x @ w) ** 2).sum(), X, W)
-    for a, b in zip(g, r):
+    for a, b in zip(g, r, strict=True):
         assert_close(a, b, rtol=1e-4)
     k = 1 if where == "replicate" else 0  # the clipped input
     assert np.abs(np.asarray(g[k]) - plain[k]).max() > 0.1  # the clipping mattered
@@ -446,7 +446,7 @@ def test_gradients_of_mesh_less_traced_values(mesh2x4, rng):
     X, W = randn(rng, 8, 16), randn(rng, 16, 16) * 0.2
     got = jax.jit(jax.grad(lambda x, w: loss(layer, x, w), (0, 1)))(X, W)
     want = jax.grad(lambda x, w: loss(lambda c, w: jnp.sin(c @ w), x, w), (0, 1))(X, W)
-    for g, expected in zip(got, want):
+    for g, expected in zip(got, want, strict=True):
         assert_close(g, expected, rtol=1e-4, atol=1e-5)
 
 

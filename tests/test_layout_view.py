@@ -46,7 +46,7 @@ def test_rows_match_the_shards_devices_hold(request, rng, fixture, placements):
     assert f"PartitionSpec: {x.sharding.spec}" in text
     listed = rows(text)
     assert [d for d, *_ in listed] == [d.id for d in mesh.devices.flat]  # mesh order
-    coords = [" ".join(f"{a}={c}" for a, c in zip(mesh.axis_names, idx))
+    coords = [" ".join(f"{a}={c}" for a, c in zip(mesh.axis_names, idx, strict=True))
               for idx in np.ndindex(*mesh.devices.shape)]
     assert [c for _, c, *_ in listed] == coords
     held = {s.device.id: np.asarray(s.data) for s in x.addressable_shards}
@@ -105,10 +105,10 @@ def test_print_layout_rich(mesh1, rng):
 
 
 def test_errors(mesh1, rng):
-    with pytest.raises(jlm.PlacementTypeError, match=r"x: expected a jax.Array, found ndarray.*distribute_tensor"):
+    with pytest.raises(jlm.LocalMapTypeError, match=r"x: expected a jax.Array, found ndarray.*distribute_tensor"):
         jlm.describe(randn(rng, 2))
     x = jlm.distribute_tensor(randn(rng, 4), mesh1, [Shard(0)])
-    with pytest.raises(jlm.PlacementTypeError, match=r"x: expected a concrete jax.Array, found a tracer"):
+    with pytest.raises(jlm.LocalMapTypeError, match=r"x: expected a concrete jax.Array, found a tracer"):
         jax.jit(jlm.describe)(x)
 
 
@@ -118,5 +118,5 @@ def test_without_rich(mesh1, rng, monkeypatch):
     out = io.StringIO()
     jlm.print_layout(x, file=out)
     assert out.getvalue() == jlm.describe(x) + "\n"
-    with pytest.raises(jlm.PlacementValueError, match=r"use_rich: expected the optional package rich.*pip install rich"):
+    with pytest.raises(jlm.LocalMapValueError, match=r"use_rich: expected the optional package rich.*pip install rich"):
         jlm.print_layout(x, use_rich=True)

@@ -479,7 +479,12 @@ def test_redistribute_host_value_error(mesh1, rng):
 
 
 def test_error_classes():
-    assert issubclass(jlm.PlacementValueError, ValueError)
-    assert issubclass(jlm.PlacementTypeError, TypeError)
-    assert issubclass(jlm.PlacementValueError, jlm.LocalMapError)
-    assert issubclass(jlm.PlacementTypeError, jlm.LocalMapError)
+    # placement errors are the placement cases of the two kinds: an except clause for
+    # either the old or the new name catches them
+    assert issubclass(jlm.PlacementValueError, jlm.LocalMapValueError)
+    assert issubclass(jlm.PlacementTypeError, jlm.LocalMapTypeError)
+    assert issubclass(jlm.LocalMapValueError, ValueError)
+    assert issubclass(jlm.LocalMapTypeError, TypeError)
+    assert issubclass(jlm.LocalMapValueError, jlm.LocalMapError)
+    assert issubclass(jlm.LocalMapTypeError, jlm.LocalMapError)
+    assert not issubclass(jlm.LocalMapValueError, jlm.PlacementValueError)

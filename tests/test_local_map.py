@@ -314,7 +314,7 @@ def test_checkpoint_and_value_and_grad(mesh1, rng):
         val, grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, w)
     ref_val, ref_grads = jax.value_and_grad(lambda x, w: (jnp.tanh(x @ w) ** 2).sum(), argnums=(0, 1))(X, W)
     assert_close(val, ref_val, rtol=1e-5)
-    for g, r in zip(grads, ref_grads):
+    for g, r in zip(grads, ref_grads, strict=True):
         assert_close(g, r, rtol=1e-5)
 
 

@@ -85,7 +85,7 @@ def get_mesh(shape: tuple[int, ...]) -> jax.sharding.Mesh:
 
 def split_size(mesh_shape, placements, dim: int, rank: int) -> int:
     """How many ways the mesh axes placed Shard(dim) split that dim."""
-    return math.prod(n for n, p in zip(mesh_shape, placements)
+    return math.prod(n for n, p in zip(mesh_shape, placements, strict=True)
                      if isinstance(p, Shard) and p.dim % rank == dim)
 
 
@@ -96,7 +96,7 @@ def even_shape(mesh_shape, placements, pieces) -> tuple[int, ...]:
 
 
 def axes_where(mesh_shape, items, wanted) -> tuple[str, ...]:
-    return tuple(a for a, item in zip(AXIS_NAMES[:len(mesh_shape)], items) if item == wanted)
+    return tuple(a for a, item in zip(AXIS_NAMES[:len(mesh_shape)], items, strict=True) if item == wanted)
 
 
 # -- cases -------------------------------------------------------------------------
@@ -129,7 +129,7 @@ def elementwise_case(mesh_shape, dims, pieces, negative_dims=False) -> Case:
     # b's gradient: Shard(0) with x's last dim; Partial() where x varies over the
     # axis by another dim (b meets varying data); Replicate() where x is replicated.
     b_grad = tuple(Shard(0) if is_last else Replicate() if d is None else Partial()
-                   for d, is_last in zip(dims, last))
+                   for d, is_last in zip(dims, last, strict=True))
     return Case("elementwise", tuple(mesh_shape), (shape, (shape[-1],)), (x_pl, b_pl), x_pl,
                 (x_pl, b_grad))
 
@@ -274,7 +274,7 @@ def check_case(case: Case, seed: int) -> None:
     mesh = case.mesh
     body, ref = body_and_reference(case)
     arrays = global_inputs(case, seed)
-    dist = [jlm.distribute_tensor(a, mesh, pl) for a, pl in zip(arrays, case.in_placements)]
+    dist = [jlm.distribute_tensor(a, mesh, pl) for a, pl in zip(arrays, case.in_placements, strict=True)]
     argnums = tuple(range(len(arrays)))
 
     expected = ref(*arrays)
@@ -292,7 +292,7 @@ def check_case(case: Case, seed: int) -> None:
 
         with jax.set_mesh(mesh):
             grads = jax.jit(jax.grad(loss, argnums))(*dist)
-        for i, (g, r, x) in enumerate(zip(grads, expected_grads, dist)):
+        for i, (g, r, x) in enumerate(zip(grads, expected_grads, dist, strict=True)):
             assert_close(g, r, f"gradient of input {i} ({tag})")
             assert jlm.placements_of(g) == jlm.placements_of(x), f"layout of gradient {i} ({tag})"
 
@@ -337,8 +337,8 @@ def test_misdeclared_gradient_is_refused(case, data):
     """Flip the correct gradient placement of one replicated input on one axis:
     Partial() -> Replicate() (a skipped all-reduce) or Replicate() -> Partial()
     (a duplicated one); local_map refuses it while tracing (nothing is compiled)."""
-    flips = [(i, j) for i, (pl, gl) in enumerate(zip(case.in_placements, case.grad_placements))
-             for j, (p, g) in enumerate(zip(pl, gl)) if p == Replicate()]
+    flips = [(i, j) for i, (pl, gl) in enumerate(zip(case.in_placements, case.grad_placements, strict=True))
+             for j, (p, g) in enumerate(zip(pl, gl, strict=True)) if p == Replicate()]
     assume(flips)
     i, j = data.draw(st.sampled_from(flips), label="input, axis")
     wrong = [list(g) for g in case.grad_placements]
@@ -348,7 +348,7 @@ def test_misdeclared_gradient_is_refused(case, data):
     body, _ = body_and_reference(case)
     args = [jax.ShapeDtypeStruct(s, jnp.float32, sharding=jax.NamedSharding(
         mesh, jlm.placements_to_spec(pl, mesh, len(s))))
-        for s, pl in zip(case.shapes, case.in_placements)]
+        for s, pl in zip(case.shapes, case.in_placements, strict=True)]
     f = jlm.local_map(body, case.out_placements, case.in_placements, wrong, mesh)
     match = "skip the all-reduce" if was_partial else "already reduced"
     expected = rf"in_grad_placements\[{i}\]: declares .* mesh axis '{AXIS_NAMES[j]}'.*{match}"

@@ -78,7 +78,7 @@ def test_region_names_are_unique_per_settings_and_survive_jit_and_grad(mesh2x4, 
     want = jax.grad(lambda x, y: (jnp.sin(x) * jnp.sin(y)).sum(), (0, 1))(x, y)
     with jax.set_mesh(mesh2x4):
         got = grad(x, y)
-    for g, expected in zip(got, want):
+    for g, expected in zip(got, want, strict=True):
         assert_close(g, expected)
 
 
@@ -105,9 +105,9 @@ def _mlp_args(mesh, rng=None):
     shapes = [(8, 16), (16, 32), (32, 16)]
     if rng is None:
         return [jax.ShapeDtypeStruct(s, jnp.float32, sharding=NamedSharding(mesh, p))
-                for s, p in zip(shapes, specs)]
+                for s, p in zip(shapes, specs, strict=True)]
     return [jax.device_put(randn(rng, *s), NamedSharding(mesh, p))
-            for s, p in zip(shapes, specs)]
+            for s, p in zip(shapes, specs, strict=True)]
 
 
 def test_regions_records_settings_shapes_and_body(mesh2x4):
@@ -148,7 +148,7 @@ def _check_mlp_grads(mesh, rng, grad, rtol=1e-5):
         *map(np.asarray, args))
     with jax.set_mesh(mesh):
         got = grad(*args)
-    for g, expected in zip(got, want):
+    for g, expected in zip(got, want, strict=True):
         assert_close(g, expected, rtol=rtol)
 
 
@@ -355,7 +355,7 @@ def test_same_name_on_two_meshes_and_uneven_next_to_even():
         f = jlm.local_map(jnp.sin, [S(0), S(1)], ([S(0), S(1)],), device_mesh=mesh)
         [r] = jlm.regions(f, x)
         assert r.inputs[0].local_shape == local == r.jaxpr.invars[0].aval.shape
-        assert r.mesh == tuple(zip(mesh.axis_names, mesh.axis_sizes))
+        assert r.mesh == tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     mesh = jax.make_mesh((2,), ("dp",))
     g = jlm.local_map(jnp.sin, [S(0)], ([S(0)],), device_mesh=mesh)
     rs = jlm.regions(lambda a, b: (g(a), g(b)), np.ones((7, 4), np.float32),

@@ -111,7 +111,7 @@ def test_shapes_structures_and_placements_errors(dp4, rng):
     with pytest.raises(jlm.PlacementValueError, match=r"placements: expected one entry per "
                                                       r"argument \(2\), found 1"):
         assert_matches_unsharded(ok, tanh_mm, x, w, mesh=dp4, placements=(S0,))
-    with pytest.raises(jlm.PlacementValueError, match=r"mesh: expected the mesh"):
+    with pytest.raises(jlm.LocalMapValueError, match=r"mesh: expected the mesh"):
         assert_matches_unsharded(ok, tanh_mm, x, w, placements=(S0, R))
 
 
@@ -156,7 +156,7 @@ def test_expect_collectives_function_passes_and_fails_with_both_tables(mesh4, rn
     assert lines[6].split() == ["collective-permute", "0", "0"]
     assert lines[8] == "<lambda>(float32[8,16], float32[16,4]):"
     assert lines[10].split() == ["all-reduce", "1", "128"]           # the program's own table
-    with pytest.raises(jlm.PlacementTypeError, match=r"all_reduce: expected a count"):
+    with pytest.raises(jlm.LocalMapTypeError, match=r"all_reduce: expected a count"):
         expect_collectives(mm, x, w, all_reduce=-1)
 
 
@@ -178,7 +178,7 @@ def test_expect_collectives_block_adds_the_programs_it_is_shown(mesh4, rng):
     with pytest.raises(ZeroDivisionError):   # the block's own error, not a count check
         with expect_collectives(all_gather=5) as rec:
             rec.count(mm, x, w)
-            1 / 0
+            raise ZeroDivisionError("the block's own error")
 
 
 def test_expect_collectives_executed_counts_loop_iterations(mesh1):
@@ -203,12 +203,12 @@ def test_mesh_fixture_follows_the_marker(mesh):
 
 def test_make_mesh_fixture_and_its_errors(make_mesh):
     assert make_mesh((2, 2), ("dp", "tp")).devices.size == 4
-    with pytest.raises(jlm.PlacementValueError, match=r"shape: \(4, 4\) needs 16 devices, but JAX "
+    with pytest.raises(jlm.LocalMapValueError, match=r"shape: \(4, 4\) needs 16 devices, but JAX "
                                                       r"has 8; .*pytest --jlm-devices 16"):
         make_mesh((4, 4), ("dp", "tp"))
-    with pytest.raises(jlm.PlacementValueError, match=r"names: expected one axis name per dim"):
+    with pytest.raises(jlm.LocalMapValueError, match=r"names: expected one axis name per dim"):
         make_mesh((2, 4), ("dp",))
-    with pytest.raises(jlm.PlacementTypeError, match=r"names: expected a tuple of axis names"):
+    with pytest.raises(jlm.LocalMapTypeError, match=r"names: expected a tuple of axis names"):
         make_mesh((8,), "tp")
 
 

@@ -417,7 +417,7 @@ def jax_refuses(limit: str) -> Optional[str]:
             got, want = raw_uses(mesh)[limit](x)
     except Exception as e:  # noqa: BLE001 -- whatever JAX raises is its refusal
         return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}"
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         if not np.allclose(np.asarray(g), w, rtol=1e-4, atol=2e-5):
             return f"wrong values: {np.asarray(g).ravel()[:3]} where {w.ravel()[:3]} is right"
     return None

@@ -49,7 +49,7 @@ def test_nine_by_five_over_a_2x2_mesh_times_a_scalar(mesh2x2, rng):
     y = jlm.local_map(lambda x, s: x * s, [pl], (pl, None))(x, 3.0)
     assert_close(jlm.full_tensor(y), 3 * X)
     # DTensor's chunks: rows 5 + 4, columns 3 + 2
-    valid = {(int(d.id)): s for d, s in zip(mesh2x2.devices.flat, [(5, 3), (5, 2), (4, 3), (4, 2)])}
+    valid = {(int(d.id)): s for d, s in zip(mesh2x2.devices.flat, [(5, 3), (5, 2), (4, 3), (4, 2)], strict=True)}
     assert len(valid) == 4
 
 

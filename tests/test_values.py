@@ -446,7 +446,7 @@ def test_zero_size_dims(request, mesh_name, shape, placements):
     mesh = request.getfixturevalue(mesh_name)
     x = np.zeros(shape, np.float32)
     f = jlm.local_map(lambda v: v * 2, placements, (placements,), device_mesh=mesh)
-    axes = tuple(a for a, p in zip(mesh.axis_names, placements) if not p.is_replicate())
+    axes = tuple(a for a, p in zip(mesh.axis_names, placements, strict=True) if not p.is_replicate())
     total = jlm.local_map(lambda v: jax.lax.psum(v.sum(), axes), [Replicate()] * len(placements),
                           (placements,), device_mesh=mesh)
     xd = block(jlm.distribute_tensor(x, mesh, placements))
@@ -615,7 +615,7 @@ def test_thousand_leaf_pytree_values(thousand, form):
     for arg in (dist, glob):   # distributed leaves, and host leaves laid out by the placements
         out = block(f(arg))
         assert sorted(out) == sorted(glob)
-        for k, v in glob.items():
+        for k in glob:
             assert jlm.placements_of(out[k]) == tuple(placement[k]), k
         for k, v in glob.items():  # Shard/Replicate leaves: np.asarray gathers the global value
             np.testing.assert_array_equal(np.asarray(out[k]), v * 2 + 1, err_msg=k)

@@ -16,7 +16,7 @@ from jlocalmap.layouts.entries import is_none
 from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.meshes import AnyMesh
 from jlocalmap.layouts.uneven import UnevenArray
-from jlocalmap.layouts.value_layout import layout_of, mesh_of, unknown_layout_error
+from jlocalmap.layouts.value_layout import layout_of, mesh_of, require_layout
 
 
 def is_input_leaf(x: Any) -> bool:
@@ -70,9 +70,10 @@ class Leaf:
         return Layout.of(mesh, self.layout.placements, self.layout.shape, self.layout.dtype)
 
     def known_layout(self) -> Layout:
-        """Its layout, raising where JAX does not track it."""
+        """Its layout, raising where JAX does not track it (Auto axes under
+        ``jax.jit``) or it has none (no mesh)."""
         if self.layout is None:
-            raise unknown_layout_error(self.mesh)
+            return require_layout(self.value)   # raises, saying which
         return self.layout
 
 

@@ -55,7 +55,7 @@ class CallPlan:
            redistribute: bool, arrived_on_mesh: bool = False) -> "CallPlan":
         """Plan every leaf (distributed leaves already on ``mesh``)."""
         inputs, statics = [], {}
-        for i, (leaf, entry, grad) in enumerate(zip(leaves, entries, grads)):
+        for i, (leaf, entry, grad) in enumerate(zip(leaves, entries, grads, strict=True)):
             plan = plan_input(i, leaf, entry, grad, mesh, explicit=explicit,
                               redistribute=redistribute)
             if plan is None:

@@ -72,7 +72,7 @@ def plan_input(i: int, leaf: Leaf, entry: Any, grad: Any, mesh: AnyMesh, *,
         _check_passes_through(i, value, entry, grad)
         return None
     declared, reductions = _gradient(i, grad, dst, mesh)
-    if leaf.uneven and not src.same_storage(dst):
+    if leaf.uneven and src is not None and not src.same_storage(dst):
         src = None  # re-laid out from the whole value
     return InputPlan(i, src, dst, reductions, declared, padded=leaf.uneven and src is not None)
 
@@ -85,13 +85,15 @@ def _distributed_target(i: int, leaf: Leaf, entry: Any, src: Optional[Layout],
             f"{what}: input {i} is distributed on {leaf.mesh}, so local_map "
             f"expects placements for it, found None; give its placement "
             f"list, e.g. {[Replicate()] * len(mesh.axis_names)}.")
-    if entry is None and src is None:
+    # Layouts that cannot exist are refused before any advice to move.
+    if entry is not None:
+        dst = Layout.of(mesh, entry, np.shape(leaf.value), dtype_of(leaf.value), what=what)
+    elif src is not None:
+        dst = src
+    else:
         raise PlacementValueError(
             f"{what}: input {i} is on Auto-axis mesh {mesh}, whose placements "
             f"JAX does not track under jax.jit; give in_placements explicitly.")
-    # Layouts that cannot exist are refused before any advice to move.
-    dst = src if entry is None else Layout.of(mesh, entry, np.shape(leaf.value),
-                                              dtype_of(leaf.value), what=what)
     if src is not None and src.stored != dst.stored and not redistribute:
         raise PlacementValueError(
             f"{what}: input {i} has placements {list(src.placements)}, but the local_map "

@@ -48,9 +48,11 @@ def to_mesh(leaf: Leaf, entry: Any, mesh: AnyMesh, i: int, *,
     """``leaf`` (distributed on another mesh) on ``mesh``, and its entry read on
     ``mesh``; raises where it cannot get there."""
     what = f"in_placements[{i}]"
-    if _own_mesh_entry(entry, leaf.mesh, mesh):
+    own = leaf.mesh
+    assert own is not None, "to_mesh moves values distributed on a mesh"
+    if _own_mesh_entry(entry, own, mesh):
         src = leaf.known_layout()
-        wanted = Layout.of(leaf.mesh, entry, src.shape, src.dtype, what=what)
+        wanted = Layout.of(own, entry, src.shape, src.dtype, what=what)
         if src.stored != wanted.stored:
             _check_may_move(i, src.placements, wanted.placements, redistribute)
             leaf = Leaf.placed(move(leaf.value, src, wanted), wanted)
@@ -65,7 +67,7 @@ def to_mesh(leaf: Leaf, entry: Any, mesh: AnyMesh, i: int, *,
         whole = Layout.of(mesh, [Replicate()] * len(mesh.axis_names), src.shape, src.dtype)
         value = jax.device_put(gather(leaf.value, src), NamedSharding(mesh, whole.spec))
         return Leaf.placed(value, whole), entry
-    raise PlacementValueError(_unreachable(leaf, mesh, i))
+    raise PlacementValueError(_unreachable(leaf, own, mesh, i))
 
 
 def _check_may_move(i: int, src, dst, redistribute: bool) -> None:
@@ -77,8 +79,8 @@ def _check_may_move(i: int, src, dst, redistribute: bool) -> None:
             f"{list(dst)}) first.")
 
 
-def _unreachable(leaf: Leaf, mesh: AnyMesh, i: int) -> str:
-    where = (f"input {i} lives on {describe_mesh(leaf.mesh)}, but this local_map runs on "
+def _unreachable(leaf: Leaf, own: AnyMesh, mesh: AnyMesh, i: int) -> str:
+    where = (f"input {i} lives on {describe_mesh(own)}, but this local_map runs on "
              f"{describe_mesh(mesh)}")
     if leaf.traced:
         return (f"in_placements[{i}]: {where}. Under jax.jit (or any trace) a value "

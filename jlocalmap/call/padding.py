@@ -73,18 +73,18 @@ def _sample(plan: InputPlan, data: np.ndarray, fill: float) -> Any:
 
 def _compare_paddings(run: Callable, plan, dyn: Sequence[Any]) -> None:
     rng = np.random.default_rng(0)
-    logical = [_random_logical(p, x, rng) for p, x in zip(plan.inputs, dyn)]
+    logical = [_random_logical(p, x, rng) for p, x in zip(plan.inputs, dyn, strict=True)]
     results = []
     for fill in (0.0, 1.0):
-        samples = [_sample(p, data, fill) for p, data in zip(plan.inputs, logical)]
-        found = []
-        fn = jax.jit(lambda *s: _keep(found, run(plan, *s, pad_fill=fill)))
+        samples = [_sample(p, data, fill) for p, data in zip(plan.inputs, logical, strict=True)]
+        found: list = []   # the output facts of the trace
+        fn = jax.jit(lambda *s, found=found, fill=fill: _keep(found, run(plan, *s, pad_fill=fill)))
         with mesh_context(plan.mesh):
             arrays = fn(*samples)
         results.append([np.asarray(unpad(full_tensor(a), o.layout)) for a, o in
-                        zip(arrays, found[-1].arrays)])
+                        zip(arrays, found[-1].arrays, strict=True)])
     outputs = found[-1].arrays
-    for o, a, b in zip(outputs, *results):
+    for o, a, b in zip(outputs, *results, strict=True):
         if not np.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True):
             raise PlacementValueError(
                 f"out_placements[{o.index}]: output {o.index} changes with the padding of "

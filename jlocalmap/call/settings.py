@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from jlocalmap.errors import PlacementTypeError
+from jlocalmap.errors import LocalMapTypeError
 from jlocalmap.layouts.meshes import AnyMesh, check_mesh
 
 
@@ -36,7 +36,7 @@ class Settings:
            device_mesh: Any, redistribute_inputs: Any, check_vma: Any) -> "Settings":
         """Check the arguments that need no call to check."""
         if not callable(func):
-            raise PlacementTypeError(
+            raise LocalMapTypeError(
                 f"func: expected a callable to run on local shards, found "
                 f"{type(func).__name__}; pass a function, or call local_map without "
                 f"func to get a decorator.")
@@ -45,7 +45,7 @@ class Settings:
         for name, flag in (("redistribute_inputs", redistribute_inputs),
                            ("check_vma", check_vma)):
             if not isinstance(flag, (bool, np.bool_)):
-                raise PlacementTypeError(
+                raise LocalMapTypeError(
                     f"{name}: expected True or False, found {flag!r} of type "
                     f"{type(flag).__name__}; pass a bool.")
         return cls(func, out_placements, in_placements, in_grad_placements, device_mesh,

@@ -14,7 +14,7 @@ import numpy as np
 
 from jlocalmap._jax_compat import varying_axes
 from jlocalmap.collectives.groups import GroupLike, manual_group_axes
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 from jlocalmap.layouts.specs import axis_sizes
 
 REDUCE_OPS: tuple[str, ...] = ("sum", "avg", "max", "min")
@@ -22,7 +22,7 @@ REDUCE_OPS: tuple[str, ...] = ("sum", "avg", "max", "min")
 
 def as_array(x: Any) -> jax.Array:
     if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex)):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"x: expected the local array of a local_map body, found "
             f"{type(x).__name__}; pass an array.")
     return jnp.asarray(x)
@@ -35,13 +35,13 @@ def _reduce_op(reduce_op: Any) -> str:
     hint = ("JAX has no product all-reduce (jax.lax has psum, pmean, pmax and pmin); "
             "gather with all_gather_tensor and take jnp.prod over the gathered dim"
             if op == "product" else f"write e.g. {REDUCE_OPS[0]!r}")
-    raise PlacementValueError(
+    raise LocalMapValueError(
         f"reduce_op: expected one of {REDUCE_OPS}, found {reduce_op!r}; {hint}.")
 
 
 def tensor_dim(x: jax.Array, dim: Any, what: str) -> int:
     if isinstance(dim, bool) or not isinstance(dim, int) or not -x.ndim <= dim < x.ndim:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"{what}: expected a dim of the local array of shape {x.shape} (an int "
             f"in {-x.ndim}..{x.ndim - 1}), found {dim!r}; pick an existing dim.")
     return dim % x.ndim
@@ -54,7 +54,7 @@ def group_size(axes: tuple[str, ...]) -> int:
 
 def _divisible(x: jax.Array, dim: int, n: int, what: str) -> None:
     if x.shape[dim] % n:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"{what}: dim {dim} of the local array of shape {x.shape} has size "
             f"{x.shape[dim]}, which does not split into {n} equal chunks, one per "
             f"device of the group; pad it to a multiple of {n}.")
@@ -205,7 +205,7 @@ def permute(x: Any, shift: int, group: GroupLike) -> jax.Array:
         [3.0, 0.0, 1.0, 2.0]
     """
     if isinstance(shift, bool) or not isinstance(shift, int):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"shift: expected an int number of ranks to send along the ring, found "
             f"{shift!r}; write e.g. permute(x, 1, group).")
     x = as_array(x)
@@ -224,7 +224,7 @@ def ring_shift(x: jax.Array, shift: int, axes: tuple[str, ...]) -> jax.Array:
     n = group_size(axes)
 
     def renumber(rank: int) -> int:
-        coords = dict(zip(axes, np.unravel_index(rank, [sizes[a] for a in axes])))
+        coords = dict(zip(axes, np.unravel_index(rank, [sizes[a] for a in axes]), strict=True))
         return int(np.ravel_multi_index([coords[a] for a in in_mesh_order],
                                         [sizes[a] for a in in_mesh_order]))
 

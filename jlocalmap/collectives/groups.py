@@ -24,7 +24,7 @@ import jax
 from jax.sharding import AbstractMesh, Mesh
 
 from jlocalmap._jax_compat import manual_axes
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 from jlocalmap.layouts.specs import AnyMesh, axis_sizes
 
 GroupLike = Union[AnyMesh, str, Sequence[str], "tuple[AnyMesh, Union[int, str]]"]
@@ -39,7 +39,7 @@ def _mesh_dim(mesh: AnyMesh, dim: object, what: str) -> str:
         return dim
     if isinstance(dim, int) and not isinstance(dim, bool) and -len(names) <= dim < len(names):
         return names[dim]
-    raise PlacementValueError(
+    raise LocalMapValueError(
         f"{what}: (mesh, mesh_dim) expected mesh_dim to be an index in "
         f"{-len(names)}..{len(names) - 1} or one of the axis names {names}, found "
         f"{dim!r}; write e.g. (mesh, {names[-1]!r}).")
@@ -65,11 +65,11 @@ def group_axes(group: GroupLike, what: str = "group") -> tuple[str, ...]:
         return (_mesh_dim(group[0], group[1], what),)
     if isinstance(group, (tuple, list)) and group and all(isinstance(a, str) for a in group):
         if len(set(group)) != len(group):
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"{what}: expected distinct mesh axis names, found {tuple(group)}; "
                 f"name each axis once.")
         return tuple(group)
-    raise PlacementTypeError(
+    raise LocalMapTypeError(
         f"{what}: expected {_FORMS}; found {group!r} of type {type(group).__name__}. "
         f"Lists of ranks are not groups here: name the mesh axes instead.")
 
@@ -96,7 +96,7 @@ def manual_group_axes(group: GroupLike, what: str = "group") -> tuple[str, ...]:
     if unbound:
         where = (f"the manual axes here are {tuple(sorted(manual))}" if manual else
                  "no mesh axis is manual here (this is not inside a local_map body)")
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"{what}: collectives run over manual mesh axes, found axes {unbound} "
             f"that are not, and {where}; call the collective inside the body of a "
             f"jlocalmap.local_map (or jax.shard_map) over a mesh with those axes.")
@@ -106,7 +106,7 @@ def manual_group_axes(group: GroupLike, what: str = "group") -> tuple[str, ...]:
         here = axis_sizes(jax.sharding.get_abstract_mesh())
         given = axis_sizes(group)
         if any(given[a] != here[a] for a in axes):
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"{what}: the mesh given has axis sizes {given}, but the body runs on "
                 f"a mesh with sizes {here}; pass the local_map's own mesh.")
     return axes

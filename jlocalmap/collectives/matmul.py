@@ -17,7 +17,7 @@ from jlocalmap.collectives.functional import (
     tensor_dim,
 )
 from jlocalmap.collectives.groups import GroupLike, manual_group_axes
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 
 
 # -- collective matmuls: the collective decomposed into a ring of ppermutes, each
@@ -25,7 +25,7 @@ from jlocalmap.errors import PlacementTypeError, PlacementValueError
 def _matmul_operands(x: Any, w: Any, what: str) -> tuple[jax.Array, jax.Array]:
     x, w = as_array(x), as_array(w)
     if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[0]:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"{what}: expected x of shape (..., k) and w of shape (k, m) (the local "
             f"shards, contracted as x @ w), found x {x.shape} and w {w.shape}; pass a "
             f"2-D w whose first dim is x's last.")
@@ -38,11 +38,11 @@ def _use_bidirectional(bidirectional: Optional[bool], n: int, chunk: int, what: 
     if bidirectional is None:
         return n > 2 and chunk % 2 == 0
     if not isinstance(bidirectional, (bool, np.bool_)):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"bidirectional: expected True, False or None (automatic), found "
             f"{bidirectional!r}; pass a bool.")
     if bidirectional and chunk % 2:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"bidirectional: the two rings carry half of each device's chunk, but {what} "
             f"has {chunk} rows per device, an odd number; pad it to an even size or pass "
             f"bidirectional=False.")
@@ -82,7 +82,7 @@ def all_gather_matmul(x: Any, w: Any, gather_dim: int, group: GroupLike, *,
     x, w = _matmul_operands(x, w, "all_gather_matmul")
     dim = tensor_dim(x, gather_dim, "gather_dim")
     if dim == x.ndim - 1:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"gather_dim: expected a dim of x other than its last, which x @ w "
             f"contracts, found {gather_dim!r} of x's {x.ndim} dims; gather a row dim, "
             f"or all_gather_tensor first and multiply after.")
@@ -145,7 +145,7 @@ def matmul_reduce_scatter(x: Any, w: Any, scatter_dim: int, group: GroupLike, *,
     out_ndim = x.ndim
     if isinstance(scatter_dim, bool) or not isinstance(scatter_dim, int) \
             or not -out_ndim <= scatter_dim < out_ndim:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"scatter_dim: expected a dim of the product x @ w of shape "
             f"{x.shape[:-1] + (w.shape[1],)} (an int in {-out_ndim}..{out_ndim - 1}), "
             f"found {scatter_dim!r}; pick an existing dim.")
@@ -154,7 +154,7 @@ def matmul_reduce_scatter(x: Any, w: Any, scatter_dim: int, group: GroupLike, *,
     n = group_size(axes)
     full = x.shape[:-1] + (w.shape[1],)
     if full[dim] % n:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"scatter_dim: dim {dim} of the product x @ w of shape {full} has size "
             f"{full[dim]}, which does not split into {n} equal chunks, one per device "
             f"of the group; pad it to a multiple of {n}.")

@@ -37,7 +37,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jlocalmap.errors import PlacementTypeError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 
 KINDS: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
                           "collective-permute")
@@ -176,10 +176,12 @@ def collectives_in_hlo(hlo_text: str) -> CommCounts:
         (Collective(kind='all-gather', name='ag', operand_bytes=128, result_bytes=512, executions=1),)
     """
     if not isinstance(hlo_text, str):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"hlo_text: expected the text of an HLO module (a str), found "
             f"{type(hlo_text).__name__}; pass jax.jit(f).lower(*args).compile().as_text().")
-    instructions, computation_of, calls = {}, {}, {}
+    instructions: dict[str, tuple[str, str, list[str]]] = {}
+    computation_of: dict[str, Any] = {}
+    calls: dict[Any, list[tuple[str, int]]] = {}
     computation, entry = None, None
     for line in hlo_text.splitlines():
         header = _COMPUTATION.match(line)
@@ -227,6 +229,17 @@ def _runs_per_call(calls: dict, entry) -> dict:
     return runs
 
 
+def compiled_text(compiled: jax.stages.Compiled) -> str:
+    """The HLO module text of a compiled program (JAX types ``as_text()`` as
+    optional: a backend may keep no text)."""
+    text = compiled.as_text()
+    if text is None:
+        raise LocalMapValueError(
+            "compiled: expected a program whose backend keeps its HLO text, found "
+            "none (as_text() is None); count collectives on a CPU or GPU backend.")
+    return text
+
+
 def count_collectives(fn: Callable, *args: Any, **kwargs: Any) -> CommCounts:
     """Compile ``jax.jit(fn)`` for these arguments and account its collectives
     (see :func:`collectives_in_hlo`). Nothing runs on the devices. Array leaves
@@ -250,7 +263,7 @@ def count_collectives(fn: Callable, *args: Any, **kwargs: Any) -> CommCounts:
         (bytes per device; all-gather: result, reduce-scatter: operand)
     """
     if not callable(fn):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"fn: expected a function to compile, found {type(fn).__name__}; pass "
             f"the function and its arguments: count_collectives(f, x, w).")
     leaves, tree = jax.tree_util.tree_flatten((args, kwargs))
@@ -259,8 +272,8 @@ def count_collectives(fn: Callable, *args: Any, **kwargs: Any) -> CommCounts:
     def call(*arrays):
         fed = iter(arrays)
         args, kwargs = jax.tree_util.tree_unflatten(
-            tree, [next(fed) if d else leaf for leaf, d in zip(leaves, dynamic)])
+            tree, [next(fed) if d else leaf for leaf, d in zip(leaves, dynamic, strict=True)])
         return fn(*args, **kwargs)
 
-    lowered = jax.jit(call).lower(*[leaf for leaf, d in zip(leaves, dynamic) if d])
-    return collectives_in_hlo(lowered.compile().as_text())
+    lowered = jax.jit(call).lower(*[leaf for leaf, d in zip(leaves, dynamic, strict=True) if d])
+    return collectives_in_hlo(compiled_text(lowered.compile()))

@@ -135,8 +135,9 @@ class Region:
             if self.recompute is not None:
                 lines.append(f"  recompute: {_summary(self.recompute)}")
             lines.append(f"  backward: {_summary(self.backward)}")
-            lines.append(f"  residuals ({len(self.residuals)}):")
-            lines += [f"    {r}" for r in self.residuals]
+            residuals = self.residuals or ()
+            lines.append(f"  residuals ({len(residuals)}):")
+            lines += [f"    {r}" for r in residuals]
         if jaxprs:
             parts = [("forward" if self.differentiated else "body", self.jaxpr),
                      ("recompute", self.recompute), ("backward", self.backward)]
@@ -198,12 +199,12 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
             # while's condition constants come first).
             tail = eqn.invars[len(eqn.invars) - len(sub.invars):] \
                 if len(sub.invars) <= len(eqn.invars) else []
-            for inner, outer in zip(sub.invars, tail):
+            for inner, outer in zip(sub.invars, tail, strict=True):
                 if tokens(outer):
                     child_env[inner] = tokens(outer)
             _collect(sub, child_env, here, child, counter, found)
             if len(sub.outvars) == len(eqn.outvars):
-                for inner, outer in zip(sub.outvars, eqn.outvars):
+                for inner, outer in zip(sub.outvars, eqn.outvars, strict=True):
                     if isinstance(inner, jcore.Var):
                         merged[outer] = merged.get(outer, frozenset()) | child_env.get(
                             inner, frozenset({(child, inner)}))

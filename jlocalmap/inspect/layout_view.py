@@ -29,27 +29,28 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from typing import Any, Optional, TextIO
+from collections.abc import Mapping
+from typing import Any, Optional, TextIO, cast
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError, PlacementValueError
 from jlocalmap.layouts.specs import format_spec, spec_entries
-from jlocalmap.layouts.value_layout import layout_of
+from jlocalmap.layouts.value_layout import placements_of
 
 _COLUMNS = ("device", "mesh coords", "holds")
 
 
 def _check(x: Any) -> jax.Array:
     if isinstance(x, jax.core.Tracer):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             "x: expected a concrete jax.Array, found a tracer (inside jax.jit, where "
             "devices hold nothing yet); describe the value outside jit, or print "
             "jax.typeof(x) inside.")
     if not isinstance(x, jax.Array):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"x: expected a jax.Array, found {type(x).__name__}; lay it out first with "
             f"jlocalmap.distribute_tensor(x, mesh, placements).")
     return x
@@ -67,9 +68,9 @@ def _header(x: jax.Array) -> list[str]:
         return lines + [f"sharding: {sharding} (not on a mesh)"]
     mesh, spec = sharding.mesh, sharding.spec
     axes = ", ".join(f"{a}={n} ({t.name})" for a, n, t in
-                     zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types))
+                     zip(mesh.axis_names, mesh.axis_sizes, mesh.axis_types, strict=True))
     try:
-        placements = str(list(layout_of(x).placements))
+        placements = str(list(placements_of(x)))
     except PlacementValueError:
         placements = "none (a dim is split over mesh axes out of mesh order)"
     lines += [f"mesh: {axes}", f"placements: {placements}",
@@ -85,7 +86,8 @@ def _rows(x: jax.Array) -> list[tuple[str, str, str]]:
     """(device id, mesh coords, index range held) per device, in mesh order."""
     sharding = x.sharding
     if not isinstance(sharding, NamedSharding):
-        held = sharding.devices_indices_map(x.shape)
+        # device -> index held (jaxlib's Device has no type stub)
+        held = cast("Mapping[Any, Any]", sharding.devices_indices_map(x.shape))
         return [(str(d.id), "-", _slices(held[d], x.shape))
                 for d in sorted(held, key=lambda d: d.id)]
     mesh = sharding.mesh
@@ -95,8 +97,8 @@ def _rows(x: jax.Array) -> list[tuple[str, str, str]]:
     summand = " partial summand" if sharding.spec.unreduced else ""
     rows = []
     for coords in np.ndindex(*mesh.devices.shape):
-        device = mesh.devices[coords]
-        where = " ".join(f"{a}={c}" for a, c in zip(mesh.axis_names, coords))
+        device: Any = mesh.devices[coords]   # a jaxlib Device
+        where = " ".join(f"{a}={c}" for a, c in zip(mesh.axis_names, coords, strict=True))
         rows.append((str(device.id), where, _slices(held[device], x.shape) + summand))
     return rows
 
@@ -157,7 +159,7 @@ def print_layout(x: Any, *, use_rich: Optional[bool] = None,
     """
     available = importlib.util.find_spec("rich") is not None
     if use_rich and not available:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             "use_rich: expected the optional package rich to be installed for "
             "use_rich=True, found it missing; pip install rich, or pass "
             "use_rich=None to fall back to plain text.")

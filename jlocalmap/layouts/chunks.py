@@ -21,7 +21,7 @@ import numpy as np
 
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes
-from jlocalmap.layouts.placements import Placement
+from jlocalmap.layouts.placements import Placement, Shard
 from jlocalmap.layouts.specs import normalize_dim
 
 UnevenDim = tuple  # (dim, logical size, mesh axes, axis sizes)
@@ -54,8 +54,8 @@ def dim_splits(placements: Sequence[Placement], mesh: AnyMesh, ndim: int
     """For each sharded dim: the mesh axes splitting it and their sizes, in mesh order."""
     sizes = axis_sizes(mesh)
     out: dict[int, tuple[tuple[str, ...], tuple[int, ...]]] = {}
-    for axis, p in zip(mesh.axis_names, placements):
-        if p.is_shard():
+    for axis, p in zip(mesh.axis_names, placements, strict=True):
+        if isinstance(p, Shard):
             d = normalize_dim(p.dim, ndim, "placements")
             axes, ns = out.get(d, ((), ()))
             out[d] = (axes + (axis,), ns + (sizes[axis],))

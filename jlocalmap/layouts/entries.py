@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import jax
 import numpy as np
@@ -64,7 +64,7 @@ def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
     prefix, prefix_tree = jax.tree_util.tree_flatten(placements, is_leaf=is_entry)
     _check_entries(placements, mesh, what)
     try:
-        subtrees = prefix_tree.flatten_up_to(tree)
+        subtrees = cast(Any, prefix_tree).flatten_up_to(tree)  # jaxlib's PyTreeDef: no stub
     except (ValueError, TypeError):
         found = len(placements) if isinstance(placements, (list, tuple)) else 1
         where = "arguments" if kind == "inputs" else "outputs"
@@ -76,7 +76,7 @@ def assign_placements(placements: Any, tree: Any, n_leaves: int, mesh: AnyMesh,
             f"placements, but found {n_leaves}. Give one entry (a placement list "
             f"or None) per flattened {kind[:-1]} leaf, or a pytree prefix of the "
             f"{where}: {_mismatch(placements, tree, where)}") from None
-    return [entry for entry, sub in zip(prefix, subtrees)
+    return [entry for entry, sub in zip(prefix, subtrees, strict=True)
             for _ in jax.tree_util.tree_leaves(sub, is_leaf=is_none)]
 
 
@@ -121,7 +121,7 @@ def _mismatch(placements: Any, tree: Any, where: str) -> str:
     found = _short(str(jax.tree_util.tree_structure(tree, is_leaf=is_none)))
     text = (f"the placements' structure {structure} ({len(given)} entries) does not "
             f"prefix the {where}' {found} "
-            f"({jax.tree_util.tree_structure(tree, is_leaf=is_none).num_leaves} leaves)")
+            f"({len(jax.tree_util.tree_leaves(tree, is_leaf=is_none))} leaves)")
     if missing:
         text += (f"; first entry with no {where[:-1]} at its path: {missing[0]!s}"
                  f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}")

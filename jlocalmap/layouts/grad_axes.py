@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.meshes import AnyMesh
-from jlocalmap.layouts.placements import Placement
+from jlocalmap.layouts.placements import Partial, Placement
 
 
 def grad_reductions(input_placements: Sequence[Placement],
@@ -27,10 +27,10 @@ def grad_reductions(input_placements: Sequence[Placement],
     is summed into one laid out like the input; raises for pairs that do not
     describe a cotangent of the local input's shape."""
     reductions = []
-    for axis, p, g in zip(mesh.axis_names, input_placements, grad_placements):
+    for axis, p, g in zip(mesh.axis_names, input_placements, grad_placements, strict=True):
         if g == p or (g.is_partial() and p.is_partial()):
             continue
-        if p.is_replicate() and g.is_partial():
+        if p.is_replicate() and isinstance(g, Partial):
             if g.reduce_op in ("max", "min"):
                 raise PlacementValueError(
                     f"{what}: Partial({g.reduce_op}) on mesh axis {axis!r} is not a "
@@ -58,5 +58,5 @@ def reduced_axes(input_placements: Sequence[Placement],
                  grad_placements: Sequence[Placement], mesh: AnyMesh) -> tuple[str, ...]:
     """Axes where a replicated input's gradient is declared ``Replicate()``: the
     body reduced it itself (an unchecked body's transpose sums it once more)."""
-    return tuple(a for a, p, g in zip(mesh.axis_names, input_placements, grad_placements)
+    return tuple(a for a, p, g in zip(mesh.axis_names, input_placements, grad_placements, strict=True)
                  if p.is_replicate() and g.is_replicate())

@@ -174,18 +174,18 @@ class Layout:
         sizes = axis_sizes(self.mesh)
         return tuple(Replicate() if p.is_partial() and (sizes[a] == 1 or self.is_empty)
                      else Partial("sum") if p == Partial("avg") else p
-                     for a, p in zip(self.mesh.axis_names, self.placements))
+                     for a, p in zip(self.mesh.axis_names, self.placements, strict=True))
 
     @property
     def partial_axes(self) -> tuple[str, ...]:
         """The mesh axes on which the value is stored as Partial, in mesh order."""
-        return tuple(a for a, p in zip(self.mesh.axis_names, self.stored) if p.is_partial())
+        return tuple(a for a, p in zip(self.mesh.axis_names, self.stored, strict=True) if p.is_partial())
 
     @property
     def avg_scale(self) -> int:
         """How many devices an avg-partial value is averaged over."""
         sizes = axis_sizes(self.mesh)
-        return math.prod(sizes[a] for a, p in zip(self.mesh.axis_names, self.placements)
+        return math.prod(sizes[a] for a, p in zip(self.mesh.axis_names, self.placements, strict=True)
                          if p == Partial("avg"))
 
     def same_storage(self, other: "Layout") -> bool:

@@ -39,7 +39,7 @@ def check_mesh(mesh: Any, what: str = "device_mesh") -> AnyMesh:
 
 def axis_sizes(mesh: AnyMesh) -> dict[str, int]:
     """Mesh axis name -> size, in mesh order."""
-    return dict(zip(mesh.axis_names, mesh.axis_sizes))
+    return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
 
 
 def is_explicit(mesh: AnyMesh, axis: str) -> bool:
@@ -50,7 +50,7 @@ def is_explicit(mesh: AnyMesh, axis: str) -> bool:
 
 def axis_type(mesh: AnyMesh, axis: str) -> AxisType:
     """The type (Explicit, Auto, Manual) of ``axis`` of ``mesh``."""
-    return dict(zip(mesh.axis_names, mesh.axis_types))[axis]
+    return dict(zip(mesh.axis_names, mesh.axis_types, strict=True))[axis]
 
 
 def abstract(mesh: AnyMesh) -> AbstractMesh:

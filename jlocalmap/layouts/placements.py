@@ -13,7 +13,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Optional, Union
+from collections.abc import Sequence
+from typing import Any, Literal, Optional, Union
 
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 
@@ -139,8 +140,19 @@ class Partial(Placement):
         return f"Partial({self.reduce_op})"
 
 
+# The type names of placement arguments and results, exported for annotations:
+Placements = Sequence[Placement]
+"""A placement list as an argument: one placement per mesh axis, in
+``mesh.axis_names`` order (a list or a tuple), as ``distribute_tensor`` takes."""
 PlacementList = tuple[Placement, ...]
-PlacementsLike = Union[Placement, "list[Placement]", "tuple[Placement, ...]"]
+"""A placement list as jlocalmap returns it (``placements_of``): a tuple."""
+PlacementTree = Any
+"""``local_map``'s ``out_placements`` / ``in_placements`` / ``in_grad_placements``:
+one entry per flattened leaf (a :data:`Placements`, or None for a non-array leaf),
+a single :data:`Placements` for a single value, or a pytree prefix of the values
+whose entries are these. Its nodes may be any registered pytree type, which a type
+checker cannot spell; ``local_map`` checks it when called."""
+PlacementsLike = Union[Placement, Placements]
 
 
 def compact(placements: Optional[PlacementsLike]) -> str:

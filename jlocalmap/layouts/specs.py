@@ -31,6 +31,7 @@ from jlocalmap.layouts.placements import (
     Partial,
     Placement,
     PlacementList,
+    Placements,
     Replicate,
     Shard,
 )
@@ -89,7 +90,7 @@ def normalize_placements(placements: Sequence[Placement], ndim: int,
                  for p in placements)
 
 
-def placements_to_spec(placements: Sequence[Placement], device_mesh: AnyMesh,
+def placements_to_spec(placements: Placements, device_mesh: AnyMesh,
                        ndim: int, *, what: str = "placements") -> PartitionSpec:
     """The ``PartitionSpec`` of a value of rank ``ndim`` laid out by ``placements``.
 
@@ -108,7 +109,7 @@ def placements_to_spec(placements: Sequence[Placement], device_mesh: AnyMesh,
     placements = as_placement_list(placements, mesh, what)
     per_dim: list[list[str]] = [[] for _ in range(ndim)]
     unreduced = []
-    for axis, p in zip(mesh.axis_names, placements):
+    for axis, p in zip(mesh.axis_names, placements, strict=True):
         if isinstance(p, Shard):
             per_dim[normalize_dim(p.dim, ndim, what)].append(axis)
         elif isinstance(p, Partial) and axis_sizes(mesh)[axis] > 1:
@@ -207,7 +208,7 @@ def local_shape(global_shape: Sequence[int], placements: Sequence[Placement],
         (4, 2)
     """
     shape = list(global_shape)
-    for axis, p in zip(mesh.axis_names, placements):
+    for axis, p in zip(mesh.axis_names, placements, strict=True):
         if isinstance(p, Shard):
             d = normalize_dim(p.dim, len(shape), what)
             n = axis_sizes(mesh)[axis]

@@ -71,8 +71,8 @@ def local_valid_size(global_size: int, axes: str | Sequence[str]) -> jax.Array:
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     sizes = tuple(jax.lax.axis_size(a) for a in axes)
     lengths = jnp.asarray([length for _, length in chunk_bounds(global_size, sizes)])
-    index = 0
-    for a, n in zip(axes, sizes):
+    index: Any = 0   # a traced int once the first axis index is added
+    for a, n in zip(axes, sizes, strict=True):
         index = index * n + jax.lax.axis_index(a)
     return lengths[index]
 

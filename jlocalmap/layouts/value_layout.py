@@ -58,12 +58,11 @@ def dtype_of(x: Any) -> np.dtype:
     return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
-def layout_of(x: Any, mesh: Optional[AnyMesh] = None) -> Optional[Layout]:
-    """The layout of distributed ``x`` (on ``mesh``, default its own), or None
+def layout_of(x: Any, mesh: AnyMesh) -> Optional[Layout]:
+    """The layout of ``x``, distributed on ``mesh`` (see :func:`mesh_of`), or None
     where JAX does not track it (Auto axes under ``jax.jit``)."""
     if isinstance(x, UnevenArray):
         return x.layout
-    mesh = mesh_of(x) if mesh is None else mesh
     placements = known_placements(x, mesh)
     return None if placements is None else Layout.of(mesh, placements, np.shape(x), dtype_of(x))
 
@@ -99,15 +98,10 @@ def require_layout(x: Any, device_mesh: Optional[AnyMesh] = None) -> Layout:
             f"pass x's own mesh or move x with jax.device_put.")
     layout = layout_of(x, mesh)
     if layout is None:
-        raise unknown_layout_error(mesh)
+        raise PlacementValueError(
+            f"x: its placements on Auto-axis mesh {mesh} are not known under "
+            f"jax.jit; use a mesh with Explicit axes (the default of jax.make_mesh).")
     return layout
-
-
-def unknown_layout_error(mesh: AnyMesh) -> PlacementValueError:
-    """The error for a value whose layout JAX does not track (Auto axes under jit)."""
-    return PlacementValueError(
-        f"x: its placements on Auto-axis mesh {mesh} are not known under "
-        f"jax.jit; use a mesh with Explicit axes (the default of jax.make_mesh).")
 
 
 def reexpress(x: Any, mesh: AnyMesh,

@@ -12,24 +12,23 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlocalmap.errors import PlacementTypeError
+from jlocalmap.errors import LocalMapTypeError
 from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.meshes import AnyMesh, check_mesh
-from jlocalmap.layouts.placements import Placement
+from jlocalmap.layouts.placements import Placements
 from jlocalmap.layouts.uneven import UnevenArray, pad, unpad
 from jlocalmap.layouts.value_layout import dtype_of, mesh_of, require_layout
 from jlocalmap.movement.relayout import run_relayout
 
 
 def distribute_tensor(x: Any, device_mesh: AnyMesh,
-                      placements: Sequence[Placement]) -> jax.Array:
+                      placements: Placements) -> jax.Array | UnevenArray:
     """Lay the global value ``x`` (host array, number or jax.Array) out on
     ``device_mesh`` with ``placements``; works eagerly and under ``jax.jit``.
 
@@ -57,7 +56,7 @@ def place(x: Any, layout: Layout) -> Any:
 
 
 def redistribute(x: Any, device_mesh: Optional[AnyMesh],
-                 placements: Sequence[Placement]) -> jax.Array:
+                 placements: Placements) -> jax.Array | UnevenArray:
     """Change the layout of distributed ``x`` to ``placements`` on its mesh:
     Partial -> Replicate is an all-reduce, Partial -> Shard a reduce-scatter,
     Shard -> Replicate an all-gather, Replicate -> Shard a local slice.
@@ -95,7 +94,7 @@ def full_tensor(x: Any) -> jax.Array:
     """
     if mesh_of(x) is None:
         if not isinstance(x, (jax.Array, np.ndarray, np.generic, int, float, complex, bool)):
-            raise PlacementTypeError(
+            raise LocalMapTypeError(
                 f"x: expected an array, found {type(x).__name__}; full_tensor takes "
                 f"what local_map or distribute_tensor returned.")
         return jnp.asarray(x)

@@ -47,12 +47,12 @@ def relayout(x: Any, src: Optional[Layout], dst: Layout, *,
     if source == target:
         return x
     new_partials = tuple(a for a, p, q in zip(
-        mesh.axis_names, target, source or [Replicate()] * len(target))
+        mesh.axis_names, target, source or [Replicate()] * len(target), strict=True)
         if p.is_partial() and not q.is_partial())
     staged = tuple(Replicate() if a in new_partials else p
-                   for a, p in zip(mesh.axis_names, target))
+                   for a, p in zip(mesh.axis_names, target, strict=True))
     staged_spec = placements_to_spec(staged, mesh, x.ndim)
-    if source is not None:
+    if src is not None:
         x = _scatter_partials(x, mesh, src.spec, staged_spec)
     x = _constrain(x, mesh, staged_spec, carry_devices)
     if new_partials:

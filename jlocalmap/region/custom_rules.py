@@ -108,4 +108,4 @@ def _message(parsed: tuple, plan, func_name: str, cause: str) -> str:
 
 
 def _with_partial(placements, names, axes) -> list:
-    return [Partial() if a in axes else p for a, p in zip(names, placements)]
+    return [Partial() if a in axes else p for a, p in zip(names, placements, strict=True)]

@@ -135,7 +135,7 @@ def _sub_taint(eqn, subs, tainted: set, axis: str, flow: _Flow) -> set:
             if back <= sub_taint:
                 break
             sub_taint |= back
-        outs_tainted |= {o for o, so in zip(eqn.outvars, sub.outvars) if so in sub_out}
+        outs_tainted |= {o for o, so in zip(eqn.outvars, sub.outvars, strict=True) if so in sub_out}
     return outs_tainted
 
 
@@ -144,7 +144,7 @@ def _map_in(eqn, sub, tainted: set) -> set:
     outer = eqn.invars[len(eqn.invars) - n:] if len(eqn.invars) >= n else []
     if len(outer) != n:  # an unusual signature: taint every input conservatively
         return set(sub.invars) if any(_is_var(v) and v in tainted for v in eqn.invars) else set()
-    return {s for s, o in zip(sub.invars, outer) if _is_var(o) and o in tainted}
+    return {s for s, o in zip(sub.invars, outer, strict=True) if _is_var(o) and o in tainted}
 
 
 def _carry_feedback(eqn, sub, sub_out: set) -> set:
@@ -181,10 +181,10 @@ def _scan_layouts(eqn, sub) -> list[tuple[int, int]]:
             xs = sub.invars[consts + carry:]
             outer_xs = eqn.invars[consts + carry:]
             stacked = len(xs) == len(outer_xs) and all(
-                shape(o) == (length,) + shape(x) for o, x in zip(outer_xs, xs))
+                shape(o) == (length,) + shape(x) for o, x in zip(outer_xs, xs, strict=True))
             ys = sub.outvars[carry:]
             stacked_ys = all(shape(o) == (length,) + shape(y)
-                             for o, y in zip(eqn.outvars[carry:], ys))
+                             for o, y in zip(eqn.outvars[carry:], ys, strict=True))
             if same and stacked and stacked_ys:
                 fits.append((consts, carry))
     return fits
@@ -234,10 +234,10 @@ def verify_grad_placements(body_jaxpr, index: int, input_placements: Sequence[Pl
     cotangent, a declaration the rest of the body does not contradict is trusted."""
     if not _differentiable(body_jaxpr.invars[index]):
         return  # no cotangent: any declaration is vacuous
-    replicated = [a for a, p in zip(mesh.axis_names, input_placements) if p.is_replicate()]
+    replicated = [a for a, p in zip(mesh.axis_names, input_placements, strict=True) if p.is_replicate()]
     flows = cotangent_flows(body_jaxpr, index, replicated)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-    for axis, g in zip(mesh.axis_names, grad_placements):
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    for axis, g in zip(mesh.axis_names, grad_placements, strict=True):
         flow = flows.get(axis)
         if flow is None:
             continue

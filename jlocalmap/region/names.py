@@ -15,11 +15,12 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Sequence
-from typing import Optional
+from typing import Optional, cast
 
 from jlocalmap.layouts.placements import (
     Partial,
     PlacementList,
+    ReduceOp,
     Replicate,
     Shard,
     compact,
@@ -54,7 +55,7 @@ def region_name(func_name: str, in_placements: Sequence[PlacementList],
     def operands(placements, sizes):
         sizes = list(sizes) + [None] * (len(placements) - len(sizes))
         return ", ".join(compact(p) + ("" if n is None else f"[{','.join(map(str, n))}]")
-                         for p, n in zip(placements, sizes))
+                         for p, n in zip(placements, sizes, strict=True))
     text = operands(in_placements, in_sizes) + " -> " + operands(out_placements, out_sizes)
     if any(g is not None for g in grad_placements):
         text += "; grad " + ", ".join(compact(g) for g in grad_placements)
@@ -83,7 +84,7 @@ def name_in(name_stack: str) -> Optional[str]:
         end += 1 + DIGEST_CHARS
     return name_stack[start:end]
 
-_PLACEMENT = re.compile(r"S\((-?\d+)\)|P\((\w+)\)|R")
+_PLACEMENT = re.compile(r"S\((-?\d+)\)|P\((sum|avg|max|min)\)|R")
 
 def _parse_placements(text: str) -> Optional[tuple]:
     """``S(0)RP(sum)[7,4]`` -> (placements, logical shape or None)."""
@@ -98,7 +99,7 @@ def _parse_placements(text: str) -> Optional[tuple]:
         if m is None:
             return None
         found.append(Shard(int(m.group(1))) if m.group(1) is not None
-                     else Partial(m.group(2)) if m.group(2) is not None else Replicate())
+                     else Partial(cast(ReduceOp, m.group(2))) if m.group(2) is not None else Replicate())
         pos = m.end()
     return tuple(found), sizes
 

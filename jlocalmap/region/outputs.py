@@ -29,7 +29,7 @@ from jlocalmap.layouts.chunks import dim_splits
 from jlocalmap.layouts.entries import assign_placements, is_array, is_none
 from jlocalmap.layouts.layout import Layout, is_empty
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes
-from jlocalmap.layouts.placements import Partial, PlacementList, Replicate
+from jlocalmap.layouts.placements import Partial, Placement, PlacementList, Replicate
 from jlocalmap.layouts.specs import as_placement_list, normalize_placements
 from jlocalmap.layouts.uneven import UnevenArray
 from jlocalmap.region.gradients import with_scaled_cotangent
@@ -70,7 +70,7 @@ class OutputFacts:
             return (self.tree == other.tree and self.arrays == other.arrays
                     and len(self.statics) == len(other.statics)
                     and all(i == j and type(a) is type(b) and bool(a == b)
-                            for (i, a), (j, b) in zip(self.statics, other.statics)))
+                            for (i, a), (j, b) in zip(self.statics, other.statics, strict=True)))
         except Exception:  # statics without a truth value: trace again
             return False
 
@@ -86,7 +86,7 @@ def finish_outputs(out: Any, out_placements: Any, mesh: AnyMesh, inputs: Sequenc
     entries = ([None] * len(leaves) if out_placements is None else assign_placements(
         out_placements, out, len(leaves), mesh, "out_placements", "outputs"))
     statics, arrays, values = [], [], []
-    for j, (leaf, entry) in enumerate(zip(leaves, entries)):
+    for j, (leaf, entry) in enumerate(zip(leaves, entries, strict=True)):
         if not _is_array_output(j, leaf, entry, mesh):
             statics.append((j, leaf))
             continue
@@ -209,8 +209,9 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
     Unchecked bodies (``checked=False``) have no varying-axes types to cast."""
     varying = varying_axes(v)
     sizes = axis_sizes(mesh)
-    stored, summed, scale = [], [], 1
-    for axis, p in zip(mesh.axis_names, placements):
+    stored: list[Placement] = []
+    summed, scale = [], 1
+    for axis, p in zip(mesh.axis_names, placements, strict=True):
         if p.is_replicate() and axis in varying:
             raise PlacementValueError(
                 f"out_placements[{j}]: output {j} is declared Replicate() on mesh axis "
@@ -226,7 +227,7 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
             # One summand is the value: stored as Replicate (see specs.placements_to_spec).
             v = jax.lax.psum(v, axis) if axis in varying else v
             stored.append(Replicate())
-        elif p.is_partial():
+        elif isinstance(p, Partial):
             if axis not in varying and checked:
                 v = jax.lax.pcast(v, axis, to="varying")
             _check_partial_dtype(v.dtype, p, axis, j)
@@ -250,6 +251,6 @@ def assemble(facts: OutputFacts, arrays: Sequence[Any]) -> Any:
     """The call's result: the body's output tree, arrays distributed (an
     :class:`~jlocalmap.layouts.uneven.UnevenArray` along uneven dims)."""
     leaves = dict(facts.statics)
-    for output, value in zip(facts.arrays, arrays):
+    for output, value in zip(facts.arrays, arrays, strict=True):
         leaves[output.index] = UnevenArray(value, output.layout) if output.layout.is_uneven else value
     return jax.tree_util.tree_unflatten(facts.tree, [leaves[j] for j in range(len(leaves))])

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlocalmap._jax_compat import config_value
 from jlocalmap.call import padding
 from jlocalmap.call.call_plan import CallPlan
 from jlocalmap.call.input_plan import InputPlan
@@ -88,7 +89,7 @@ class Region:
         for p in plan.inputs:
             if not p.operand:
                 leaves[p.index] = jnp.zeros(p.dst.local_shape, p.dst.dtype)
-        for p, v in zip(plan.operands, local):
+        for p, v in zip(plan.operands, local, strict=True):
             if p.dst.partial_axes:
                 v = v[0] * p.dst.avg_scale
             leaves[p.index] = self._adapt(p, v) if adapt else v
@@ -102,7 +103,7 @@ class Region:
 
             def differentiable(*diff):
                 values = list(local)
-                for k, v in zip(floats, diff):
+                for k, v in zip(floats, diff, strict=True):
                     values[k] = v
                 leaves = jax.tree_util.tree_leaves(self._run_func(plan, values, adapt=True))
                 return [o for o in leaves if isinstance(o, jax.Array) and
@@ -135,7 +136,7 @@ class Region:
         region = jax.shard_map(probe, mesh=plan.mesh, in_specs=in_specs, out_specs=(),
                                check_vma=self.settings.check_vma)
         declared = [p for p in plan.operands if p.declared_grad is not None]
-        if jax.config.jax_disable_jit:
+        if config_value("jax_disable_jit"):
             # Debugging: the body runs on concrete values (Python control flow on
             # them works), so it is run, not traced; declarations are applied, not verified.
             region(*laid_out)
@@ -175,7 +176,7 @@ class Region:
 def _lay_out(plan: CallPlan, dyn: Sequence[Any], pad_fill: float) -> tuple[list, tuple]:
     """The region's operands in their planned layouts, and their in_specs."""
     laid_out, specs = [], []
-    for p, x in zip(plan.inputs, dyn):
+    for p, x in zip(plan.inputs, dyn, strict=True):
         if not p.operand:
             continue
         x = jnp.asarray(x)
@@ -237,7 +238,7 @@ def _region_call(func_name: str, plan: CallPlan, laid_out: Sequence,
     """The region's settings, and its name from them."""
     operands: list[InputPlan] = list(plan.operands)
     ins = tuple(_operand(p.index, p.dst, p.dst.local_shape, x.dtype, p.declared_grad)
-                for p, x in zip(operands, laid_out))
+                for p, x in zip(operands, laid_out, strict=True))
     outs = tuple(_operand(o.index, o.layout, o.local, o.layout.dtype)
                  for o in facts.region_outputs)
     name = region_name(
@@ -246,5 +247,5 @@ def _region_call(func_name: str, plan: CallPlan, laid_out: Sequence,
         in_sizes=[p.dst.shape if p.dst.is_uneven else None for p in operands],
         out_sizes=[o.layout.shape if o.layout.is_uneven else None
                    for o in facts.region_outputs])
-    return RegionCall(name, func_name, tuple(zip(plan.mesh.axis_names, plan.mesh.axis_sizes)),
+    return RegionCall(name, func_name, tuple(zip(plan.mesh.axis_names, plan.mesh.axis_sizes, strict=True)),
                       ins, outs)

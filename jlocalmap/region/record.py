@@ -114,7 +114,7 @@ def _avals_key(avals: Sequence[Any]) -> tuple:
 
 def eqn_key(name: str, eqn) -> tuple:
     mesh = eqn.params["mesh"]
-    return (name, tuple(zip(mesh.axis_names, mesh.axis_sizes)),
+    return (name, tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True)),
             _avals_key([v.aval for v in eqn.invars]))
 
 
@@ -181,13 +181,13 @@ def settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
     func_name, ins, outs, grads = parsed
     body = body_of(eqn)
     mesh = eqn.params["mesh"]
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     if len(eqn.invars) != len(ins) or len(eqn.outvars) < len(outs) or len(grads) != len(ins):
         return None
 
     def operand(placements, logical, outer, inner, grad=None, spec=None):
         shape, local = tuple(outer.aval.shape), tuple(inner.aval.shape)
-        summed = tuple(a for a, p in zip(mesh.axis_names, placements)
+        summed = tuple(a for a, p in zip(mesh.axis_names, placements, strict=True)
                        if p.is_partial() and sizes[a] > 1)
         entries = tuple(spec) if spec is not None else ()
         if summed and entries and entries[0] in (summed, summed[0] if len(summed) == 1 else None):
@@ -196,7 +196,7 @@ def settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
 
     inputs = []
     for (placements, logical), grad, outer, inner, spec in zip(
-            ins, grads, eqn.invars, body.invars, eqn.params["in_specs"]):
+            ins, grads, eqn.invars, body.invars, eqn.params["in_specs"], strict=True):
         if len(placements) != len(mesh.axis_names):
             return None
         op = operand(placements, logical, outer, inner, grad, spec)
@@ -207,7 +207,7 @@ def settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
     # the region's own, or after them): the ones whose local shapes fit.
     n = len(outs)
     for first in (len(eqn.outvars) - n, 0):
-        picked = list(zip(outs, eqn.outvars[first:first + n], body.outvars[first:first + n]))
+        picked = list(zip(outs, eqn.outvars[first:first + n], body.outvars[first:first + n], strict=True))
         if all(_fits(p, o.aval.shape, i.aval.shape, mesh) for (p, _), o, i in picked):
             outputs = [operand(p, logical, o, i) for (p, logical), o, i in picked]
             return RegionCall(name, func_name, tuple(sizes.items()), tuple(inputs),
@@ -217,11 +217,11 @@ def settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
 
 def _fits(placements: PlacementList, global_shape: tuple, local: tuple, mesh) -> bool:
     """Whether ``local`` is the (padded) shard of ``global_shape`` under ``placements``."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     if len(placements) != len(mesh.axis_names) or len(global_shape) != len(local):
         return False
     expected = list(global_shape)
-    for axis, p in zip(mesh.axis_names, placements):
+    for axis, p in zip(mesh.axis_names, placements, strict=True):
         if isinstance(p, Shard):
             if not -len(expected) <= p.dim < len(expected):
                 return False
@@ -229,7 +229,7 @@ def _fits(placements: PlacementList, global_shape: tuple, local: tuple, mesh) ->
             if not jax.export.is_symbolic_dim(expected[d]):
                 expected[d] = -(-expected[d] // sizes[axis])  # padded chunk length
     return all(jax.export.is_symbolic_dim(e) or jax.export.is_symbolic_dim(n) or e == n
-               for e, n in zip(expected, local))
+               for e, n in zip(expected, local, strict=True))
 
 
 def unknown_settings(name: str, eqn) -> RegionCall:
@@ -240,9 +240,9 @@ def unknown_settings(name: str, eqn) -> RegionCall:
 
     def ops(outer, inner):
         return tuple(Operand(None, (), tuple(o.aval.shape), tuple(i.aval.shape), o.aval.dtype)
-                     for o, i in zip(outer, inner))
+                     for o, i in zip(outer, inner, strict=True))
     return RegionCall(name, name[len(PREFIX):name.index("]")],
-                      tuple(zip(mesh.axis_names, mesh.axis_sizes)),
+                      tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True)),
                       ops(eqn.invars, body.invars), ops(eqn.outvars, body.outvars))
 
 

@@ -26,9 +26,10 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError, PlacementValueError
 from jlocalmap.layouts.entries import is_placement_list
 from jlocalmap.layouts.value_layout import placements_of
+from jlocalmap.local_map import LocalMapped
 from jlocalmap.movement.distribute import distribute_tensor, redistribute
 
 
@@ -37,7 +38,7 @@ class Alternative:
     """A named ``local_map`` function with a concrete ``device_mesh`` and one
     ``in_placements`` entry per positional argument."""
     name: str
-    fn: Callable
+    fn: LocalMapped
     mesh: jax.sharding.Mesh
 
     @classmethod
@@ -46,12 +47,12 @@ class Alternative:
         missing = [a for a in ("in_placements", "out_placements", "device_mesh")
                    if not hasattr(fn, a)]
         if missing or not callable(fn):
-            raise PlacementTypeError(
+            raise LocalMapTypeError(
                 f"{what}: expected a function made by jlocalmap.local_map, found "
                 f"{type(fn).__name__}; decorate each alternative with "
                 f"@jlm.local_map(out_placements=..., in_placements=..., device_mesh=mesh).")
         if not isinstance(fn.device_mesh, jax.sharding.Mesh):
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"{what}: expected local_map(..., device_mesh=mesh) with a concrete "
                 f"jax.sharding.Mesh, found device_mesh={fn.device_mesh!r}; the region "
                 f"moves inputs to each alternative's mesh and times it there.")
@@ -76,7 +77,7 @@ class Alternative:
         ``in_placements`` (arrays on no mesh are placed there), the call, and its
         array outputs moved to ``out_placements`` when given."""
         def call(*args):
-            moved = [_move(x, entry, self.mesh) for x, entry in zip(args, self.fn.in_placements)]
+            moved = [_move(x, entry, self.mesh) for x, entry in zip(args, self.fn.in_placements, strict=True)]
             out = self.fn(*moved)
             return out if out_placements is None else _move_outputs(out, out_placements,
                                                                     self.mesh)
@@ -104,7 +105,7 @@ def _move_outputs(out: Any, out_placements: Any, mesh) -> Any:
             f"({len(leaves)}), found {len(entries)}; pass one list for all outputs, "
             f"or one per output.")
     return jax.tree_util.tree_unflatten(
-        tree, [_move(x, p, mesh) for x, p in zip(leaves, entries)])
+        tree, [_move(x, p, mesh) for x, p in zip(leaves, entries, strict=True)])
 
 
 def on_mesh(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:

@@ -74,7 +74,7 @@ def axes_of_line(line: str, mesh_shape: Sequence[int],
     if not group or max(group) >= int(np.prod(mesh_shape)):
         return tuple(axis_names), int(np.prod(mesh_shape))
     coords = np.array(np.unravel_index(group, tuple(mesh_shape)))
-    axes = tuple(a for a, row in zip(axis_names, coords) if len(set(row.tolist())) > 1)
+    axes = tuple(a for a, row in zip(axis_names, coords, strict=True) if len(set(row.tolist())) > 1)
     size = len(group) if not _PAIRS.search(line) else 2
     return axes, size
 
@@ -92,4 +92,4 @@ def in_region_body(line: str) -> bool:
     """Whether the op was traced inside a ``local_map`` body (its metadata names
     ``local_map[...]``), rather than by a layout change around the region."""
     match = _OP_NAME.search(line)
-    return bool(match) and "local_map[" in match.group(1)
+    return match is not None and "local_map[" in match.group(1)

@@ -27,8 +27,8 @@ from typing import Any, Optional
 
 import jax
 
-from jlocalmap.errors import PlacementValueError
-from jlocalmap.inspect.comm import collectives_in_hlo
+from jlocalmap.errors import LocalMapValueError
+from jlocalmap.inspect.comm import collectives_in_hlo, compiled_text
 from jlocalmap.strategies.collective_axes import (
     axes_of_line,
     in_region_body,
@@ -52,7 +52,7 @@ class Link:
 
     def __post_init__(self):
         if not self.bandwidth > 0 or not self.latency >= 0:
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"Link: expected bandwidth > 0 and latency >= 0, found bandwidth="
                 f"{self.bandwidth!r}, latency={self.latency!r}; pass bytes/s and seconds.")
 
@@ -164,7 +164,7 @@ def estimate(model: CostModel, lowered: jax.stages.Lowered, compiled: jax.stages
     """Price a program: FLOPs and bytes from XLA's analysis (:func:`program_cost`),
     collectives from the compiled HLO."""
     cost = program_cost(lowered, compiled)
-    hlo_text = compiled.as_text()
+    hlo_text = compiled_text(compiled)
     comms = collectives_in_hlo(hlo_text)
     lines = instruction_lines(hlo_text)
     shape, names = tuple(mesh.devices.shape), tuple(mesh.axis_names)

@@ -41,7 +41,7 @@ def default_cache_dir() -> pathlib.Path:
 
 def mesh_key(mesh: jax.sharding.Mesh) -> str:
     devices = mesh.devices.reshape(-1)
-    sizes = ",".join(f"{a}={n}" for a, n in zip(mesh.axis_names, mesh.devices.shape))
+    sizes = ",".join(f"{a}={n}" for a, n in zip(mesh.axis_names, mesh.devices.shape, strict=True))
     return f"mesh({sizes}) {len(devices)} x {devices[0].device_kind} ({devices[0].platform})"
 
 

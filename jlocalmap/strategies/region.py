@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import jax
 
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 from jlocalmap.strategies.alternatives import (
     Alternative,
     compiled,
@@ -41,12 +41,12 @@ def _named(alternatives: Any) -> list[Alternative]:
     alts = [Alternative.of(name, fn, i) for i, (name, fn) in enumerate(items)]
     names = [a.name for a in alts]
     if len(alts) < 1 or len(set(names)) != len(names):
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"alternatives: expected one or more alternatives with distinct names, "
             f"found names {names}; pass a dict {{name: local_map function}}.")
     meshes = {(a.mesh.axis_names, a.mesh.devices.shape) for a in alts}
     if len(meshes) != 1 or any(not (a.mesh.devices == alts[0].mesh.devices).all() for a in alts):
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"alternatives: expected every alternative on the same device_mesh, found "
             f"{[a.mesh for a in alts]}; build them all with device_mesh=mesh.")
     return alts
@@ -81,7 +81,7 @@ class StrategyRegion:
         self.alternatives = tuple(alternatives)
         self.mesh = alternatives[0].mesh
         self.choose, self.verify, self.train = choose, verify, train
-        self.cost_model = cost_model or CostModel.for_devices(self.mesh.devices.reshape(-1))
+        self.cost_model = cost_model or CostModel.for_devices(list(self.mesh.devices.flat))
         self.out_placements, self.name = out_placements, name
         self.cache = MeasureCache(cache_dir)
         self._choices: dict = {}
@@ -93,7 +93,7 @@ class StrategyRegion:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if kwargs:
-            raise PlacementTypeError(
+            raise LocalMapTypeError(
                 f"strategy region {self.name!r}: expected positional arguments only, found "
                 f"keywords {sorted(kwargs)}; bind them with functools.partial on each "
                 f"alternative's body.")
@@ -113,7 +113,7 @@ class StrategyRegion:
         for alt in self.alternatives:
             if alt.name == name:
                 return alt.placed(self.out_placements)
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"name: expected one of {[a.name for a in self.alternatives]}, found {name!r}.")
 
     def choice(self, *args: Any) -> Choice:
@@ -149,8 +149,7 @@ class StrategyRegion:
             estimates[name] = estimate(self.cost_model, lowered, program, self.mesh)
         measured = self._measured(sig, programs) if self.choose == "measure" else {}
         rows = tuple(TableRow(n, e, measured.get(n)) for n, e in estimates.items())
-        key = (measured.get if measured else lambda n: estimates[n].seconds)
-        chosen = min(estimates, key=key)
+        chosen = min(estimates, key=lambda n: measured[n] if measured else estimates[n].seconds)
         return Choice(chosen, self.choose, str(sig), self.cost_model.name, rows)
 
     def _measure_key(self, sig: Signature) -> str:
@@ -209,11 +208,11 @@ def strategy_region(alternatives: Any, *, choose: str = "cost", verify: bool = T
         8.0
     """
     if choose not in CHOOSE:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"choose: expected one of {CHOOSE}, found {choose!r}; \"cost\" ranks by the "
             f"cost model, \"measure\" times each alternative once and caches the result.")
     if cost_model is not None and not isinstance(cost_model, CostModel):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"cost_model: expected a jlocalmap.CostModel, found {type(cost_model).__name__}; "
             f"use jlm.CostModel.cpu_simulated() or jlm.CostModel.h200_nvlink().")
     alts = _named(alternatives)

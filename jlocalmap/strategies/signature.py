@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 
-from jlocalmap.errors import PlacementTypeError
+from jlocalmap.errors import LocalMapTypeError
 from jlocalmap.layouts.placements import compact
 from jlocalmap.layouts.specs import placements_to_spec
 from jlocalmap.layouts.value_layout import mesh_of, placements_of
@@ -57,10 +57,10 @@ class ArgSpec:
 
     @property
     def differentiable(self) -> bool:
-        return self.is_array and jnp.issubdtype(self.dtype, jnp.inexact)
+        return self.dtype is not None and jnp.issubdtype(self.dtype, jnp.inexact)
 
     def __str__(self) -> str:
-        if not self.is_array:
+        if self.shape is None or self.dtype is None:
             return repr(self.static)
         text = f"{_DTYPES.get(self.dtype, self.dtype)}[{','.join(map(str, self.shape))}]"
         if self.placements is None:
@@ -74,7 +74,7 @@ def _arg_spec(x: Any, mesh: jax.sharding.Mesh, index: int) -> ArgSpec:
     try:
         hash(x)
     except TypeError:
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"args[{index}]: expected an array or a hashable static value (a number, "
             f"a string, None), found {type(x).__name__}; a strategy region takes its "
             f"arrays as separate positional arguments (no pytrees).") from None
@@ -99,7 +99,7 @@ class Signature:
 
     def arrays(self, values: Sequence[Any]) -> list:
         """The array arguments among ``values`` (one per argument)."""
-        return [x for x, a in zip(values, self.args) if a.is_array]
+        return [x for x, a in zip(values, self.args, strict=True) if a.is_array]
 
     def over_arrays(self, fn: Callable) -> Callable:
         """``fn`` taking only the array arguments, its static ones bound (what
@@ -115,7 +115,7 @@ class Signature:
         """Arguments for ``jax.jit(...).lower``: ShapeDtypeStructs laid out on
         ``mesh`` as the call's arrays are; static values as they are."""
         def one(a: ArgSpec):
-            if not a.is_array:
+            if a.shape is None:
                 return a.static
             if a.placements is None:
                 return jax.ShapeDtypeStruct(a.shape, a.dtype)
@@ -129,13 +129,14 @@ class Signature:
         rng = np.random.default_rng(seed)
 
         def one(a: ArgSpec):
-            if not a.is_array:
+            if a.shape is None:
                 return a.static
             value = (rng.standard_normal(a.shape) if a.differentiable
                      else rng.integers(0, 4, a.shape)).astype(jnp.dtype(a.dtype))
-            if a.placements is None:
+            placements = a.placements
+            if placements is None:
                 return value
-            place = jax.jit(lambda v: distribute_tensor(v, mesh, a.placements))
+            place = jax.jit(lambda v: distribute_tensor(v, mesh, placements))
             return place.lower(jax.ShapeDtypeStruct(a.shape, a.dtype)).compile()(value)
         return [one(a) for a in self.args]
 

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlocalmap.errors import PlacementValueError
+from jlocalmap.errors import LocalMapValueError
 from jlocalmap.movement.distribute import full_tensor
 from jlocalmap.strategies.alternatives import Alternative, compiled, float_outputs
 from jlocalmap.strategies.signature import Signature, with_statics
@@ -51,7 +51,7 @@ def _values_and_gradients(alt: Alternative, out_placements: Any, sig: Signature,
         rng = np.random.default_rng(1)  # the same weights for every alternative
         weights = [rng.standard_normal(o.shape).astype(np.float32) for o in outs]
         return sum(jnp.sum(full_tensor(o).astype(jnp.float32) * w)
-                   for o, w in zip(outs, weights))
+                   for o, w in zip(outs, weights, strict=True))
 
     def values_and_gradients(*arrays):
         args = with_statics(arrays, sig)
@@ -63,7 +63,7 @@ def _values_and_gradients(alt: Alternative, out_placements: Any, sig: Signature,
     outs, grads = program(*arrays)
     return ([(f"value of output {i}", np.asarray(o, np.float64)) for i, o in enumerate(outs)]
             + [(f"gradient of argument {i}", np.asarray(g, np.float64))
-               for i, g in zip(wrt, grads)])
+               for i, g in zip(wrt, grads, strict=True)])
 
 
 def _tolerance(sig: Signature) -> float:
@@ -91,15 +91,15 @@ def verify(alternatives: Sequence[Alternative], out_placements: Any, sig: Signat
     for alt in alternatives[1:]:
         found = _values_and_gradients(alt, out_placements, sig, mesh, arrays)
         if len(found) != len(first):
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"alternative {alt.name!r} returns {len(found) - len(sig.differentiable)} "
                 f"outputs, {alternatives[0].name!r} returns "
                 f"{len(first) - len(sig.differentiable)}; all alternatives of a region "
                 f"have the same global signature.")
-        for (label, got), (_, want) in zip(found, first):
+        for (label, got), (_, want) in zip(found, first, strict=True):
             problem = _differs(got, want, rtol)
             if problem:
-                raise PlacementValueError(
+                raise LocalMapValueError(
                     f"alternative {alt.name!r} does not compute what "
                     f"{alternatives[0].name!r} computes: {label} {problem}\n"
                     f"(checked on a random input of signature {sig}); fix its body or "

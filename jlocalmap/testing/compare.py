@@ -87,10 +87,10 @@ def assert_matches_unsharded(f_sharded: Callable, f_reference: Callable, *args: 
     cotangents = _cotangents(shapes[1], seed) if grads else None
     (outputs, gradients), (ref_outputs, ref_gradients) = (
         sharded.evaluate(cotangents), reference.evaluate(cotangents))
-    problems = [describe_mismatch(name, got, want, rtol, atol)
-                for (name, got), (_, want) in zip(outputs + gradients, ref_outputs + ref_gradients,
-                                                     strict=True)]
-    problems = [p for p in problems if p is not None]
+    found = [describe_mismatch(name, got, want, rtol, atol)
+             for (name, got), (_, want) in zip(outputs + gradients, ref_outputs + ref_gradients,
+                                               strict=True)]
+    problems = [p for p in found if p is not None]
     if problems:
         compared = len(outputs) + len(gradients)
         raise AssertionError(
@@ -105,7 +105,7 @@ class _Side:
 
     def __init__(self, f: Callable, args: tuple, mesh: Optional[Mesh], x64: bool):
         if not callable(f):
-            raise jlm.PlacementTypeError(
+            raise jlm.LocalMapTypeError(
                 f"f_sharded, f_reference: expected functions, found {type(f).__name__}.")
         flat, self.tree = jax.tree_util.tree_flatten_with_path(args, is_leaf=is_uneven)
         self.f, self.mesh, self.x64 = f, mesh, x64
@@ -133,7 +133,7 @@ class _Side:
 
     def _outputs(self, leaves: list, floats: list) -> Any:
         leaves = list(leaves)
-        for i, value in zip(self.wrt, floats):
+        for i, value in zip(self.wrt, floats, strict=True):
             leaves[i] = value
         outputs = self.f(*jax.tree_util.tree_unflatten(self.tree, leaves))
         return jax.tree.map(jlm.full_tensor, outputs, is_leaf=is_uneven)
@@ -158,13 +158,13 @@ class _Side:
         named = jax.tree_util.tree_flatten_with_path(outputs)[0]
         return ([(f"output{jax.tree_util.keystr(p)}", np.asarray(v)) for p, v in named],
                 [(f"grad of args{jax.tree_util.keystr(self.paths[i])}", np.asarray(g))
-                 for i, g in zip(self.wrt, gradients)])
+                 for i, g in zip(self.wrt, gradients, strict=True)])
 
     def _value_and_grad(self, leaves: list, floats: list, cotangents: list) -> tuple:
         def scalar(floats):
             outputs = self._outputs(leaves, floats)
             terms = [jnp.sum(o * jnp.asarray(c, o.dtype))
-                     for o, c in zip(jax.tree.leaves(outputs), cotangents) if c is not None]
+                     for o, c in zip(jax.tree.leaves(outputs), cotangents, strict=True) if c is not None]
             return sum(terms, jnp.zeros((), floats[0].dtype)), outputs
         (_, outputs), gradients = jax.value_and_grad(scalar, has_aux=True)(floats)
         return outputs, [jlm.full_tensor(g) for g in gradients]
@@ -187,13 +187,14 @@ def _cotangents(shapes: Any, seed: int) -> list:
 
 
 def _check_same_shapes(sharded: Any, reference: Any) -> None:
-    if jax.tree.structure(sharded) != jax.tree.structure(reference):
+    found: Any = jax.tree.structure(sharded)   # jaxlib's PyTreeDef has no type stub
+    if found != jax.tree.structure(reference):
         raise AssertionError(
-            f"the outputs differ in structure: sharded {jax.tree.structure(sharded)}, "
+            f"the outputs differ in structure: sharded {found}, "
             f"unsharded {jax.tree.structure(reference)}")
     named = jax.tree_util.tree_flatten_with_path(sharded)[0]
     wrong = [f"output{jax.tree_util.keystr(path)}: shape {s.shape}, unsharded {r.shape}"
-             for (path, s), r in zip(named, jax.tree.leaves(reference)) if s.shape != r.shape]
+             for (path, s), r in zip(named, jax.tree.leaves(reference), strict=True) if s.shape != r.shape]
     if wrong:
         raise AssertionError("the outputs differ in shape:\n" + "\n".join(wrong))
 

@@ -18,7 +18,8 @@ import os
 
 import jax
 
-from jlocalmap import PlacementTypeError, PlacementValueError
+from jlocalmap import LocalMapTypeError, LocalMapValueError
+from jlocalmap._jax_compat import config_value
 
 
 def simulate_cpu_devices(n: int) -> int:
@@ -41,11 +42,11 @@ def simulate_cpu_devices(n: int) -> int:
         simulate_cpu_devices(3): JAX's backend already started with 8 cpu devices
     """
     if isinstance(n, bool) or not isinstance(n, int):
-        raise PlacementTypeError(f"n: expected a number of devices (an int), found "
+        raise LocalMapTypeError(f"n: expected a number of devices (an int), found "
                                  f"{type(n).__name__}; pass e.g. 8.")
     if n < 1:
-        raise PlacementValueError(f"n: expected at least 1 device, found {n}.")
-    if jax.config.jax_num_cpu_devices == n:  # set already (an earlier call, or the user)
+        raise LocalMapValueError(f"n: expected at least 1 device, found {n}.")
+    if config_value("jax_num_cpu_devices") == n:  # set already (an earlier call, or the user)
         return n
     try:
         jax.config.update("jax_num_cpu_devices", n)
@@ -59,6 +60,6 @@ def simulate_cpu_devices(n: int) -> int:
                 f"no computation while conftest.py files and plugins load; move it into a "
                 f"fixture), or ask for {len(devices)}.") from None
         return n
-    if not os.environ.get("JAX_PLATFORMS") and not jax.config.jax_platforms:
+    if not os.environ.get("JAX_PLATFORMS") and not config_value("jax_platforms"):
         jax.config.update("jax_platforms", "cpu")
     return n

@@ -149,16 +149,16 @@ def expect_collectives(fn: Optional[Callable] = None, *args: Any,
         all-gather                 0       1   <- differs
     """
     expected = dict(zip(_KINDS, (all_reduce, all_gather, reduce_scatter, all_to_all,
-                                 collective_permute)))
+                                 collective_permute), strict=True))
     for kind, n in expected.items():
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
-            raise jlm.PlacementTypeError(
+            raise jlm.LocalMapTypeError(
                 f"{kind.replace('-', '_')}: expected a count (an int >= 0) or None (any "
                 f"number), found {n!r}.")
     recorder = CollectiveRecorder(expected, executed)
     if fn is None:
         if args:
-            raise jlm.PlacementTypeError(
+            raise jlm.LocalMapTypeError(
                 "fn: expected the function to count before its arguments, found None.")
         return recorder
     comms = recorder.count(fn, *args)

@@ -42,7 +42,7 @@ def lay_out(args: tuple, placements: Any, mesh: Optional[Mesh]) -> tuple:
     if placements is None:
         return args
     if mesh is None:
-        raise jlm.PlacementValueError(
+        raise jlm.LocalMapValueError(
             "mesh: expected the mesh to lay the arguments out on, found None; pass "
             "mesh=... with placements=...")
     if is_placement_list(placements):

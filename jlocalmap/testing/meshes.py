@@ -16,7 +16,7 @@ from typing import Optional
 import jax
 from jax.sharding import AxisType, Mesh
 
-from jlocalmap import PlacementTypeError, PlacementValueError
+from jlocalmap import LocalMapTypeError, LocalMapValueError
 
 DEFAULT_AXIS = "x"  # JAX's own examples name a 1-D mesh's axis "x"
 
@@ -37,12 +37,12 @@ def make_mesh(shape: Sequence[int], names: Sequence[str],
     """
     shape, names = _checked_shape(shape), _checked_names(names)
     if len(shape) != len(names):
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"names: expected one axis name per dim of shape {shape} ({len(shape)}), "
             f"found {len(names)}: {names}.")
     needed, available = math.prod(shape), jax.device_count()
     if needed > available:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"shape: {shape} needs {needed} devices, but JAX has {available}; use a "
             f"shape of at most {available} devices, or simulate more CPU devices "
             f"(pytest --jlm-devices {needed}).")
@@ -65,10 +65,10 @@ def default_mesh() -> Mesh:
 def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:
     if (not isinstance(shape, Sequence) or isinstance(shape, str)
             or not all(isinstance(n, int) and not isinstance(n, bool) for n in shape)):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"shape: expected a tuple of axis sizes, found {shape!r}; pass e.g. (2, 4).")
     if not shape or min(shape) < 1:
-        raise PlacementValueError(
+        raise LocalMapValueError(
             f"shape: expected at least one axis, each of size >= 1, found {tuple(shape)}.")
     return tuple(shape)
 
@@ -76,9 +76,9 @@ def _checked_shape(shape: Sequence[int]) -> tuple[int, ...]:
 def _checked_names(names: Sequence[str]) -> tuple[str, ...]:
     if (isinstance(names, str) or not isinstance(names, Sequence)
             or not all(isinstance(n, str) for n in names)):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"names: expected a tuple of axis names, found {names!r}; pass e.g. "
             f"('dp', 'tp') (a single axis: ('tp',)).")
     if len(set(names)) != len(names):
-        raise PlacementValueError(f"names: expected distinct axis names, found {tuple(names)}.")
+        raise LocalMapValueError(f"names: expected distinct axis names, found {tuple(names)}.")
     return tuple(names)

@@ -127,7 +127,7 @@ def reference_grads(case: Case, world_size: int, h: float = 1e-5) -> list[np.nda
         grad = np.zeros_like(a)
         for idx in np.ndindex(a.shape):
             shifted = [list(args), list(args)]
-            for sign, row in zip((1, -1), shifted):
+            for sign, row in zip((1, -1), shifted, strict=True):
                 moved = a.copy()
                 moved[idx] += sign * h
                 row[i] = moved

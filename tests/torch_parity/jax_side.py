@@ -84,7 +84,7 @@ def _gradients(f, args: list, arrays: list[int], g: np.ndarray) -> list[np.ndarr
     """The full gradients of ``sum(full_tensor(f(*args)) * g)`` for ``args[i], i in arrays``."""
     def full_output(*picked):
         call = list(args)
-        for i, a in zip(arrays, picked):
+        for i, a in zip(arrays, picked, strict=True):
             call[i] = a
         return jlm.full_tensor(f(*call))
 
@@ -98,7 +98,7 @@ def run_case(case: Case, world_size: int, meshes: dict | None = None) -> dict:
     """One case: the full output (called eagerly, as a user calls it) and the full
     gradients of ``sum(out * G)`` (under ``jax.jit``)."""
     meshes = meshes or meshes_for(world_size)
-    args = [_hold(v, g, meshes) for v, g in zip(case_inputs(case, world_size), case.given)]
+    args = [_hold(v, g, meshes) for v, g in zip(case_inputs(case, world_size), case.given, strict=True)]
     try:
         out = np.asarray(jlm.full_tensor(_wrapped(case, meshes, {})(*args)))
         if not case.grads:

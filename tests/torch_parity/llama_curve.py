@@ -35,7 +35,7 @@ TOL = 1e-4
 
 def relative_differences(a: list[float], ref: list[float]) -> list[float]:
     """|a - ref| / |ref|, step by step."""
-    return [abs(x - r) / abs(r) for x, r in zip(a, ref)]
+    return [abs(x - r) / abs(r) for x, r in zip(a, ref, strict=True)]
 
 
 def block_record(cfg: LlamaConfig, seed: int, torch_block: dict) -> dict:
@@ -102,7 +102,7 @@ def report(record: dict) -> str:
     """The per-step table and the run times, as printed."""
     lines = ["step  PyTorch loss  jlocalmap loss  rel diff (PyTorch)  rel diff (unsharded)"]
     for i, (t, j, d, u) in enumerate(zip(record["torch"]["losses"], record["jlocalmap"]["losses"],
-                                         record["rel_diff_torch"], record["rel_diff_unsharded"])):
+                                         record["rel_diff_torch"], record["rel_diff_unsharded"], strict=True)):
         lines.append(f"{i + 1:4d}  {t:12.6f}  {j:14.6f}  {d:18.2e}  {u:20.2e}")
     for what, key in (("first step's gradients", "first_step_grads"), ("block", "block")):
         for pair, diffs in record[key].items():

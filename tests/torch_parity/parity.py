@@ -51,14 +51,14 @@ class Measurement:
 
 
 def _maxdiff(a: list, b: list) -> float:
-    return max(float(np.max(np.abs(np.asarray(x, np.float64) - y), initial=0.0)) for x, y in zip(a, b))
+    return max(float(np.max(np.abs(np.asarray(x, np.float64) - y), initial=0.0)) for x, y in zip(a, b, strict=True))
 
 
 def _grad_tokens(case: Case) -> list[tuple[str, ...]]:
     """Each array input's gradient placements: declared, else its entry, else its own."""
     none = (None,) * len(case.given)
     return [placements(declared or entry) or given_mesh(given)[1]
-            for declared, entry, given in zip(case.in_grad or none, case.in_pl or none, case.given)
+            for declared, entry, given in zip(case.in_grad or none, case.in_pl or none, case.given, strict=True)
             if given_mesh(given)[0] != "scalar"]
 
 
@@ -69,7 +69,7 @@ def _torch_uneven(case: Case, ranks: list[dict], ws: int, true_shape: tuple,
     tokens = placements(case.out_pl)
     out = assemble([r["local_out"] for r in ranks], shape, tokens)
     grads, whole = [], False
-    for i, (t, global_shape) in enumerate(zip(_grad_tokens(case), grad_shapes)):
+    for i, (t, global_shape) in enumerate(zip(_grad_tokens(case), grad_shapes, strict=True)):
         local = [r["local_grads"][i] for r in ranks]
         # torch 2.11 hands every rank the whole gradient of an uneven input (2.13 its chunk).
         if all(g.shape == global_shape for g in local) and any(s.startswith("S") for s in t):
@@ -78,8 +78,8 @@ def _torch_uneven(case: Case, ranks: list[dict], ws: int, true_shape: tuple,
         else:
             grads.append(assemble(local, shape, t))
     local = ranks[0]["local_out"].shape
-    split = [int(np.prod([n for n, t in zip(shape, tokens) if t == f"S{d}"])) for d in range(len(local))]
-    expected_claim = tuple(n * s for n, s in zip(local, split))
+    split = [int(np.prod([n for n, t in zip(shape, tokens, strict=True) if t == f"S{d}"])) for d in range(len(local))]
+    expected_claim = tuple(n * s for n, s in zip(local, split, strict=True))
     claimed = tuple(ranks[0]["claimed_shape"])
     note = f"claims global shape {claimed} for {true_shape}" if claimed == expected_claim else ""
     if whole:
@@ -146,7 +146,7 @@ def problems(m: Measurement) -> list[str]:
     case = m.case
     if m.refusals:
         found = [f"{side} does not refuse with {case.refusal!r}: {error[:300]!r}"
-                 for side, error in zip(("PyTorch", "jlocalmap"), m.refusals) if case.refusal not in error]
+                 for side, error in zip(("PyTorch", "jlocalmap"), m.refusals, strict=True) if case.refusal not in error]
         if case.torch_wrong == "replicate_varies":      # PyTorch runs it, silently inconsistent
             found = [f for f in found if not f.startswith("PyTorch")]
             if not m.torch_ref or m.torch_ref <= 1e-2:

@@ -135,7 +135,7 @@ def run_case(case: Case, world_size: int, meshes: dict) -> dict:
     """One case on this rank: the full output and the full gradients of ``sum(out * G)``
     (for uneven cases, the local ones: see ``_local_result``)."""
     entries = case.in_pl or (None,) * len(case.given)
-    args = [_hold(v, g, e, meshes) for v, g, e in zip(case_inputs(case, world_size), case.given, entries)]
+    args = [_hold(v, g, e, meshes) for v, g, e in zip(case_inputs(case, world_size), case.given, entries, strict=True)]
     try:
         out = _wrapped(case, meshes)(*args)
     except (AssertionError, ValueError) as e:
