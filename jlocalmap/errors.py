@@ -35,7 +35,7 @@ class LocalMapValueError(LocalMapError, ValueError):
     Example:
         >>> import jlocalmap as jlm
         >>> try:
-        ...     jlm.strategies.Link(bandwidth=0.0)
+        ...     jlm.strategies.Link(bandwidth=0.0, latency=0.0)
         ... except jlm.LocalMapValueError as e:
         ...     print("bandwidth > 0" in str(e))
         True

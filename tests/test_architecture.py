@@ -3,6 +3,7 @@ subpackages and no stage imports a later one; no function over 60 lines, no
 class over 200 (docstrings not counted), no module over 400 non-blank lines;
 ``__init__`` re-exports the public API and nothing else."""
 import ast
+import doctest
 import pathlib
 
 import pytest
@@ -103,11 +104,32 @@ def test_init_reexports_the_public_api_only():
     assert exported == set(jlm.__all__)
 
 
+def attribute_docstrings(path: pathlib.Path) -> dict[str, str]:
+    """The docstrings of a module's module-level assignments (the string right after
+    ``Name = ...``), as mkdocstrings reads them: a type alias keeps its doc there."""
+    body = ast.parse(path.read_text()).body
+    return {node.targets[0].id: after.value.value for node, after in zip(body, body[1:])
+            if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
+            and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)}
+
+
+TYPE_ALIASES = attribute_docstrings(PACKAGE / "layouts" / "placements.py")
+
+
 @pytest.mark.parametrize("name", jlm.__all__)
 def test_every_public_name_has_a_docstring_with_an_example(name):
     obj = getattr(jlm, name)
-    doc = obj.__doc__ or ""
+    doc = TYPE_ALIASES[name] if name in TYPE_ALIASES else obj.__doc__ or ""
     assert ">>>" in doc, f"jlocalmap.{name} has no runnable example in its docstring"
+
+
+@pytest.mark.parametrize("name", sorted(TYPE_ALIASES))
+def test_type_alias_examples_run(name):
+    """--doctest-modules runs objects' docstrings; an alias's is the module's text."""
+    test = doctest.DocTestParser().get_doctest(TYPE_ALIASES[name], {}, name, None, 0)
+    runner = doctest.DocTestRunner(optionflags=doctest.ELLIPSIS)
+    runner.run(test)
+    assert runner.summarize(verbose=False).failed == 0
 
 
 def test_one_leaf_walks_each_stage_once_and_is_read_once():

@@ -321,7 +321,7 @@ def test_errors_are_catchable_as_builtin_classes(env):
 @pytest.mark.parametrize("build, cls, pattern", [
     (lambda e: jax.jit(L(ident, [S0], ([S0],), device_mesh=e.m1).lower)(e.X), jlm.LocalMapValueError,
      r"lower: expected concrete arguments"),
-    (lambda e: jlm.strategies.Link(bandwidth=0.0), jlm.LocalMapValueError, r"Link: expected bandwidth > 0"),
+    (lambda e: jlm.strategies.Link(bandwidth=0.0, latency=0.0), jlm.LocalMapValueError, r"Link: expected bandwidth > 0"),
     (lambda e: jlm.collectives.all_reduce(e.X, "sum", e.m1), jlm.LocalMapValueError,
      r"no mesh axis is manual here"),
     (lambda e: jlm.collectives.all_reduce(e.X, "mean", "tp"), jlm.LocalMapValueError,

@@ -371,7 +371,7 @@ def test_full_tensor_of_host_values_unchanged(rng):
 
 @pytest.mark.parametrize("value", ["abc", [1.0, 2.0], None], ids=["str", "list", "None"])
 def test_full_tensor_of_non_array_error(value):
-    with pytest.raises(jlm.PlacementTypeError,
+    with pytest.raises(jlm.LocalMapTypeError,
                        match=r"x: expected an array, found \w+; full_tensor takes what "
                              r"local_map or distribute_tensor returned"):
         jlm.full_tensor(value)

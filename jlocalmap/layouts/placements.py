@@ -143,15 +143,40 @@ class Partial(Placement):
 # The type names of placement arguments and results, exported for annotations:
 Placements = Sequence[Placement]
 """A placement list as an argument: one placement per mesh axis, in
-``mesh.axis_names`` order (a list or a tuple), as ``distribute_tensor`` takes."""
+``mesh.axis_names`` order (a list or a tuple), as ``distribute_tensor`` takes.
+
+Example:
+    >>> import jax, numpy as np, jlocalmap as jlm
+    >>> def shard_rows(x, mesh: jax.sharding.Mesh, placements: jlm.Placements):
+    ...     return jlm.distribute_tensor(x, mesh, placements)
+    >>> shard_rows(np.ones(4), jax.make_mesh((2,), ("dp",)), [jlm.Shard(0)]).shape
+    (4,)
+"""
 PlacementList = tuple[Placement, ...]
-"""A placement list as jlocalmap returns it (``placements_of``): a tuple."""
+"""A placement list as jlocalmap returns it (``placements_of``): a tuple.
+
+Example:
+    >>> import jax, numpy as np, jlocalmap as jlm
+    >>> x = jlm.distribute_tensor(np.ones(4), jax.make_mesh((2,), ("dp",)), [jlm.Shard(0)])
+    >>> placements: jlm.PlacementList = jlm.placements_of(x)
+    >>> placements
+    (Shard(dim=0),)
+"""
 PlacementTree = Any
 """``local_map``'s ``out_placements`` / ``in_placements`` / ``in_grad_placements``:
 one entry per flattened leaf (a :data:`Placements`, or None for a non-array leaf),
 a single :data:`Placements` for a single value, or a pytree prefix of the values
 whose entries are these. Its nodes may be any registered pytree type, which a type
-checker cannot spell; ``local_map`` checks it when called."""
+checker cannot spell; ``local_map`` checks it when called.
+
+Example:
+    >>> import jax, numpy as np, jlocalmap as jlm
+    >>> inputs: jlm.PlacementTree = ({"w": [jlm.Shard(0)], "step": None},)  # a prefix
+    >>> f = jlm.local_map(lambda p: p["w"] * p["step"], [jlm.Shard(0)], inputs,
+    ...                   device_mesh=jax.make_mesh((2,), ("dp",)))
+    >>> np.asarray(f({"w": np.arange(4.0), "step": 2.0})).tolist()
+    [0.0, 2.0, 4.0, 6.0]
+"""
 PlacementsLike = Union[Placement, Placements]
 
 

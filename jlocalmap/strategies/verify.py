@@ -17,7 +17,7 @@ Example:
     >>> x = jlm.distribute_tensor(np.ones(4, np.float32), mesh, [Shard(0)])
     >>> try:
     ...     verify(alts, None, Signature.of((x,), mesh), mesh)
-    ... except jlm.PlacementValueError as e:
+    ... except jlm.LocalMapValueError as e:
     ...     print(str(e).split(" differs")[0])
     alternative 'triple' does not compute what 'double' computes: value of output 0
 """
@@ -83,7 +83,7 @@ def _differs(got: np.ndarray, want: np.ndarray, rtol: float) -> Optional[str]:
 
 def verify(alternatives: Sequence[Alternative], out_placements: Any, sig: Signature,
            mesh: jax.sharding.Mesh) -> None:
-    """Raise ``PlacementValueError`` naming the first alternative whose values or
+    """Raise ``LocalMapValueError`` naming the first alternative whose values or
     gradients differ from the first alternative's on one random input."""
     rtol = _tolerance(sig)
     arrays = sig.arrays(sig.random(mesh))

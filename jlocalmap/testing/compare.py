@@ -158,7 +158,7 @@ class _Side:
         named = jax.tree_util.tree_flatten_with_path(outputs)[0]
         return ([(f"output{jax.tree_util.keystr(p)}", np.asarray(v)) for p, v in named],
                 [(f"grad of args{jax.tree_util.keystr(self.paths[i])}", np.asarray(g))
-                 for i, g in zip(self.wrt, gradients, strict=True)])
+                 for i, g in zip(self.wrt, gradients, strict=True)] if gradients else [])
 
     def _value_and_grad(self, leaves: list, floats: list, cotangents: list) -> tuple:
         def scalar(floats):
