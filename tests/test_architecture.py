@@ -107,8 +107,8 @@ def test_init_reexports_the_public_api_only():
 def attribute_docstrings(path: pathlib.Path) -> dict[str, str]:
     """The docstrings of a module's module-level assignments (the string right after
     ``Name = ...``), as mkdocstrings reads them: a type alias keeps its doc there."""
-    body = ast.parse(path.read_text()).body
-    return {node.targets[0].id: after.value.value for node, after in zip(body, body[1:])
+    body = ast.parse(path.read_text()).body   # pairs of neighbours: the last has none
+    return {node.targets[0].id: after.value.value for node, after in zip(body, body[1:], strict=False)
             if isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name)
             and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)}
 
