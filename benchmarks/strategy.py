@@ -1,6 +1,6 @@
 """The ``strategy`` workload: one MLP region written three ways (tensor
 parallel, sequence parallel with collective matmuls, FSDP) as a
-``jlocalmap.strategy_region``; its row is the training step of the alternative
+``jlocalmap.strategies.strategy_region``; its row is the training step of the alternative
 the cost model chose, against the fastest of the three hand-picked, all timed
 in the same rounds. Activations are sequence-sharded (``Shard(0)``) in and out,
 weights stored column/row-sharded, as in examples/choose_strategy.py.
@@ -66,7 +66,7 @@ def strategy_workload(devices: Sequence[Any], size: MlpSize, seed: int = 0) -> W
     w2 = put(mesh, random(rng, (f, d), size.dtype, f ** -0.5), P("tp"))
     x = put(mesh, random(rng, (t, d), size.dtype), P("tp"))
     dy = put(mesh, random(rng, (t, d), "float32"), P("tp"))
-    region = jlm.strategy_region(alternatives(mesh), out_placements=[S(0)], verify=False,
+    region = jlm.strategies.strategy_region(alternatives(mesh), out_placements=[S(0)], verify=False,
                                  name="benchmark-mlp")
     choice = region.choice(x, w1, w2)
     flops = 5 * 2 * t * d * f / n

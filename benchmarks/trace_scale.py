@@ -7,7 +7,7 @@ devices when no accelerator is present). For 4 and 32 layers it times a fresh
 of 5 with the garbage collector off, as timeit does; the first, cold trace is
 printed too), and the same model written with raw ``jax.shard_map`` (the
 baseline, in the same process, interleaved round by round), then
-``jlocalmap.regions`` on the gradient over an abstract 256-device mesh (no
+``jlocalmap.inspect.regions`` on the gradient over an abstract 256-device mesh (no
 devices needed). Prints time per region, the 32/4-layer ratio (8.0 is
 linear), and jlocalmap's ratio to the raw baseline (target: at most 1.2 at 32
 layers, forward and value_and_grad).
@@ -139,11 +139,11 @@ def trace_times(layers, ours, raw, repeat=5):
 
 
 def analysis_time(layers):
-    """jlm.regions on the gradient over the abstract 256-device mesh."""
+    """jlm.inspect.regions on the gradient over the abstract 256-device mesh."""
     params, x = inputs(layers, ABSTRACT)
     forward = model(layers, local_map_regions(ABSTRACT))
     start = time.perf_counter()
-    found = jlm.regions(jax.value_and_grad(lambda p, x: forward(p, x).sum()), params, x)
+    found = jlm.inspect.regions(jax.value_and_grad(lambda p, x: forward(p, x).sum()), params, x)
     assert len(found) == 2 * layers and all(r.differentiated for r in found)
     return time.perf_counter() - start
 

@@ -85,7 +85,7 @@ def random(rng: np.random.Generator, shape: Sequence[int], dtype: str,
 
 def hlo_collectives(lowered: jax.stages.Lowered) -> dict:
     """Collective kinds and counts in the compiled program."""
-    return jlm.collectives_in_hlo(lowered.compile().as_text()).counts
+    return jlm.inspect.collectives_in_hlo(lowered.compile().as_text()).counts
 
 
 def compiled_flops(lowered: jax.stages.Lowered) -> float:

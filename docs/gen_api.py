@@ -34,7 +34,8 @@ GROUPS = (
     ("api/placements.md", "Placements",
      "The three placements and their translation to and from JAX's `PartitionSpec`. "
      "Guide: [placements and PartitionSpecs](../placements.md).",
-     ("Placement", "Shard", "Replicate", "Partial", "placements_to_spec", "spec_to_placements")),
+     ("Placement", "Shard", "Replicate", "Partial", "Placements", "PlacementList", "PlacementTree",
+      "placements_to_spec", "spec_to_placements")),
     ("api/local_map.md", "local_map",
      "The decorator: run a function written for local shards on distributed values. "
      "Guide: [local_map semantics](../local_map.md).",
@@ -43,19 +44,21 @@ GROUPS = (
      "Laying values out, moving them, reading them back; uneven shards. "
      "Guides: [placements](../placements.md), [uneven shards](../uneven.md).",
      ("distribute_tensor", "redistribute", "full_tensor", "placements_of", "UnevenArray",
-      "local_valid_size")),
+      "Layout", "local_valid_size")),
     ("api/collectives.md", "Collectives",
      "Functional collectives for `local_map` bodies (torch's `funcol`). "
      "Guide: [collectives](../collectives.md).",
      ("collectives",)),
-    ("api/inspection.md", "Communication counts and layout views",
-     "What a compiled program communicates (torch's `CommDebugMode`) and where a value lives. "
-     "Guide: [counting communication](../collectives.md#counting-communication).",
-     ("CommCounts", "count_collectives", "collectives_in_hlo", "describe", "print_layout")),
-    ("api/regions.md", "Regions",
-     "The `local_map` regions of a traced program: settings, shapes, forward, backward, "
-     "residuals. Guide: [regions](../regions.md).",
-     ("regions", "region_settings", "Region", "RegionCall", "Operand", "Residual")),
+    ("api/inspect.md", "jlocalmap.inspect",
+     "Reading programs and values (torch's `debug` tools): the `local_map` regions of a "
+     "traced program (settings, shapes, forward, backward, residuals), what a compiled "
+     "program communicates (torch's `CommDebugMode`) and where a value lives. Guides: "
+     "[regions](../regions.md), [counting communication](../collectives.md#counting-communication).",
+     ("inspect",)),
+    ("api/strategies.md", "jlocalmap.strategies",
+     "One region written several ways, and the choice among them by a cost model or by "
+     "measurement. Guide: [strategy regions](../strategies.md).",
+     ("strategies",)),
     ("api/errors.md", "Errors",
      "The exceptions jlocalmap raises; each message names the argument, what was expected, "
      "what was found and the fix.",

@@ -1,7 +1,7 @@
 """Placement figures for the docs, drawn from jlocalmap's own layouts.
 
 Each figure lays a value out with ``jlm.distribute_tensor`` on simulated CPU
-devices, reads back which device holds which block from ``jlm.describe(x)``
+devices, reads back which device holds which block from ``jlm.inspect.describe(x)``
 (for an uneven value: from ``describe`` of its padded storage plus the
 devices' own data, which tells real rows from padding), and draws it as SVG.
 The docs build runs this (``docs/hooks.py``), so the pictures cannot drift
@@ -56,7 +56,7 @@ FIGURES = (
 
 @dataclass(frozen=True)
 class Held:
-    """One device's row of ``jlm.describe``: what it holds of the global value."""
+    """One device's row of ``jlm.inspect.describe``: what it holds of the global value."""
     device: int
     coords: tuple[tuple[str, int], ...]
     index: tuple[tuple[int, int], ...]  # (start, stop) per dim
@@ -66,7 +66,7 @@ class Held:
 
 @dataclass(frozen=True)
 class Described:
-    """``jlm.describe`` text, parsed: its header lines and one Held per device."""
+    """``jlm.inspect.describe`` text, parsed: its header lines and one Held per device."""
     placements: str
     spec: str
     mesh: str
@@ -77,7 +77,7 @@ _ROW = re.compile(r"^\s*(\d+)\s+((?:\w+=\d+\s*)+?)\s+\[([^\]]*)\](.*)$")
 
 
 def parse_describe(text: str) -> Described:
-    """Read ``jlm.describe(x)``'s text back into data (fails loudly if its format changes).
+    """Read ``jlm.inspect.describe(x)``'s text back into data (fails loudly if its format changes).
 
     Example:
         >>> d = parse_describe('''float32[4, 2]
@@ -97,7 +97,7 @@ def parse_describe(text: str) -> Described:
     for line in lines[lines.index(next(l for l in lines if l.startswith("device "))) + 1:]:
         match = _ROW.match(line)
         if not match:
-            raise ValueError(f"jlm.describe row not understood: {line!r}")
+            raise ValueError(f"jlm.inspect.describe row not understood: {line!r}")
         device, coords, index, rest = match.groups()
         rows.append(Held(
             int(device),
@@ -148,8 +148,8 @@ def describe_figure(figure: Figure) -> Described:
     value = np.repeat(rows[:, None], figure.shape[1], axis=1)
     x = jlm.distribute_tensor(value, mesh, figure.placements(jlm))
     if not isinstance(x, jlm.UnevenArray):
-        return parse_describe(jlm.describe(x))
-    stored = parse_describe(jlm.describe(x.padded))
+        return parse_describe(jlm.inspect.describe(x))
+    stored = parse_describe(jlm.inspect.describe(x.padded))
     real = _real_rows(x, jax)
     held = tuple(replace(r, index=(real[r.device],) + r.index[1:],
                          padding=(r.index[0][1] - r.index[0][0])

@@ -28,24 +28,27 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import griffe
 
 _ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):`(~?)([\w.]+)`")
 
 
-def convert_roles(text: str, public_names: Iterable[str]) -> str:
+def convert_roles(text: str, public_names: Iterable[str] | Mapping[str, str]) -> str:
     """``text`` with every Sphinx role replaced by an API link or inline code
-    (``~`` shows the last component of the name, as in Sphinx)."""
-    public = set(public_names)
+    (``~`` shows the last component of the name, as in Sphinx). ``public_names``:
+    top-level names, or a mapping of names to their public paths."""
+    public = (dict(public_names) if isinstance(public_names, Mapping)
+              else {n: f"jlocalmap.{n}" for n in public_names})
 
     def replace(match: re.Match) -> str:
         tilde, target = match.groups()
         short = target.rsplit(".", 1)[-1]
         shown = short if tilde else target
         if short in public and (target == short or target.startswith("jlocalmap.")):
-            return f"[`{shown}`][jlocalmap.{short}]"
+            return f"[`{shown}`][{public[short]}]"
         return f"`{shown}`"
     return _ROLE.sub(replace, text).replace("`\\ ", "`")
 
@@ -58,10 +61,15 @@ def convert_example_header(text: str) -> str:
     return _EXAMPLE_HEADER.sub(r"\1Examples:", text)
 
 
-def _public_names() -> list[str]:
-    # The public list is read from the package itself, so it cannot drift.
+def _public_names() -> dict[str, str]:
+    # The public names are read from the package itself, so they cannot drift: the
+    # top level's, then its namespaces' (jlocalmap.inspect.regions, ...).
     import jlocalmap
-    return list(jlocalmap.__all__)
+    public = {n: f"jlocalmap.{n}" for n in jlocalmap.__all__}
+    for namespace in (jlocalmap.inspect, jlocalmap.strategies):
+        public.update({n: f"{namespace.__name__}.{n}" for n in namespace.__all__
+                       if n not in public})
+    return public
 
 
 class MarkdownDocstrings(griffe.Extension):
@@ -69,7 +77,7 @@ class MarkdownDocstrings(griffe.Extension):
 
     def __init__(self) -> None:
         super().__init__()
-        self._public: list[str] | None = None
+        self._public: dict[str, str] | None = None
 
     def on_object(self, *, obj: griffe.Object, **kwargs: Any) -> None:
         if obj.docstring is None or not obj.path.startswith("jlocalmap"):

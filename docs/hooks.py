@@ -1,7 +1,7 @@
 """mkdocs hooks (``hooks:`` in mkdocs.yml): pages and figures made at build time.
 
 - ``figures/*.svg``: the placement figures of docs/gen_figures.py, drawn from
-  ``jlm.describe`` of real layouts on simulated CPU devices;
+  ``jlm.inspect.describe`` of real layouts on simulated CPU devices;
 - ``api/*.md``: the API reference of docs/gen_api.py, one mkdocstrings entry
   per name in ``jlocalmap.__all__`` (and in ``jlocalmap.testing.__all__``);
 - ``source/<path>.md``: a page showing a repository file that a page links to

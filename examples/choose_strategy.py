@@ -118,7 +118,7 @@ def main():
     mesh = jax.make_mesh((n,), ("tp",), devices=devices)
     print(f"devices: {n} x {devices[0].device_kind} ({devices[0].platform}); "
           f"d_model {args.d_model}, d_ff {args.d_ff}")
-    region = jlm.strategy_region(make_alternatives(mesh), choose=args.choose,
+    region = jlm.strategies.strategy_region(make_alternatives(mesh), choose=args.choose,
                                  out_placements=[Shard(0)], cache_dir=args.cache_dir,
                                  name="mlp")
     rng = np.random.default_rng(0)

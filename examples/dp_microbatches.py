@@ -79,7 +79,7 @@ def main():
     for step in make_steps(mesh):
         with jax.set_mesh(mesh):
             grad = jax.jit(step)(w, xs, ys)
-            counts = jlm.count_collectives(step, w, xs, ys)
+            counts = jlm.inspect.count_collectives(step, w, xs, ys)
         diff = float(np.max(np.abs(np.asarray(grad) - np.asarray(reference))))
         worst = max(worst, diff)
         print(f"{step.__name__:24s} all-reduces per step: {counts.executed['all-reduce']}, "

@@ -205,7 +205,7 @@ def train_and_compare(mesh, args, x, y, log=print) -> list[dict]:
     with jax.set_mesh(mesh):
         # Compile once: the collectives are read from the program that then runs.
         step = train_step.lower(model, optimizer, xs, ys).compile()
-    log(f"collectives per training step:\n{jlm.collectives_in_hlo(step.as_text())}")
+    log(f"collectives per training step:\n{jlm.inspect.collectives_in_hlo(step.as_text())}")
     history = []
     for i in range(1, args.steps + 1):
         with jax.set_mesh(mesh):

@@ -207,7 +207,7 @@ def parse_args():
 
 def report_communication(mesh, step, *args):
     with jax.set_mesh(mesh):
-        comms = jlm.count_collectives(step, *args)
+        comms = jlm.inspect.count_collectives(step, *args)
     done = comms.executed
     # The backward has one all-to-all, not two: x is data, so no cotangent flows
     # back through the dispatch.

@@ -178,7 +178,7 @@ def check_forward_and_grad(mesh, check, X, W):
     with jax.set_mesh(mesh):
         y = jax.jit(layer)(x, w)
         gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
-        comms = jlm.count_collectives(jax.grad(loss, argnums=(0, 1)), x, w)
+        comms = jlm.inspect.count_collectives(jax.grad(loss, argnums=(0, 1)), x, w)
     Y = np.tanh(X) @ W
     check("local_map forward under jit", host(y), Y)
     check("jax.grad under jit: d/dx", host(gx), (Y @ W.T) * (1 - np.tanh(X) ** 2))
@@ -186,7 +186,7 @@ def check_forward_and_grad(mesh, check, X, W):
     assert jlm.placements_of(gw) == (Replicate(), Shard(0))
     check.say(f"gradient step collectives: {comms.counts['all-reduce']} all-reduce, "
               f"{comms.counts['all-gather']} all-gather")
-    check.say(jlm.describe(y))
+    check.say(jlm.inspect.describe(y))
     return x, w
 
 
@@ -196,7 +196,7 @@ def check_partial_to_shard(mesh, check, x, w, X, W):
     p = partial(x, w)
     s = jlm.redistribute(p, mesh, [Shard(0), Shard(1)])
     with jax.set_mesh(mesh):
-        comms = jlm.count_collectives(lambda p: jlm.redistribute(p, mesh, [Shard(0), Shard(1)]), p)
+        comms = jlm.inspect.count_collectives(lambda p: jlm.redistribute(p, mesh, [Shard(0), Shard(1)]), p)
     assert jlm.placements_of(s) == (Shard(0), Shard(1))
     check("Partial() output -> redistribute to Shard(1)", host(s), np.tanh(X) @ W)
     check.say(f"Partial -> Shard collectives: {comms.counts['reduce-scatter']} reduce-scatter, "

@@ -104,8 +104,8 @@ def main():
     sharded_step = make_train_step(sharded_model)
     ref_step = make_train_step(mlp)
     with jax.set_mesh(mesh):  # communication of one forward pass and one training step
-        forward = jlm.count_collectives(sharded_model, params, xs)
-        step = jlm.count_collectives(sharded_step, params, xs, ys)
+        forward = jlm.inspect.count_collectives(sharded_model, params, xs)
+        step = jlm.inspect.count_collectives(sharded_step, params, xs, ys)
     print(f"forward: {forward.counts['all-reduce']} all-reduce "
           f"({forward.bytes['all-reduce']} B/device); training step collectives:")
     print(step)

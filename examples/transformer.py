@@ -382,7 +382,7 @@ def train_and_compare(mesh, cfg: Config, ops: Ops, *, steps: int = 5, lr: float 
         # Compile once: the collectives are read from the program that then runs.
         step = make_train_step(ops, optimizer, cfg.head_dim).lower(
             params, opt_state, *batch).compile()
-    log(f"collectives per training step:\n{jlm.collectives_in_hlo(step.as_text())}")
+    log(f"collectives per training step:\n{jlm.inspect.collectives_in_hlo(step.as_text())}")
     ref_step = make_train_step(REFERENCE_OPS, optimizer, cfg.head_dim)
     ref_params, ref_state = ref[0], optimizer.init(ref[0])
     history = []

@@ -1,6 +1,15 @@
-"""jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``."""
+"""jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``.
 
-from jlocalmap import collectives
+The top level is what a sharded program is written with: the placements and their
+type names, ``local_map``, the layout calls, ``UnevenArray`` and ``Layout``, and the
+errors. Tools live in namespaces (docs/architecture.md, "Where names live"):
+``jlocalmap.inspect`` (regions, collective counts, layout views),
+``jlocalmap.strategies`` (strategy regions and their cost model),
+``jlocalmap.collectives`` (collectives for bodies) and ``jlocalmap.testing``.
+"""
+
+from jlocalmap import collectives, inspect, strategies
+from jlocalmap._deprecation import deprecated_names as _deprecated_names
 from jlocalmap.errors import (
     LocalMapError,
     LocalMapTypeError,
@@ -8,10 +17,7 @@ from jlocalmap.errors import (
     PlacementTypeError,
     PlacementValueError,
 )
-from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
-from jlocalmap.inspect.inspection import Region, regions
-from jlocalmap.inspect.layout_view import describe, print_layout
-from jlocalmap.inspect.residuals import Residual
+from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.placements import (
     Partial,
     Placement,
@@ -26,8 +32,6 @@ from jlocalmap.layouts.uneven import UnevenArray, local_valid_size
 from jlocalmap.layouts.value_layout import placements_of
 from jlocalmap.local_map import local_map
 from jlocalmap.movement.distribute import distribute_tensor, full_tensor, redistribute
-from jlocalmap.region.record import Operand, RegionCall, region_settings
-from jlocalmap.strategies import CostModel, Link, StrategyRegion, strategy_region
 
 __all__ = [
     "LocalMapError", "LocalMapValueError", "LocalMapTypeError",
@@ -35,9 +39,17 @@ __all__ = [
     "Placement", "Shard", "Replicate", "Partial", "Placements", "PlacementList", "PlacementTree",
     "placements_to_spec", "spec_to_placements",
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
-    "collectives", "CommCounts", "count_collectives", "collectives_in_hlo",
-    "describe", "print_layout",
-    "regions", "region_settings", "Region", "RegionCall", "Operand", "Residual",
-    "UnevenArray", "local_valid_size",
-    "strategy_region", "StrategyRegion", "CostModel", "Link",
+    "UnevenArray", "Layout", "local_valid_size",
+    "collectives", "inspect", "strategies",
 ]
+
+# Names that moved into the namespaces (issue 30): served for one more release,
+# with a DeprecationWarning naming the new spelling.
+_MOVED = {
+    **{name: f"jlocalmap.inspect.{name}" for name in (
+        "regions", "Region", "region_settings", "RegionCall", "Operand", "Residual",
+        "count_collectives", "collectives_in_hlo", "CommCounts", "describe", "print_layout")},
+    **{name: f"jlocalmap.strategies.{name}" for name in (
+        "strategy_region", "StrategyRegion", "CostModel", "Link")},
+}
+__getattr__ = _deprecated_names(__name__, _MOVED)

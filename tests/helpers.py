@@ -16,9 +16,9 @@ def assert_close(actual, expected, rtol=1e-5, atol=1e-5):
 
 def count_compiled(lowered):
     """Collectives of each kind in a lowered program, compiled."""
-    return jlm.collectives_in_hlo(lowered.compile().as_text()).counts
+    return jlm.inspect.collectives_in_hlo(lowered.compile().as_text()).counts
 
 
 def count_collectives(fn, *args, **kwargs):
     """Collectives of each kind in the compiled ``jax.jit(fn)``."""
-    return jlm.count_collectives(fn, *args, **kwargs).counts
+    return jlm.inspect.count_collectives(fn, *args, **kwargs).counts

@@ -4,7 +4,9 @@ class over 200 (docstrings not counted), no module over 400 non-blank lines;
 ``__init__`` re-exports the public API and nothing else."""
 import ast
 import doctest
+import importlib
 import pathlib
+import re
 
 import pytest
 
@@ -18,7 +20,7 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 # programs and the public callable; collectives stand beside movement (they
 # need layouts only); strategies choose among local_map callables; the testing
 # kit, which the package does not import, uses the public API.
-FLOORS = [{"errors", "_jax_compat"}, {"layouts"}, {"movement", "collectives"}, {"call"},
+FLOORS = [{"errors", "_jax_compat", "_deprecation"}, {"layouts"}, {"movement", "collectives"}, {"call"},
           {"region"}, {"inspect"}, {"local_map"}, {"strategies"}, {"__init__"}, {"testing"}]
 LIMITS = {ast.FunctionDef: 60, ast.AsyncFunctionDef: 60, ast.ClassDef: 200}
 
@@ -92,7 +94,7 @@ def test_no_stage_imports_a_later_stage(path):
 
 def test_the_stages_are_folders():
     flat = sorted(p.name for p in PACKAGE.glob("*.py"))
-    assert flat == ["__init__.py", "_jax_compat.py", "errors.py", "local_map.py"], flat
+    assert flat == ["__init__.py", "_deprecation.py", "_jax_compat.py", "errors.py", "local_map.py"], flat
 
 
 def test_init_reexports_the_public_api_only():
@@ -101,7 +103,32 @@ def test_init_reexports_the_public_api_only():
         assert isinstance(node, (ast.ImportFrom, ast.Assign, ast.Expr)), ast.dump(node)[:80]
     exported = {alias.asname or alias.name for node in tree.body if isinstance(node, ast.ImportFrom)
                 for alias in node.names}
-    assert exported == set(jlm.__all__)
+    assert {name for name in exported if not name.startswith("_")} == set(jlm.__all__)
+
+
+def test_namespaces_export_what_they_define():
+    """jlocalmap.inspect and jlocalmap.strategies re-export their API and nothing else."""
+    for namespace in (jlm.inspect, jlm.strategies):
+        tree = ast.parse(pathlib.Path(namespace.__file__).read_text())
+        exported = {alias.asname or alias.name for node in tree.body
+                    if isinstance(node, ast.ImportFrom) for alias in node.names}
+        assert exported == set(namespace.__all__), namespace.__name__
+
+
+@pytest.mark.parametrize("old", sorted(jlm._MOVED))
+def test_moved_names_work_for_a_release_with_a_warning(old):
+    """Every name that left the top level still works, warns, and names its new spelling."""
+    new = jlm._MOVED[old]
+    with pytest.warns(DeprecationWarning, match=rf"jlocalmap\.{old} is deprecated: use {new}\b"):
+        found = getattr(jlm, old)
+    where, _, name = new.rpartition(".")
+    assert found is getattr(importlib.import_module(where), name)
+    assert old not in jlm.__all__
+
+
+def test_an_unknown_name_is_still_an_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+        jlm.no_such_name  # noqa: B018
 
 
 def attribute_docstrings(path: pathlib.Path) -> dict[str, str]:
@@ -140,3 +167,24 @@ def test_one_leaf_walks_each_stage_once_and_is_read_once():
     found = summary(stays)
     assert (found["stage walk"], found["stage comebacks"]) == ("call > region", 0), found
     assert reads == {"mesh_of": 1, "layout_of": 1}, reads
+
+
+PUBLIC_MODULES = {"jlocalmap", "jlocalmap.collectives", "jlocalmap.inspect", "jlocalmap.strategies",
+                  "jlocalmap.testing"}
+_DOCTEST_IMPORT = re.compile(r"^\s*(?:>>>|\.\.\.)\s+(?:from\s+(jlocalmap[\w.]*)\s+import|import\s+(jlocalmap[\w.]*))",
+                             re.MULTILINE)
+
+
+def doctest_imports(path: pathlib.Path) -> set[str]:
+    return {a or b for a, b in _DOCTEST_IMPORT.findall(path.read_text())}
+
+
+@pytest.mark.parametrize("path", MODULES + sorted((PACKAGE.parent / "docs").glob("*.md"))
+                         + [PACKAGE.parent / "README.md"], ids=str)
+def test_doctests_import_public_names_only(path):
+    """Examples import the public API; an implementation module's own doctests may
+    also import that module, whose names they document (docs/architecture.md)."""
+    own = ".".join(("jlocalmap",) + path.relative_to(PACKAGE).with_suffix("").parts) \
+        if path.is_relative_to(PACKAGE) else None
+    internal = {m for m in doctest_imports(path) if m not in PUBLIC_MODULES and m != own}
+    assert not internal, f"{path.name}: doctests import internals {sorted(internal)}"

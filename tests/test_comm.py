@@ -113,7 +113,7 @@ def test_kwargs_reach_the_function(mesh1, rng):
     f = jlm.local_map(lambda x, *, op: C.all_reduce(x, op, mesh1), [Replicate()], ([Shard(0)],),
                       device_mesh=mesh1)
     x = jlm.distribute_tensor(randn(rng, 4, 3), mesh1, [Shard(0)])
-    assert jlm.count_collectives(f, x, op="max").counts == {**NONE, "all-reduce": 1}
+    assert jlm.inspect.count_collectives(f, x, op="max").counts == {**NONE, "all-reduce": 1}
 
 
 def test_shapes_without_data(mesh4):
@@ -129,7 +129,7 @@ def test_shapes_without_data(mesh4):
 def test_table(mesh1, rng):
     x = jlm.distribute_tensor(randn(rng, 8, 16), mesh1, [Shard(1)])
     w = jlm.distribute_tensor(randn(rng, 16, 12), mesh1, [Shard(0)])
-    lines = str(jlm.count_collectives(tp_matmul(mesh1), x, w)).splitlines()
+    lines = str(jlm.inspect.count_collectives(tp_matmul(mesh1), x, w)).splitlines()
     assert lines[0].split() == ["collective", "count", "bytes"]
     assert lines[1].split() == ["all-reduce", "1", "384"]
     assert lines[6].split() == ["total", "1", "384"]
@@ -178,7 +178,7 @@ def test_async_pairs_count_once_with_done_result():
 
 def test_errors_name_the_argument():
     with pytest.raises(jlm.LocalMapTypeError, match=r"fn: expected a function to compile, found int"):
-        jlm.count_collectives(3, np.ones(2))
+        jlm.inspect.count_collectives(3, np.ones(2))
     with pytest.raises(jlm.LocalMapTypeError, match=r"hlo_text: expected the text of an HLO module"):
         collectives_in_hlo(b"HloModule m")
 

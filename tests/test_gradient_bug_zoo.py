@@ -114,7 +114,7 @@ def shared_and_routed(cast_once):
     loss = summed(mesh, region)
     got = sharded_grads(mesh, loss, *args)
     with jax.set_mesh(mesh):
-        comms = jlm.count_collectives(jax.grad(loss, argnums=tuple(range(5))), *args)
+        comms = jlm.inspect.count_collectives(jax.grad(loss, argnums=tuple(range(5))), *args)
     reference = lambda x, a, b, c, d: jnp.sum((mlp(x, a, b) + mlp(x, c, d)) ** 2)  # noqa: E731
     return got, unsharded_grads(reference, *args), comms.executed_bytes["all-reduce"]
 
@@ -160,7 +160,7 @@ def case_chunked_loss(grad_placement, keep_partial=True, chunks=4):
         return loss, jlm.redistribute(grad, mesh, R)
     with jax.set_mesh(mesh):
         loss, grad = jax.jit(loss_and_grad)(h, w, labels)
-        comms = jlm.count_collectives(loss_and_grad, h, w, labels)
+        comms = jlm.inspect.count_collectives(loss_and_grad, h, w, labels)
     want = jax.jit(jax.value_and_grad(full_ce))(h, w, labels)
     return (np.asarray(loss), np.asarray(grad)), want, comms.executed["all-reduce"]
 
@@ -212,7 +212,7 @@ def case_rowwise_bias(body, bias_grad=None):
     got = sharded_grads(mesh, loss, x, w, b)
     with jax.set_mesh(mesh):
         forward = float(jax.jit(loss)(x, w, b))
-        comms = jlm.count_collectives(jax.grad(loss, argnums=(0, 1, 2)), x, w, b)
+        comms = jlm.inspect.count_collectives(jax.grad(loss, argnums=(0, 1, 2)), x, w, b)
     reference = lambda x, w, b: jnp.sum((x @ w + b) ** 2)  # noqa: E731
     want = unsharded_grads(reference, x, w, b)
     return got, want, (forward, float(reference(x, w, b))), comms.counts["all-reduce"]

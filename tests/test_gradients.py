@@ -230,7 +230,7 @@ def test_partial_output_redistributed_with_one_collective(mesh4, rng, op, target
 
     with jax.set_mesh(mesh4):
         y = jax.jit(forward)(x, w)
-        counts = jlm.count_collectives(forward, x, w).counts
+        counts = jlm.inspect.count_collectives(forward, x, w).counts
         g = jax.jit(jax.grad(lambda x, w: (jlm.full_tensor(forward(x, w)) ** 2).sum(), argnums=(0, 1)))(x, w)
     assert jlm.placements_of(y) == tuple(target)
     assert_close(y, X @ W, rtol=1e-5)
@@ -270,8 +270,8 @@ def test_partial_gradients_reduced_once_per_step(mesh4, rng, k):
     reference = sum(jax.grad(loss)(W, X[i], Y[i]) for i in range(k))
     with jax.set_mesh(mesh4):
         once, every = jax.jit(reduce_once)(w, xs, ys), jax.jit(reduce_every)(w, xs, ys)
-        runs_once = jlm.count_collectives(reduce_once, w, xs, ys).executed["all-reduce"]
-        runs_every = jlm.count_collectives(reduce_every, w, xs, ys).executed["all-reduce"]
+        runs_once = jlm.inspect.count_collectives(reduce_once, w, xs, ys).executed["all-reduce"]
+        runs_every = jlm.inspect.count_collectives(reduce_every, w, xs, ys).executed["all-reduce"]
     assert (runs_once, runs_every) == (1, k)
     assert_close(once, reference, rtol=1e-4)
     assert_close(once, every, rtol=1e-5)

@@ -40,7 +40,7 @@ def test_rows_match_the_shards_devices_hold(request, rng, fixture, placements):
     mesh = request.getfixturevalue(fixture)
     X = randn(rng, 8, 16)
     x = jlm.distribute_tensor(X, mesh, placements)
-    text = jlm.describe(x)
+    text = jlm.inspect.describe(x)
     assert text.splitlines()[0] == "float32[8, 16]"
     assert f"placements: {list(placements)}" in text
     assert f"PartitionSpec: {x.sharding.spec}" in text
@@ -58,7 +58,7 @@ def test_rows_match_the_shards_devices_hold(request, rng, fixture, placements):
 def test_partial_rows_are_summands(mesh2x4, rng):
     X = randn(rng, 4, 8)
     x = jlm.distribute_tensor(X, mesh2x4, [Partial(), Shard(1)])
-    text = jlm.describe(x)
+    text = jlm.inspect.describe(x)
     assert "Partial over dp: each device holds a partial summand" in text
     listed = rows(text)
     assert all(partial for *_, partial in listed)
@@ -71,16 +71,16 @@ def test_partial_rows_are_summands(mesh2x4, rng):
 
 
 def test_single_device_and_auto_mesh(auto_mesh, rng):
-    text = jlm.describe(jax.numpy.asarray(randn(rng, 3, 2)))
+    text = jlm.inspect.describe(jax.numpy.asarray(randn(rng, 3, 2)))
     assert "not on a mesh" in text and rows(text)[0][2] == (slice(0, 3), slice(0, 2))
     x = jax.device_put(randn(rng, 4, 8), NamedSharding(auto_mesh, P("dp", "tp")))
-    text = jlm.describe(x)
+    text = jlm.inspect.describe(x)
     assert "dp=2 (Auto), tp=4 (Auto)" in text and "placements: [Shard(dim=0), Shard(dim=1)]" in text
 
 
 def test_axes_out_of_mesh_order(mesh2x4, rng):
     x = jax.device_put(randn(rng, 8, 2), NamedSharding(mesh2x4, P(("tp", "dp"))))
-    text = jlm.describe(x)
+    text = jlm.inspect.describe(x)
     assert "placements: none (a dim is split over mesh axes out of mesh order)" in text
     held = {s.device.id: np.asarray(s.data) for s in x.addressable_shards}
     for device, _, slices, _ in rows(text):
@@ -90,15 +90,15 @@ def test_axes_out_of_mesh_order(mesh2x4, rng):
 def test_print_layout_plain(mesh1, rng):
     x = jlm.distribute_tensor(randn(rng, 4, 2), mesh1, [Shard(0)])
     out = io.StringIO()
-    jlm.print_layout(x, use_rich=False, file=out)
-    assert out.getvalue() == jlm.describe(x) + "\n"
+    jlm.inspect.print_layout(x, use_rich=False, file=out)
+    assert out.getvalue() == jlm.inspect.describe(x) + "\n"
 
 
 def test_print_layout_rich(mesh1, rng):
     pytest.importorskip("rich")
     x = jlm.distribute_tensor(randn(rng, 4, 2), mesh1, [Shard(0)])
     out = io.StringIO()
-    jlm.print_layout(x, use_rich=True, file=out)
+    jlm.inspect.print_layout(x, use_rich=True, file=out)
     text = out.getvalue()
     assert "placements: [Shard(dim=0)]" in text
     assert re.search(r"1\s*│\s*tp=1\s*│\s*\[2:4, 0:2\]", text)
@@ -106,17 +106,17 @@ def test_print_layout_rich(mesh1, rng):
 
 def test_errors(mesh1, rng):
     with pytest.raises(jlm.LocalMapTypeError, match=r"x: expected a jax.Array, found ndarray.*distribute_tensor"):
-        jlm.describe(randn(rng, 2))
+        jlm.inspect.describe(randn(rng, 2))
     x = jlm.distribute_tensor(randn(rng, 4), mesh1, [Shard(0)])
     with pytest.raises(jlm.LocalMapTypeError, match=r"x: expected a concrete jax.Array, found a tracer"):
-        jax.jit(jlm.describe)(x)
+        jax.jit(jlm.inspect.describe)(x)
 
 
 def test_without_rich(mesh1, rng, monkeypatch):
     monkeypatch.setitem(sys.modules, "rich", None)  # how Python marks a module as missing
     x = jlm.distribute_tensor(randn(rng, 4, 2), mesh1, [Shard(0)])
     out = io.StringIO()
-    jlm.print_layout(x, file=out)
-    assert out.getvalue() == jlm.describe(x) + "\n"
+    jlm.inspect.print_layout(x, file=out)
+    assert out.getvalue() == jlm.inspect.describe(x) + "\n"
     with pytest.raises(jlm.LocalMapValueError, match=r"use_rich: expected the optional package rich.*pip install rich"):
-        jlm.print_layout(x, use_rich=True)
+        jlm.inspect.print_layout(x, use_rich=True)

@@ -1,4 +1,4 @@
-"""jlocalmap.inspect.inspection (jlm.regions): regions as one named shard_map equation, global shapes
+"""jlocalmap.inspect.inspection (jlm.inspect.regions): regions as one named shard_map equation, global shapes
 outside and local inside (on a 256-device abstract mesh too), forward/backward
 bodies and residuals under checkpoint policies, trace-time count errors."""
 
@@ -49,11 +49,11 @@ def test_region_is_one_shard_map_equation_named_with_its_placements(mesh2x4, rng
     assert eqn.outvars[0].aval.shape == (8, 4)
     assert_close(f(x, w), x @ w)
     # Tools walking the jaxpr read the settings back from the equation.
-    settings = jlm.region_settings(eqn)
+    settings = jlm.inspect.region_settings(eqn)
     assert settings.func_name == "matmul" and settings.mesh == (("dp", 2), ("tp", 4))
     assert [op.placements for op in settings.inputs] == [(S(0), S(1)), (R(), S(0))]
     assert [op.placements for op in settings.outputs] == [(S(0), R())]
-    assert [jlm.region_settings(e) for e in jaxpr.eqns if e is not eqn] == \
+    assert [jlm.inspect.region_settings(e) for e in jaxpr.eqns if e is not eqn] == \
         [None] * (len(jaxpr.eqns) - 1)
     # The name prefixes the compiled program's op metadata inside the region
     # (and only there).
@@ -85,7 +85,7 @@ def test_region_names_are_unique_per_settings_and_survive_jit_and_grad(mesh2x4, 
 def test_in_grad_placements_appear_in_the_name(mesh2x4):
     f = jlm.local_map(lambda x: x * 2, [S(0), R()], ([S(0), R()],),
                       in_grad_placements=([S(0), R()],), device_mesh=mesh2x4)
-    [r] = jlm.regions(f, jax.ShapeDtypeStruct((8, 4), jnp.float32))
+    [r] = jlm.inspect.regions(f, jax.ShapeDtypeStruct((8, 4), jnp.float32))
     assert r.name == "local_map[<lambda>](S(0)R -> S(0)R; grad S(0)R)"
     assert r.inputs[0].grad_placements == (S(0), R())
 
@@ -112,7 +112,7 @@ def _mlp_args(mesh, rng=None):
 
 def test_regions_records_settings_shapes_and_body(mesh2x4):
     f = jlm.local_map(_mlp, [S(0), R()], MLP_IN, device_mesh=mesh2x4)
-    [r] = jlm.regions(f, *_mlp_args(mesh2x4))
+    [r] = jlm.inspect.regions(f, *_mlp_args(mesh2x4))
     assert r.func_name == "_mlp" and r.mesh == (("dp", 2), ("tp", 4))
     assert [op.placements for op in r.inputs] == [tuple(p) for p in MLP_IN]
     assert [op.global_shape for op in r.inputs] == [(8, 16), (16, 32), (32, 16)]
@@ -128,7 +128,7 @@ def test_regions_records_settings_shapes_and_body(mesh2x4):
 def test_regions_of_a_gradient_report_forward_backward_and_residuals(mesh2x4, rng):
     f = jlm.local_map(_mlp, [S(0), R()], MLP_IN, device_mesh=mesh2x4)
     loss = jax.jit(lambda *a: f(*a).sum())
-    [r] = jlm.regions(jax.grad(loss, argnums=(0, 1, 2)), *_mlp_args(mesh2x4))
+    [r] = jlm.inspect.regions(jax.grad(loss, argnums=(0, 1, 2)), *_mlp_args(mesh2x4))
     assert r.differentiated and r.forward is r.jaxpr and r.recompute is None
     # Saved for the backward: the three inputs, sin(h) for w2's gradient and
     # cos(h) for the chain rule through sin.
@@ -162,7 +162,7 @@ def test_regions_pairs_each_call_with_its_own_backward(mesh2x4, rng):
     f = jlm.local_map(lambda x: jnp.exp(x), [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
     x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
     y = jax.ShapeDtypeStruct((16, 4), jnp.float32)
-    rs = jlm.regions(jax.grad(lambda x, y: f(x).sum() + f(y).sum(), (0, 1)), x, y)
+    rs = jlm.inspect.regions(jax.grad(lambda x, y: f(x).sum() + f(y).sum(), (0, 1)), x, y)
     assert [r.inputs[0].global_shape for r in rs] == [(8, 4), (16, 4)]
     assert [[res.shape for res in r.residuals] for r in rs] == [[(4, 4)], [(8, 4)]]
     assert [r.backward.outvars[0].aval.shape for r in rs] == [(4, 4), (8, 4)]
@@ -174,7 +174,7 @@ def test_regions_inside_scan_are_reported_once_like_the_body(mesh2x4):
     def loss(x):
         out, _ = jax.lax.scan(lambda c, _: (f(c), None), x, None, length=5)
         return out.sum()
-    [r] = jlm.regions(jax.grad(loss), jax.ShapeDtypeStruct((8, 4), jnp.float32))
+    [r] = jlm.inspect.regions(jax.grad(loss), jax.ShapeDtypeStruct((8, 4), jnp.float32))
     assert r.differentiated and r.transform == "jvp()"
     assert [op.local_shape for op in r.inputs] == [(4, 4)]
     # What tanh's derivative saves is JAX's choice (tanh and 1 - tanh**2 on jax
@@ -221,7 +221,7 @@ def test_transformer_block_on_256_abstract_devices():
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(CP_MESH, p))
     params, x = _block_args(CP_MESH, spec)
     loss = jax.jit(lambda p, x: transformer_block(p, x, cp_attention).sum())
-    [r] = jlm.regions(jax.value_and_grad(loss), params, x)
+    [r] = jlm.inspect.regions(jax.value_and_grad(loss), params, x)
     assert r.mesh == (("dp", 8), ("tp", 8), ("cp", 4))
     assert r.name == "local_map[cp_attention](S(0)S(1)S(2), S(0)S(1)R, S(0)S(1)R -> S(0)S(1)S(2))"
     assert [op.global_shape for op in r.inputs] == [(8, 16, 16, 6)] * 3
@@ -289,7 +289,7 @@ def test_checkpoint_policy_decides_the_residuals(mesh2x4, rng, policy, where, de
         f = jlm.local_map(jax.checkpoint(_mlp, policy=saveable), [S(0), R()], MLP_IN,
                           grads, mesh2x4)
     grad = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))
-    [r] = jlm.regions(grad, *_mlp_args(mesh2x4))
+    [r] = jlm.inspect.regions(grad, *_mlp_args(mesh2x4))
     assert collections.Counter(res.producer for res in r.residuals) == collections.Counter(
         saved + ["input 0", "input 1", "input 2"])
     assert all(res.shape == (4, 8) for res in r.residuals if not res.producer.startswith("input"))
@@ -300,7 +300,7 @@ def test_checkpoint_policy_decides_the_residuals(mesh2x4, rng, policy, where, de
 
 def test_without_checkpoint_more_is_saved_than_with_any_policy(mesh2x4):
     f = jlm.local_map(_mlp, [S(0), R()], MLP_IN, device_mesh=mesh2x4)
-    [r] = jlm.regions(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)), *_mlp_args(mesh2x4))
+    [r] = jlm.inspect.regions(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)), *_mlp_args(mesh2x4))
     assert len(r.residuals) == 5 > len(POLICIES["dots"][1]) + 3
 
 
@@ -312,7 +312,7 @@ def test_count_errors_are_raised_at_trace_time_on_an_abstract_mesh():
     with pytest.raises(jlm.PlacementValueError,
                        match=r"Expecting 2 inputs to local_map function based on placements, "
                              r"but found 1\."):
-        jlm.regions(two_in, x)
+        jlm.inspect.regions(two_in, x)
     two_out = jlm.local_map(lambda x: (x, x), [S(0), R()], ([S(0), R()],), device_mesh=mesh)
     with pytest.raises(jlm.PlacementValueError,
                        match=r"Expecting 1 outputs to local_map function based on placements, "
@@ -328,7 +328,7 @@ def test_regions_on_concrete_arrays_with_ints_statics_and_kwargs(mesh2x4, rng):
                       device_mesh=mesh2x4)
     x = jlm.distribute_tensor(randn(rng, 8, 3), mesh2x4, [S(0), R()])
     n = np.arange(4, dtype=np.int32)
-    [r] = jlm.regions(lambda x, n: f(x, n, "static", scale=2.0), x, n)
+    [r] = jlm.inspect.regions(lambda x, n: f(x, n, "static", scale=2.0), x, n)
     assert [(op.index, op.dtype, op.local_shape) for op in r.inputs] == [
         (0, np.float32, (4, 3)), (1, np.int32, (4,))]
     assert [(op.index, op.dtype) for op in r.outputs] == [(0, np.float32), (1, np.int32)]
@@ -338,9 +338,9 @@ def test_regions_on_concrete_arrays_with_ints_statics_and_kwargs(mesh2x4, rng):
 def test_regions_inside_cond_and_while(mesh2x4):
     f = jlm.local_map(jnp.cos, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
     x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
-    [loop] = jlm.regions(lambda x: jax.lax.fori_loop(0, 3, lambda i, c: f(c), x), x)
+    [loop] = jlm.inspect.regions(lambda x: jax.lax.fori_loop(0, 3, lambda i, c: f(c), x), x)
     assert not loop.differentiated and loop.inputs[0].local_shape == (4, 4)
-    [cond] = jlm.regions(jax.grad(lambda x: jax.lax.cond(True, f, lambda c: c, x).sum()), x)
+    [cond] = jlm.inspect.regions(jax.grad(lambda x: jax.lax.cond(True, f, lambda c: c, x).sum()), x)
     assert [(res.producer, res.shape) for res in cond.residuals] == [("sin", (4, 4))]
 
 
@@ -353,12 +353,12 @@ def test_same_name_on_two_meshes_and_uneven_next_to_even():
     x = jax.ShapeDtypeStruct((8, 8), jnp.float32)
     for mesh, local in ((wide, (4, 2)), (tall, (2, 4))):
         f = jlm.local_map(jnp.sin, [S(0), S(1)], ([S(0), S(1)],), device_mesh=mesh)
-        [r] = jlm.regions(f, x)
+        [r] = jlm.inspect.regions(f, x)
         assert r.inputs[0].local_shape == local == r.jaxpr.invars[0].aval.shape
         assert r.mesh == tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
     mesh = jax.make_mesh((2,), ("dp",))
     g = jlm.local_map(jnp.sin, [S(0)], ([S(0)],), device_mesh=mesh)
-    rs = jlm.regions(lambda a, b: (g(a), g(b)), np.ones((7, 4), np.float32),
+    rs = jlm.inspect.regions(lambda a, b: (g(a), g(b)), np.ones((7, 4), np.float32),
                      np.ones((8, 4), np.float32))
     assert [r.inputs[0].global_shape for r in rs] == [(7, 4), (8, 4)]
     assert [r.inputs[0].local_shape for r in rs] == [(4, 4), (4, 4)]
@@ -381,7 +381,7 @@ def test_regions_in_a_custom_vjp_forward_and_backward(mesh2x4, rng):
         return t, t
     act.defvjp(act_fwd, lambda t, g: (tanh_grad(t, g),))
     grad = jax.grad(lambda x: act(x).sum())
-    rs = jlm.regions(grad, jax.ShapeDtypeStruct((8, 4), jnp.float32))
+    rs = jlm.inspect.regions(grad, jax.ShapeDtypeStruct((8, 4), jnp.float32))
     assert [(r.func_name, r.differentiated) for r in rs] == [("tanh", False), ("<lambda>", False)]
     x = randn(rng, 8, 4)
     with jax.set_mesh(mesh2x4):
@@ -391,7 +391,7 @@ def test_regions_in_a_custom_vjp_forward_and_backward(mesh2x4, rng):
 def test_each_backward_pairs_with_its_own_forward_without_residuals(mesh2x4):
     f = jlm.local_map(lambda x: -x, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
     shapes = [(8, 4), (16, 4), (24, 4)]
-    rs = jlm.regions(jax.grad(lambda *xs: sum(f(x).sum() for x in xs), (0, 1, 2)),
+    rs = jlm.inspect.regions(jax.grad(lambda *xs: sum(f(x).sum() for x in xs), (0, 1, 2)),
                      *[jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes])
     assert [r.backward.outvars[0].aval.shape for r in rs] == [(4, 4), (8, 4), (12, 4)]
     assert all(r.residuals == () for r in rs)
@@ -409,7 +409,7 @@ def test_scan_over_layers_with_a_closed_over_weight(mesh2x4):
         return jax.lax.scan(lambda c, _: (f(c, w), None), x, None, length=3)[0].sum()
     def spec(shape, p):
         return jax.ShapeDtypeStruct(shape, jnp.float32, sharding=NamedSharding(mesh2x4, p))
-    [r] = jlm.regions(jax.grad(loss, (0, 1)), spec((8, 16), P("dp")), spec((16, 16), P()))
+    [r] = jlm.inspect.regions(jax.grad(loss, (0, 1)), spec((8, 16), P("dp")), spec((16, 16), P()))
     assert [(op.index, op.local_shape) for op in r.inputs] == [(0, (4, 4)), (1, (4, 16))]
     # Saved: x's shard, cos(x @ w), and w's shard, which the hoisted part passes.
     assert sorted((res.producer, res.shape) for res in r.residuals) == [
@@ -421,7 +421,7 @@ def test_residuals_of_a_region_in_any_branch(mesh2x4, branch):
     f = jlm.local_map(jnp.sin, [S(0), R()], ([S(0), R()],), device_mesh=mesh2x4)
     branches = [lambda c: c * 2.0, lambda c: c + 1.0, lambda c: c - 3.0]
     branches[branch] = f
-    [r] = jlm.regions(jax.grad(lambda x: jax.lax.switch(branch, branches, x).sum()),
+    [r] = jlm.inspect.regions(jax.grad(lambda x: jax.lax.switch(branch, branches, x).sum()),
                       jax.ShapeDtypeStruct((8, 4), jnp.float32))
     assert [(res.producer, res.shape) for res in r.residuals] == [("cos", (4, 4))]
 
@@ -431,19 +431,19 @@ def test_shared_jit_calls_linearize_and_user_scopes(mesh2x4):
     layer = jax.jit(lambda x: f(x) * 0.5)
     x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
     # A jitted function called twice stages its region once and runs it twice.
-    rs = jlm.regions(jax.grad(lambda x: layer(layer(x)).sum()), x)
+    rs = jlm.inspect.regions(jax.grad(lambda x: layer(layer(x)).sum()), x)
     assert len(rs) == 2 and all(r.differentiated for r in rs)
     # jax.linearize: one call, not its tangent pass as a second region.
-    assert len(jlm.regions(lambda x: jax.linearize(f, x)[1](x), x)) == 1
+    assert len(jlm.inspect.regions(lambda x: jax.linearize(f, x)[1](x), x)) == 1
 
     def scoped(x):
         with jax.named_scope("layer3"):
             return f(x).sum()
-    [r] = jlm.regions(jax.grad(scoped), x)
+    [r] = jlm.inspect.regions(jax.grad(scoped), x)
     assert r.transform == "jvp()"
     # JAX's backward equation of a region is not a region.
     eqns = jax.make_jaxpr(jax.grad(lambda x: f(x).sum()))(x).jaxpr.eqns
-    settings = [jlm.region_settings(e) for e in eqns if e.primitive.name == "shard_map"]
+    settings = [jlm.inspect.region_settings(e) for e in eqns if e.primitive.name == "shard_map"]
     assert [s is not None for s in settings] == [True, False]
 
 
@@ -459,7 +459,7 @@ def test_settings_read_from_the_equation_when_no_record_fits(mesh2x4):
                       device_mesh=mesh2x4)
     x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
     jax.make_jaxpr(lambda x: f(x, "a"))(x)
-    [r] = jlm.regions(lambda x: g("a", x), x)  # same name, mesh and operands
+    [r] = jlm.inspect.regions(lambda x: g("a", x), x)  # same name, mesh and operands
     assert r.name == "local_map[body](S(0)P(sum) -> S(0)P(sum))"
     [op] = r.inputs
     assert (op.index, op.placements, op.global_shape, op.local_shape) == (

@@ -1,4 +1,4 @@
-"""Strategy regions (jlocalmap.strategy_region): the cost model's ranking on
+"""Strategy regions (jlocalmap.strategies.strategy_region): the cost model's ranking on
 cases with a known answer, verification refusing a wrong alternative, the
 measure cache, the choice under jax.jit, and gradients through the chosen
 alternative against the unsharded computation."""
@@ -14,8 +14,8 @@ from jlocalmap import Partial, Replicate, Shard
 
 MESH = jax.make_mesh((8,), ("tp",))
 # Communication only: compute and memory free, so bytes moved decide.
-BYTES_ONLY = jlm.CostModel(flops_per_s=1e18, memory_bytes_per_s=1e18,
-                           default_link=jlm.Link(bandwidth=1e9, latency=0.0))
+BYTES_ONLY = jlm.strategies.CostModel(flops_per_s=1e18, memory_bytes_per_s=1e18,
+                           default_link=jlm.strategies.Link(bandwidth=1e9, latency=0.0))
 
 
 def gather_activations(mesh=MESH):
@@ -31,7 +31,7 @@ def gather_weight(mesh=MESH):
 
 
 def matmul_region(**settings):
-    return jlm.strategy_region({"gather-activations": gather_activations(),
+    return jlm.strategies.strategy_region({"gather-activations": gather_activations(),
                                 "gather-weight": gather_weight()}, **settings)
 
 
@@ -58,7 +58,7 @@ def test_gathering_a_large_weight_loses_for_few_tokens_and_wins_for_many():
 
 def test_latency_counts_per_collective():
     """Bytes free, latency dear: the alternative with fewer collectives wins."""
-    latency_only = jlm.CostModel(1e18, 1e18, default_link=jlm.Link(1e18, 1e-3))
+    latency_only = jlm.strategies.CostModel(1e18, 1e18, default_link=jlm.strategies.Link(1e18, 1e-3))
     choice = matmul_region(cost_model=latency_only, verify=False).choice(*operands(4096)[1])
     rows = {r.name: r.estimate for r in choice.rows}
     assert choice.chosen == min(rows, key=lambda n: rows[n].collectives)
@@ -77,18 +77,18 @@ def test_per_axis_links_price_the_axis_a_collective_spans():
                             [Replicate(), Replicate()], ([Shard(0), Replicate()],),
                             device_mesh=mesh)
     x = jlm.distribute_tensor(np.ones((64, 4), np.float32), mesh, [Replicate(), Replicate()])
-    fast_dp = BYTES_ONLY.with_links(tp=jlm.Link(1e9, 0.0), dp=jlm.Link(1e12, 0.0))
-    slow_dp = BYTES_ONLY.with_links(tp=jlm.Link(1e12, 0.0), dp=jlm.Link(1e9, 0.0))
+    fast_dp = BYTES_ONLY.with_links(tp=jlm.strategies.Link(1e9, 0.0), dp=jlm.strategies.Link(1e12, 0.0))
+    slow_dp = BYTES_ONLY.with_links(tp=jlm.strategies.Link(1e12, 0.0), dp=jlm.strategies.Link(1e9, 0.0))
     alternatives = {"over-tp": over_tp, "over-dp": over_dp}
     for model, winner in ((fast_dp, "over-dp"), (slow_dp, "over-tp")):
-        region = jlm.strategy_region(alternatives, cost_model=model, train=False)
+        region = jlm.strategies.strategy_region(alternatives, cost_model=model, train=False)
         assert region.choice(x).chosen == winner, str(region.choice(x))
 
 
 def test_verification_refuses_a_wrong_value_by_name():
     wrong = jlm.local_map(lambda x, w: 2 * x @ w, [Shard(0)], ([Shard(0)], [Replicate()]),
                           device_mesh=MESH)
-    region = jlm.strategy_region({"right": gather_weight(), "doubled": wrong})
+    region = jlm.strategies.strategy_region({"right": gather_weight(), "doubled": wrong})
     with pytest.raises(jlm.LocalMapValueError, match="alternative 'doubled' does not "
                                                       "compute what 'right' computes: value") as err:
         region(*operands(64)[1])
@@ -102,7 +102,7 @@ def test_verification_refuses_a_wrong_gradient_declaration():
     silent = jlm.local_map(lambda x, w: x @ w, [Shard(1)], ([Replicate()], [Shard(1)]),
                            in_grad_placements=([Replicate()], [Shard(1)]), device_mesh=MESH,
                            check_vma=False)
-    region = jlm.strategy_region({"weight": gather_weight(), "silent": silent})
+    region = jlm.strategies.strategy_region({"weight": gather_weight(), "silent": silent})
     with pytest.raises(jlm.LocalMapValueError, match="'silent'.*gradient of argument 0"):
         region.choice(*operands(64)[1])
 
@@ -178,7 +178,7 @@ def test_describe_prints_the_cost_table_and_the_reason():
 ])
 def test_bad_alternatives_are_refused(alternatives, match):
     with pytest.raises(jlm.LocalMapError, match=match):
-        jlm.strategy_region(alternatives)
+        jlm.strategies.strategy_region(alternatives)
 
 
 def test_bad_settings_and_calls_are_refused():

@@ -478,7 +478,7 @@ def test_zero_size_next_to_other_values(mesh2x2, jit):
         grad = jax.grad(lambda e, x: f(e, x)[1].sum() + f(e, x)[0].sum(), (0, 1))(empty, x)
     assert grad[0].shape == (0, 4)
     np.testing.assert_allclose(host(grad[1]), np.full((4, 4), 3.0), rtol=1e-6)
-    [region] = jlm.regions(f, empty, x)
+    [region] = jlm.inspect.regions(f, empty, x)
     assert [op.index for op in region.inputs] == [1] and [op.index for op in region.outputs] == [1]
 
 

@@ -4,9 +4,8 @@ passed through as they are, and the keyword arguments.
 
 Example:
     >>> import jax, numpy as np, jlocalmap as jlm
-    >>> from jlocalmap.call.call_plan import CallPlan
+    >>> from jlocalmap.call.call_plan import CallPlan, Leaf   # Leaf: the call stage's leaf record
     >>> mesh = jax.sharding.AbstractMesh((2,), ("dp",))
-    >>> from jlocalmap.call.arguments import Leaf
     >>> leaves = [Leaf.read(np.ones(4, np.float32)), Leaf.read("mode")]
     >>> plan = CallPlan.of(mesh, leaves, [[jlm.Shard(0)], None],
     ...                    [None, None], jax.tree_util.tree_structure((0, 0)), {},

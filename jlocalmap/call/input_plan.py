@@ -5,9 +5,8 @@ them) and planning traces nothing.
 
 Example:
     >>> import jax, numpy as np, jlocalmap as jlm
-    >>> from jlocalmap.call.input_plan import plan_input
+    >>> from jlocalmap.call.input_plan import Leaf, plan_input   # Leaf: the call stage's leaf record
     >>> mesh = jax.sharding.AbstractMesh((2,), ("dp",))
-    >>> from jlocalmap.call.arguments import Leaf
     >>> plan = plan_input(0, Leaf.read(np.ones((4, 3), np.float32)), [jlm.Shard(0)], None, mesh,
     ...                   explicit=True, redistribute=False)
     >>> print(plan.dst), plan.relayout

@@ -6,16 +6,17 @@ An input's ``in_placements`` entry is read on the local_map mesh; an entry
 whose length matches the input's own mesh and not the local_map mesh is read
 on the input's own mesh, as PyTorch reads it (see docs/local_map.md).
 
-Example:
+Example (an input on a line of 4 devices, its entry read on its own mesh, then
+re-expressed on a 2 x 2 grid of the same devices):
     >>> import jax, numpy as np, jlocalmap as jlm
-    >>> from jlocalmap.call.arguments import Leaf
-    >>> from jlocalmap.call.other_mesh import to_mesh
     >>> line = jax.make_mesh((4,), ("x",), devices=jax.devices()[:4])
     >>> grid = jax.make_mesh((2, 2), ("a", "b"), devices=jax.devices()[:4])
     >>> x = jlm.distribute_tensor(np.ones((8, 16)), line, [jlm.Shard(1)])
-    >>> moved, entry = to_mesh(Leaf.read(x), [jlm.Shard(1)], grid, 0, redistribute=False)
-    >>> jlm.placements_of(moved.value), entry
-    ((Shard(dim=1), Shard(dim=1)), (Shard(dim=1), Shard(dim=1)))
+    >>> f = jlm.local_map(lambda a: 2 * a, [jlm.Shard(1), jlm.Shard(1)], ([jlm.Shard(1)],),
+    ...                   device_mesh=grid)
+    >>> y = f(x)
+    >>> jlm.placements_of(y), float(jlm.full_tensor(y).sum())
+    ((Shard(dim=1), Shard(dim=1)), 256.0)
 """
 
 from __future__ import annotations

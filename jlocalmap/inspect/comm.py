@@ -21,7 +21,7 @@ Example:
     >>> mm = jlm.local_map(lambda x, w: jlm.collectives.all_reduce(x @ w, "sum", mesh),
     ...                    [Replicate()], ([Shard(1)], [Shard(0)]), device_mesh=mesh)
     >>> x, w = np.ones((8, 16), np.float32), np.ones((16, 4), np.float32)
-    >>> comms = jlm.count_collectives(mm, x, w)
+    >>> comms = jlm.inspect.count_collectives(mm, x, w)
     >>> comms.counts["all-reduce"], comms.bytes["all-reduce"]
     (1, 128)
 """
@@ -85,7 +85,7 @@ class Collective:
     the bytes of its operands and result on each device.
 
     Example:
-        >>> from jlocalmap.inspect.comm import Collective
+        >>> from jlocalmap.inspect import Collective
         >>> Collective("all-gather", "ag", operand_bytes=16, result_bytes=64).bytes
         64
     """
@@ -109,7 +109,7 @@ class CommCounts:
     ``"all-to-all"``, ``"collective-permute"``) to a number, and ``str()`` is a table.
 
     Example:
-        >>> from jlocalmap.inspect.comm import Collective, CommCounts
+        >>> from jlocalmap.inspect import Collective, CommCounts
         >>> comms = CommCounts((Collective("all-reduce", "ar", 384, 384),))
         >>> comms.counts["all-reduce"], comms.total_bytes
         (1, 384)
@@ -166,7 +166,7 @@ def collectives_in_hlo(hlo_text: str) -> CommCounts:
     or an XLA dump from another machine).
 
     Example:
-        >>> from jlocalmap.inspect.comm import collectives_in_hlo
+        >>> from jlocalmap.inspect import collectives_in_hlo
         >>> hlo = '''
         ... %p = f32[4,8]{1,0} parameter(0)
         ... %ag = (f32[4,8]{1,0}, f32[16,8]{1,0}) all-gather-start(%p), dimensions={0}
@@ -252,7 +252,7 @@ def count_collectives(fn: Callable, *args: Any, **kwargs: Any) -> CommCounts:
         >>> mesh = jax.make_mesh((4,), ("tp",))
         >>> gather = jlm.local_map(lambda x: jlm.collectives.all_gather_tensor(x, 0, mesh),
         ...                        [Replicate()], ([Shard(0)],), device_mesh=mesh)
-        >>> print(jlm.count_collectives(gather, np.ones((8, 2), np.float32)))
+        >>> print(jlm.inspect.count_collectives(gather, np.ones((8, 2), np.float32)))
         collective            count         bytes
         all-reduce                0             0
         all-gather                1            64

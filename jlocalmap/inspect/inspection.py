@@ -24,7 +24,7 @@ Example:
     ...     return jax.lax.psum(x @ w, "tp")
     >>> x = jax.ShapeDtypeStruct((64, 32), jnp.float32)
     >>> w = jax.ShapeDtypeStruct((32, 16), jnp.float32)
-    >>> [r] = jlm.regions(jax.grad(lambda x, w: matmul(x, w).sum(), (0, 1)), x, w)
+    >>> [r] = jlm.inspect.regions(jax.grad(lambda x, w: matmul(x, w).sum(), (0, 1)), x, w)
     >>> r.name, r.inputs[0].local_shape, r.differentiated
     ('local_map[matmul](S(0)S(1), RS(0) -> S(0)R)', (8, 8), True)
 """
@@ -77,7 +77,7 @@ class Region:
         >>> import jax, jax.numpy as jnp, jlocalmap as jlm
         >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
         >>> f = jlm.local_map(jnp.tanh, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
-        >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
+        >>> [r] = jlm.inspect.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
         >>> r.name, r.differentiated, r.backward is not None
         ('local_map[tanh](S(0) -> S(0))', True, True)
     """
@@ -117,7 +117,7 @@ class Region:
             >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
             >>> f = jlm.local_map(jnp.sin, [jlm.Shard(0)], ([jlm.Shard(0)],),
             ...                   device_mesh=mesh)
-            >>> [r] = jlm.regions(f, jax.ShapeDtypeStruct((8,), jnp.float32))
+            >>> [r] = jlm.inspect.regions(f, jax.ShapeDtypeStruct((8,), jnp.float32))
             >>> print(r.pretty(jaxprs=False))
             local_map[sin](S(0) -> S(0)) on mesh (tp=4), not differentiated
               input  [0] f32[8] S(0) -> local f32[2]
@@ -298,7 +298,7 @@ def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
         >>> import jax, jax.numpy as jnp, jlocalmap as jlm
         >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
         >>> f = jlm.local_map(jnp.exp, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
-        >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()),
+        >>> [r] = jlm.inspect.regions(jax.grad(lambda x: f(x).sum()),
         ...                   jax.ShapeDtypeStruct((8,), jnp.float32))
         >>> [str(res) for res in r.residuals]
         ['f32[2] from exp']

@@ -9,7 +9,7 @@ Example:
     >>> import jax, numpy as np, jlocalmap as jlm
     >>> mesh = jax.make_mesh((2, 4), ("dp", "tp"))
     >>> x = jlm.distribute_tensor(np.arange(64.0).reshape(8, 8), mesh, [jlm.Shard(0), jlm.Shard(1)])
-    >>> print(jlm.describe(x))
+    >>> print(jlm.inspect.describe(x))
     float32[8, 8]
     mesh: dp=2 (Explicit), tp=4 (Explicit)
     placements: [Shard(dim=0), Shard(dim=1)]
@@ -113,7 +113,7 @@ def describe(x: Any) -> str:
         >>> mesh = jax.make_mesh((2, 4), ("dp", "tp"))
         >>> x = jlm.distribute_tensor(np.ones((4, 8), np.float32), mesh,
         ...                           [jlm.Partial(), jlm.Shard(1)])
-        >>> print(jlm.describe(x))
+        >>> print(jlm.inspect.describe(x))
         float32[4, 8]
         mesh: dp=2 (Explicit), tp=4 (Explicit)
         placements: [Partial(sum), Shard(dim=1)]
@@ -148,7 +148,7 @@ def print_layout(x: Any, *, use_rich: Optional[bool] = None,
         >>> import jax, numpy as np, jlocalmap as jlm
         >>> mesh = jax.make_mesh((2,), ("tp",))
         >>> x = jlm.distribute_tensor(np.ones((4, 2)), mesh, [jlm.Shard(0)])
-        >>> jlm.print_layout(x, use_rich=False)
+        >>> jlm.inspect.print_layout(x, use_rich=False)
         float32[4, 2]
         mesh: tp=2 (Explicit)
         placements: [Shard(dim=0)]

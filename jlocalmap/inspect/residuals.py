@@ -1,12 +1,12 @@
 """Residuals: what the forward pass of a differentiated region saves for its
 backward pass, each named by the primitive that computed it inside the body
-(read from the traced program by :func:`~jlocalmap.regions`).
+(read from the traced program by :func:`~jlocalmap.inspect.regions`).
 
 Example:
     >>> import jax, jax.numpy as jnp, jlocalmap as jlm
     >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
     >>> f = jlm.local_map(jnp.exp, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
-    >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
+    >>> [r] = jlm.inspect.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
     >>> [str(res) for res in r.residuals]
     ['f32[2] from exp']
 """
@@ -39,7 +39,7 @@ class Residual:
         >>> import jax, jax.numpy as jnp, jlocalmap as jlm
         >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
         >>> f = jlm.local_map(jnp.exp, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
-        >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
+        >>> [r] = jlm.inspect.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
         >>> [(res.shape, res.producer) for res in r.residuals]
         [((2,), 'exp')]
     """

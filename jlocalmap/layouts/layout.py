@@ -9,9 +9,8 @@ axis of size 1 is the replicated value).
 
 Example:
     >>> import jax, jlocalmap as jlm
-    >>> from jlocalmap.layouts.layout import Layout
     >>> mesh = jax.sharding.AbstractMesh((2, 4), ("dp", "tp"))
-    >>> layout = Layout.of(mesh, [jlm.Shard(0), jlm.Shard(-1)], (5, 8), "float32")
+    >>> layout = jlm.Layout.of(mesh, [jlm.Shard(0), jlm.Shard(-1)], (5, 8), "float32")
     >>> print(layout)
     f32[5,8] S(0)S(1) on (dp=2, tp=4)
     >>> layout.spec, layout.local_shape, layout.padded_shape
@@ -67,9 +66,8 @@ class Layout:
 
     Example:
         >>> import jax, jlocalmap as jlm
-        >>> from jlocalmap.layouts.layout import Layout
-        >>> mesh = jax.make_mesh((2,), ("tp",))
-        >>> Layout.of(mesh, [jlm.Partial("avg")], (4,)).stored
+            >>> mesh = jax.make_mesh((2,), ("tp",))
+        >>> jlm.Layout.of(mesh, [jlm.Partial("avg")], (4,)).stored
         (Partial(sum),)
     """
 

@@ -143,7 +143,7 @@ def format_spec(spec: PartitionSpec) -> str:
 
     Example:
         >>> import jax
-        >>> from jlocalmap.layouts.specs import format_spec
+        >>> from jlocalmap.inspect import format_spec
         >>> format_spec(jax.P("tp", None, unreduced={"dp"}))
         "P('tp', None, unreduced={'dp'})"
     """

@@ -10,10 +10,9 @@ Both layouts describe the value as stored (even: uneven values move padded).
 
 Example:
     >>> import jax, numpy as np, jlocalmap as jlm
-    >>> from jlocalmap.layouts.layout import Layout
     >>> from jlocalmap.movement.relayout import run_relayout
     >>> mesh = jax.make_mesh((2,), ("dp",))
-    >>> dst = Layout.of(mesh, [jlm.Shard(0)], (4,), "float32")
+    >>> dst = jlm.Layout.of(mesh, [jlm.Shard(0)], (4,), "float32")
     >>> run_relayout(np.arange(4.0, dtype=np.float32), None, dst).sharding.spec
     P('dp',)
 """

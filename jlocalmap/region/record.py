@@ -1,6 +1,6 @@
 """Recording regions while tracing: the settings of each region local_map
 stages (:class:`RegionCall`, :class:`Operand`), kept by name, mesh and operand
-types so that :func:`region_settings` and :func:`~jlocalmap.regions` can report
+types so that :func:`region_settings` and :func:`~jlocalmap.inspect.regions` can report
 them; where no record fits, the settings are read from the equation and its name.
 
 Example:
@@ -8,7 +8,7 @@ Example:
     >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
     >>> f = jlm.local_map(jnp.cos, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
     >>> jaxpr = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((8,), jnp.float32)).jaxpr
-    >>> [str(s.inputs[0]) for s in map(jlm.region_settings, jaxpr.eqns) if s is not None]
+    >>> [str(s.inputs[0]) for s in map(jlm.inspect.region_settings, jaxpr.eqns) if s is not None]
     ['[0] f32[8] S(0) -> local f32[2]']
 """
 
@@ -48,7 +48,7 @@ class Operand:
         >>> import jax, jax.numpy as jnp, jlocalmap as jlm
         >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
         >>> f = jlm.local_map(jnp.tanh, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
-        >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
+        >>> [r] = jlm.inspect.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
         >>> r.inputs[0].global_shape, r.inputs[0].local_shape, r.inputs[0].placements
         ((8,), (2,), (Shard(dim=0),))
     """
@@ -75,7 +75,7 @@ class RegionCall:
         >>> import jax, jax.numpy as jnp, jlocalmap as jlm
         >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
         >>> f = jlm.local_map(jnp.tanh, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
-        >>> [r] = jlm.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
+        >>> [r] = jlm.inspect.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
         >>> r.settings.func_name, r.settings.mesh
         ('tanh', (('tp', 4),))
     """
@@ -158,7 +158,7 @@ def region_settings(eqn: Any) -> Optional[RegionCall]:
         >>> f = jlm.local_map(jnp.cos, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
         >>> jaxpr = jax.make_jaxpr(f)(jax.ShapeDtypeStruct((8,), jnp.float32)).jaxpr
         >>> [(s.func_name, s.inputs[0].placements, s.inputs[0].local_shape)
-        ...  for s in map(jlm.region_settings, jaxpr.eqns) if s is not None]
+        ...  for s in map(jlm.inspect.region_settings, jaxpr.eqns) if s is not None]
         [('cos', (Shard(dim=0),), (2,))]
     """
     if getattr(getattr(eqn, "primitive", None), "name", None) != "shard_map":

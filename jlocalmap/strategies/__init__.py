@@ -4,11 +4,13 @@ the mesh it runs on. See docs/strategies.md.
 
 Example:
     >>> import jlocalmap as jlm
-    >>> jlm.CostModel.cpu_simulated().name
+    >>> jlm.strategies.CostModel.cpu_simulated().name
     'cpu-simulated'
 """
 
-from jlocalmap.strategies.cost_model import CostModel, Link
+from jlocalmap.strategies.choice import Choice, TableRow
+from jlocalmap.strategies.cost_model import CostEstimate, CostModel, Link
 from jlocalmap.strategies.region import StrategyRegion, strategy_region
 
-__all__ = ["strategy_region", "StrategyRegion", "CostModel", "Link"]
+__all__ = ["strategy_region", "StrategyRegion", "Choice", "TableRow", "CostModel", "CostEstimate",
+           "Link"]

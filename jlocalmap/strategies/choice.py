@@ -3,10 +3,9 @@ alternative: its predicted cost and its parts, and its measured time where it
 was timed), which alternative won, and why.
 
 Example:
-    >>> from jlocalmap.strategies.choice import Choice, TableRow
-    >>> from jlocalmap.strategies.cost_model import Estimate
-    >>> rows = (TableRow("tp", Estimate(1e9, 1e6, 2, 0, 4096, 1e-3, 1e-4, 5e-4)),
-    ...         TableRow("fsdp", Estimate(1e9, 1e6, 4, 8192, 0, 1e-3, 1e-4, 9e-4)))
+    >>> from jlocalmap.strategies import Choice, CostEstimate, TableRow
+    >>> rows = (TableRow("tp", CostEstimate(1e9, 1e6, 2, 0, 4096, 1e-3, 1e-4, 5e-4)),
+    ...         TableRow("fsdp", CostEstimate(1e9, 1e6, 4, 8192, 0, 1e-3, 1e-4, 9e-4)))
     >>> Choice("tp", "cost", "f32[8,8]{R}", "custom", rows).reason
     'lowest predicted time: 1.600 ms (next: fsdp, 2.000 ms, 1.25x)'
 """
@@ -16,14 +15,21 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
-from jlocalmap.strategies.cost_model import Estimate
+from jlocalmap.strategies.cost_model import CostEstimate
 
 
 @dataclasses.dataclass(frozen=True)
 class TableRow:
-    """One alternative's line of the cost table."""
+    """One alternative's line of the cost table: its predicted cost and, where
+    the region measured, its time.
+
+    Example:
+        >>> from jlocalmap.strategies import CostEstimate, TableRow
+        >>> TableRow("tp", CostEstimate(1e9, 1e6, 2, 0, 4096, 1e-3, 1e-4, 5e-4), 6e-4).measured_s
+        0.0006
+    """
     name: str
-    estimate: Estimate
+    estimate: CostEstimate
     measured_s: Optional[float] = None
 
 
@@ -34,7 +40,15 @@ def _ms(seconds: Optional[float]) -> str:
 @dataclasses.dataclass(frozen=True)
 class Choice:
     """Which alternative a region runs for one signature (``chosen``), chosen
-    ``by`` ``"cost"`` or ``"measure"``, and the table behind it."""
+    ``by`` ``"cost"`` or ``"measure"``, and the table behind it
+    (``StrategyRegion.choice`` returns it).
+
+    Example:
+        >>> from jlocalmap.strategies import Choice, CostEstimate, TableRow
+        >>> row = TableRow("tp", CostEstimate(1e9, 1e6, 2, 0, 4096, 1e-3, 1e-4, 5e-4))
+        >>> Choice("tp", "cost", "f32[8,8]{R}", "custom", (row,)).predicted
+        'tp'
+    """
     chosen: str
     by: str
     signature: str

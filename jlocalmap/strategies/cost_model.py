@@ -5,7 +5,7 @@ mesh axes it spans.
 ``seconds = flops / flops_per_s + bytes_accessed / memory_bytes_per_s
 + sum over collectives of runs * (latency + factor * bytes / bandwidth)``, where
 ``bytes`` is the collective's whole buffer per device (as
-:func:`jlocalmap.collectives_in_hlo` counts it) and ``factor`` is what a ring
+:func:`jlocalmap.inspect.collectives_in_hlo` counts it) and ``factor`` is what a ring
 moves of it over a group of ``n`` devices: ``(n-1)/n`` for all-gather,
 reduce-scatter and all-to-all, ``2(n-1)/n`` for all-reduce, 1 for a permute. A
 collective over several axes pays the slowest link and the sum of latencies.
@@ -126,8 +126,16 @@ class CostModel:
 
 
 @dataclasses.dataclass(frozen=True)
-class Estimate:
-    """The predicted cost of one compiled program, with its parts."""
+class CostEstimate:
+    """The predicted cost of one compiled program, with its parts: FLOPs, bytes
+    accessed, collective runs and bytes (of the body, of layout changes around it),
+    and the seconds of compute, memory and communication, and in all.
+
+    Example:
+        >>> from jlocalmap.strategies import CostEstimate
+        >>> CostEstimate(1e9, 1e6, 2, 0, 4096, 1e-3, 1e-4, 5e-4).seconds
+        0.0016
+    """
     flops: float
     bytes_accessed: float
     collectives: int         # collective runs per call
@@ -160,7 +168,7 @@ def program_cost(lowered: jax.stages.Lowered,
 
 
 def estimate(model: CostModel, lowered: jax.stages.Lowered, compiled: jax.stages.Compiled,
-             mesh: jax.sharding.Mesh) -> Estimate:
+             mesh: jax.sharding.Mesh) -> CostEstimate:
     """Price a program: FLOPs and bytes from XLA's analysis (:func:`program_cost`),
     collectives from the compiled HLO."""
     cost = program_cost(lowered, compiled)
@@ -178,5 +186,5 @@ def estimate(model: CostModel, lowered: jax.stages.Lowered, compiled: jax.stages
         else:
             layout += op.bytes * op.executions
     flops, accessed = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
-    return Estimate(flops, accessed, sum(op.executions for op in comms.ops), body, layout,
+    return CostEstimate(flops, accessed, sum(op.executions for op in comms.ops), body, layout,
                     flops / model.flops_per_s, accessed / model.memory_bytes_per_s, comm_s)

@@ -3,7 +3,7 @@ devices, and keep the times in a JSON file so that no signature is measured twic
 
 The file is ``$JLOCALMAP_CACHE_DIR/strategies.json`` when that variable is set,
 else ``~/.cache/jlocalmap/strategies.json`` (``cache_dir=`` of
-:func:`jlocalmap.strategy_region` overrides both). Its keys name the region,
+:func:`jlocalmap.strategies.strategy_region` overrides both). Its keys name the region,
 the call's signature (shapes, dtypes, placements), the mesh (axis names and
 sizes, device kind and count), what was timed (forward or training step) and the
 alternatives' names; its values are seconds per call, by alternative. Delete the

@@ -65,7 +65,7 @@ class StrategyRegion:
         >>> local = jlm.local_map(lambda x: 2 * x, [Shard(0)], ([Shard(0)],), device_mesh=mesh)
         >>> gathered = jlm.local_map(lambda x: 2 * x, [Replicate()], ([Replicate()],),
         ...                          device_mesh=mesh)
-        >>> double = jlm.strategy_region({"local": local, "gathered": gathered})
+        >>> double = jlm.strategies.strategy_region({"local": local, "gathered": gathered})
         >>> x = jlm.distribute_tensor(np.arange(16.0), mesh, [Shard(0)])
         >>> double.choice(x).chosen, jlm.placements_of(double(x))
         ('local', (Shard(dim=0),))
@@ -198,7 +198,7 @@ def strategy_region(alternatives: Any, *, choose: str = "cost", verify: bool = T
         ...                      ([Shard(0)], [Replicate()]), device_mesh=mesh)
         >>> cols = jlm.local_map(lambda x, w: x @ w, [Shard(1)],
         ...                      ([Replicate()], [Shard(1)]), device_mesh=mesh)
-        >>> matmul = jlm.strategy_region({"rows": rows, "cols": cols},
+        >>> matmul = jlm.strategies.strategy_region({"rows": rows, "cols": cols},
         ...                              out_placements=[Replicate()])
         >>> x = jlm.distribute_tensor(np.ones((64, 8), np.float32), mesh, [Shard(0)])
         >>> w = jlm.distribute_tensor(np.ones((8, 64), np.float32), mesh, [Replicate()])
@@ -213,8 +213,8 @@ def strategy_region(alternatives: Any, *, choose: str = "cost", verify: bool = T
             f"cost model, \"measure\" times each alternative once and caches the result.")
     if cost_model is not None and not isinstance(cost_model, CostModel):
         raise LocalMapTypeError(
-            f"cost_model: expected a jlocalmap.CostModel, found {type(cost_model).__name__}; "
-            f"use jlm.CostModel.cpu_simulated() or jlm.CostModel.h200_nvlink().")
+            f"cost_model: expected a jlocalmap.strategies.CostModel, found {type(cost_model).__name__}; "
+            f"use jlm.strategies.CostModel.cpu_simulated() or jlm.strategies.CostModel.h200_nvlink().")
     alts = _named(alternatives)
     return StrategyRegion(alts, choose, bool(verify), cost_model, out_placements,
                           bool(train), cache_dir, name or "+".join(a.name for a in alts))

@@ -7,9 +7,7 @@ all shows. An alternative that differs is refused, by name.
 Example:
     >>> import jax, numpy as np, jlocalmap as jlm
     >>> from jlocalmap import Shard
-    >>> from jlocalmap.strategies.alternatives import Alternative
-    >>> from jlocalmap.strategies.signature import Signature
-    >>> from jlocalmap.strategies.verify import verify
+    >>> from jlocalmap.strategies.verify import Alternative, Signature, verify  # the stage's records
     >>> mesh = jax.make_mesh((2,), ("tp",))
     >>> alts = [Alternative.of(n, jlm.local_map(f, [Shard(0)], ([Shard(0)],), device_mesh=mesh), i)
     ...         for i, (n, f) in enumerate([("double", lambda x: 2 * x), ("add", lambda x: x + x),

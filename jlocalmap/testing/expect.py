@@ -1,7 +1,7 @@
 """``expect_collectives``: assert the collectives of compiled programs, the
 counterpart of a test with PyTorch's ``CommDebugMode``.
 
-Counts are read from the compiled HLO (``jlm.count_collectives``): what XLA
+Counts are read from the compiled HLO (``jlm.inspect.count_collectives``): what XLA
 will run, after it fused, combined or removed collectives. Each kind is a
 keyword with ``-`` written ``_`` (``all_reduce``, ``all_gather``,
 ``reduce_scatter``, ``all_to_all``, ``collective_permute``); a kind not named
@@ -64,9 +64,9 @@ class CollectiveRecorder:
     def __init__(self, expected: dict[str, Optional[int]], executed: bool = False):
         self.expected = expected
         self.executed = executed
-        self.programs: list[tuple[str, jlm.CommCounts]] = []
+        self.programs: list[tuple[str, jlm.inspect.CommCounts]] = []
 
-    def count(self, fn: Callable, *args: Any, **kwargs: Any) -> jlm.CommCounts:
+    def count(self, fn: Callable, *args: Any, **kwargs: Any) -> jlm.inspect.CommCounts:
         """Count the collectives of ``jax.jit(fn)`` for these arguments (nothing
         runs) and add them to the block's total.
 
@@ -77,7 +77,7 @@ class CollectiveRecorder:
             ...     print(rec.count(jnp.sin, np.ones(3)).total_bytes)
             0
         """
-        comms = jlm.count_collectives(fn, *args, **kwargs)
+        comms = jlm.inspect.count_collectives(fn, *args, **kwargs)
         self.programs.append((_program_name(fn, args), comms))
         return comms
 
@@ -113,7 +113,7 @@ class CollectiveRecorder:
 def expect_collectives(fn: Callable, *args: Any, all_reduce: Optional[int] = 0,
                        all_gather: Optional[int] = 0, reduce_scatter: Optional[int] = 0,
                        all_to_all: Optional[int] = 0, collective_permute: Optional[int] = 0,
-                       executed: bool = False) -> jlm.CommCounts: ...
+                       executed: bool = False) -> jlm.inspect.CommCounts: ...
 
 
 @overload
@@ -128,7 +128,7 @@ def expect_collectives(fn: Optional[Callable] = None, *args: Any,
                        reduce_scatter: Optional[int] = 0, all_to_all: Optional[int] = 0,
                        collective_permute: Optional[int] = 0, executed: bool = False) -> Any:
     """Assert that ``jax.jit(fn)`` compiled for ``args`` has these collectives, and
-    return its :class:`~jlocalmap.CommCounts`; without ``fn``, a
+    return its :class:`~jlocalmap.inspect.CommCounts`; without ``fn``, a
     :class:`CollectiveRecorder` for a ``with`` block. A kind not named must be
     absent; ``None``: any number. ``fn``'s keyword arguments: bind them first
     (``functools.partial``). The ``AssertionError`` lists expected and found per
@@ -167,7 +167,7 @@ def expect_collectives(fn: Optional[Callable] = None, *args: Any,
 
 
 def check_counts(expected: dict[str, Optional[int]],
-                 programs: list[tuple[str, jlm.CommCounts]], executed: bool = False) -> None:
+                 programs: list[tuple[str, jlm.inspect.CommCounts]], executed: bool = False) -> None:
     """Raise ``AssertionError`` unless the programs' collectives, added, are the
     expected ones (``None``: any number).
 

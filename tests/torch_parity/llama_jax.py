@@ -273,5 +273,5 @@ def forward_collectives(cfg: LlamaConfig, mesh) -> dict[str, int]:
     rope = put(rope_tables(cfg), ([R, R],) * 2)
     batch = put(token_batches(cfg, steps=1, seed=0)[0], GATHERED)
     with context:
-        comms = jlm.count_collectives(lambda w, b: loss_fn(w, b, rope, ops, cfg), weights, batch)
+        comms = jlm.inspect.count_collectives(lambda w, b: loss_fn(w, b, rope, ops, cfg), weights, batch)
     return dict(comms.counts)
