@@ -2,8 +2,15 @@
 and collective counts through the library's own accounting (jlocalmap.inspect.comm)."""
 
 import numpy as np
+import pytest
 
 import jlocalmap as jlm
+
+
+def need(module: str):
+    """The optional test dependency ``module`` (of the ``test`` extra), or a skip that
+    says how to install it, as tests/torch_parity does for torch."""
+    return pytest.importorskip(module, reason=f"needs {module}: pip install -e '.[test]'")
 
 
 def randn(rng, *shape, dtype=np.float32):

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import need
+
 from benchmarks import report, run, workloads
 from benchmarks.workloads import BlockSize, MlpSize
 
@@ -72,6 +74,7 @@ def test_eager_call_matches_hand_written():
 
 
 def test_harness_runs_and_writes_json(tmp_path):
+    need("matplotlib")   # the plots
     code = run.main(["--quick", "--only", "eager,depth", "--depths", "1,2", "--rounds", "2",
                      "--round-s", "0.001", "--compile-depth-max", "0", "--no-progress",
                      "--out", str(tmp_path)])

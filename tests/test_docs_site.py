@@ -14,8 +14,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import need
 
 import jlocalmap
+
+need("mkdocs")   # the site's build (the docs tools are in the test extra too)
 
 ROOT = Path(__file__).resolve().parent.parent
 BUILD_TIMEOUT_S = 600

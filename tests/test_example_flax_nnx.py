@@ -12,10 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
+from helpers import need
 
 import jlocalmap as jlm
 from jlocalmap import Replicate
+
+need("optax")   # the example's optimizer
+nnx = need("flax.nnx")
 
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "flax_nnx.py"
 _spec = importlib.util.spec_from_file_location("flax_nnx_example", _PATH)

@@ -12,8 +12,9 @@ import pytest
 import jlocalmap as jlm
 from jlocalmap import Replicate
 from jlocalmap.testing import assert_matches_unsharded
-from tests.helpers import assert_close
+from tests.helpers import assert_close, need
 
+need("optax")   # the example's optimizer
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "moe.py"
 _spec = importlib.util.spec_from_file_location("moe_example", _PATH)
 moe = importlib.util.module_from_spec(_spec)

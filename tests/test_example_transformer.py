@@ -15,8 +15,11 @@ import numpy as np
 import pytest
 
 import jlocalmap as jlm
+from helpers import need
+
 from jlocalmap.testing import assert_matches_unsharded, expect_collectives
 
+need("optax")   # the example's optimizer
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "transformer.py"
 _spec = importlib.util.spec_from_file_location("transformer_example", _PATH)
 tr = importlib.util.module_from_spec(_spec)

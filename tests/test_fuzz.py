@@ -64,12 +64,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from helpers import need
 from jax.sharding import AxisType
 
 import jlocalmap as jlm
 from jlocalmap import Partial, Replicate, Shard
+
+need("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 _SCALE = os.environ.get("JLOCALMAP_FUZZ_EXAMPLES")
 VALID_EXAMPLES = int(_SCALE) if _SCALE else 400
@@ -182,6 +185,7 @@ class Case:
     grad_entries: tuple              # random: per-leaf entries
     mutations: tuple = ()            # applied to the built placements (see mutate)
     jit: bool = False                # call under jax.jit (array leaves traced, the rest closed over)
+    must_succeed: bool = False       # a call the API must accept (see must_succeed)
 
     @property
     def mesh(self):
@@ -309,8 +313,32 @@ def cases(draw) -> Case:
             for l in leaves_of(args))
     # under jax.jit outputs must be JAX types: no string leaves there
     jit = not any(l.kind == "str" for l in leaves_of(args)) and draw(st.integers(0, 3)) == 0
-    return Case(mesh_shape, auto, args, in_form, draw(st.booleans()),
+    case = Case(mesh_shape, auto, args, in_form, draw(st.booleans()),
                 draw(st.integers(0, 4)) > 0, grad_form, grad_entries, jit=jit)
+    case.must_succeed = must_succeed(case)
+    return case
+
+
+def must_succeed(case: Case) -> bool:
+    """Whether the API must accept a generated call (and return ``2 * x``): Explicit
+    axes; placements given (per leaf or as a prefix) for every array, of Shard and
+    Replicate only;
+    every distributed input on the local_map mesh, laid out as its entry says (or
+    redistributed, from a Shard/Replicate layout); gradients undeclared or declared
+    as the inputs' own placements. What stays out may be refused for a reason: Partial
+    kinds JAX cannot hold, another mesh's devices, a layout that differs without
+    ``redistribute_inputs``, Auto axes under ``jax.jit``, random gradient declarations."""
+    if case.auto or case.in_form == "none" or case.grad_form == "random":
+        return False
+    for leaf in leaves_of(case.args):
+        if leaf.kind in ARRAY_KINDS and leaf.entry is None:
+            return False   # its output mirrors the entry: an array output needs placements
+        entry = leaf.entry[1] if leaf.entry is not None else ()
+        if leaf.kind == "other" or any(d[0] == "P" for d in entry + (leaf.src or ())):
+            return False
+        if leaf.kind == "dist" and leaf.src != entry and case.redistribute is not True:
+            return False
+    return True
 
 
 MUTATIONS = ["entry-str", "entry-int", "entry-torch", "entry-bare-list-of-junk", "entry-none",
@@ -323,6 +351,7 @@ MUTATIONS = ["entry-str", "entry-int", "entry-torch", "entry-bare-list-of-junk",
 @st.composite
 def broken_cases(draw) -> Case:
     case = draw(cases())
+    case.must_succeed = False   # its arguments are broken on purpose
     if case.in_form == "none":
         case.in_form = "per-leaf"
     muts = draw(st.lists(st.tuples(st.sampled_from(MUTATIONS), st.integers(0, 10**6)),
@@ -641,6 +670,9 @@ def run_case(case: Case, family: str) -> None:
     except jlm.LocalMapError as e:
         assert isinstance(e, (ValueError, TypeError)), type(e)
         assert type(e).__module__.startswith("jlocalmap"), type(e)
+        if case.must_succeed:
+            pytest.fail(f"local_map refused a call it must accept: {type(e).__name__}: "
+                        f"{str(e)[:2000]}\ncase: {case}")
         OUTCOMES[family]["jlocalmap error"] += 1
         OUTCOMES[family + " errors"][type(e).__name__ + ": " + str(e).split(":")[0][:40]] += 1
         return
@@ -657,6 +689,7 @@ def run_case(case: Case, family: str) -> None:
     except AssertionError as e:
         pytest.fail(f"local_map returned a wrong value: {e}\ncase: {case}")
     OUTCOMES[family]["returned the unsharded result"] += 1
+    OUTCOMES[family]["of them marked must succeed"] += case.must_succeed
 
 
 # -- the library bugs this fuzzer found: minimal reproducers ------------------------------------
@@ -704,16 +737,20 @@ def fuzz_broken(case):
     run_case(case, "broken")
 
 
+@pytest.mark.slow
 def test_fuzz_mostly_valid_calls():
     """Mostly valid calls (some layouts JAX cannot hold, some mismatches): the
     unsharded result, or a jlocalmap error."""
     OUTCOMES["valid"].clear()
     fuzz_valid()
     print("\nmostly valid calls:", dict(OUTCOMES["valid"]))
-    # the suite is not vacuous: a good share of calls run and are checked
+    # the suite is not vacuous: a good share of calls run and are checked, and a
+    # good share of those were marked must-succeed (each of which run_case asserts)
     assert OUTCOMES["valid"]["returned the unsharded result"] >= VALID_EXAMPLES // 4, OUTCOMES["valid"]
+    assert OUTCOMES["valid"]["of them marked must succeed"] >= VALID_EXAMPLES // 8, OUTCOMES["valid"]
 
 
+@pytest.mark.slow
 def test_fuzz_broken_calls():
     """Calls with one or two broken arguments: a jlocalmap error, or (where the
     API reinterprets them validly) the unsharded result."""

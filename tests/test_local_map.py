@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
-from helpers import assert_close, count_collectives, count_compiled, randn
+from helpers import assert_close, count_collectives, count_compiled, need, randn
 from jlocalmap import Partial, Replicate, Shard
 
 
@@ -422,6 +422,7 @@ def export_case(mesh, rng, **kwargs):
 
 
 def test_export_serialize_and_call(mesh2x4, rng):
+    need("flatbuffers")   # jax.export's serialization
     X, W, x, w, f = export_case(mesh2x4, rng)
     exp = jax.export.export(jax.jit(f))(x, w)
     back = jax.export.deserialize(exp.serialize())
@@ -435,6 +436,7 @@ def test_export_serialize_and_call(mesh2x4, rng):
 @pytest.mark.parametrize("in_grad", [None, ([Shard(0), Shard(1)], [Partial(), Shard(0)])],
                          ids=["default", "declared"])
 def test_export_of_the_gradient(mesh2x4, rng, in_grad):
+    need("flatbuffers")   # jax.export's serialization
     X, W, x, w, f = export_case(mesh2x4, rng, in_grad_placements=in_grad)
     grad = jax.jit(jax.grad(lambda x, w: (f(x, w) ** 2).sum(), (0, 1)))
     back = jax.export.deserialize(jax.export.export(grad)(x, w).serialize())
@@ -471,6 +473,7 @@ np.savez(sys.argv[3], **out)
 
 
 def test_export_with_a_symbolic_batch_dim(mesh2x4, rng, tmp_path):
+    need("flatbuffers")   # jax.export's serialization
     X, W, x, w, f = export_case(mesh2x4, rng)
     laid_out = export_case(mesh2x4, rng, redistribute_inputs=True)[-1]
     b, = jax.export.symbolic_shape("b")

@@ -51,11 +51,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, example, given, settings
-from hypothesis import strategies as st
+from helpers import need
 
 import jlocalmap as jlm
 from jlocalmap import Partial, Replicate, Shard
+
+need("hypothesis")
+from hypothesis import HealthCheck, assume, example, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 # -- settings --------------------------------------------------------------------
 _SCALE = os.environ.get("JLOCALMAP_PROPERTY_EXAMPLES")
@@ -299,6 +302,7 @@ def check_case(case: Case, seed: int) -> None:
 
 # -- properties --------------------------------------------------------------------
 # Explicit examples pin the layouts that matter most, whatever hypothesis draws.
+@pytest.mark.slow
 @property_settings(25)
 @given(case=elementwise_cases(), seed=seeds)
 @example(case=elementwise_case((2, 2, 2), [0, 0, 2], [1, 3, 2]), seed=1)  # nested dim 0
@@ -313,6 +317,7 @@ def test_elementwise_negative_shard_dims(case, seed):
     check_case(case, seed)
 
 
+@pytest.mark.slow
 @property_settings(30)
 @given(case=matmul_cases(), seed=seeds)
 @example(case=matmul_case((2, 4), ["dp", "contract"], "psum", [1, 2, 3]), seed=1)  # Megatron row
@@ -322,6 +327,7 @@ def test_matmul(case, seed):
     check_case(case, seed)
 
 
+@pytest.mark.slow
 @property_settings(25)
 @given(case=reduction_cases(), seed=seeds)
 @example(case=reduction_case((2, 4), [1, 1], 1, "mean", "partial", [3, 1]), seed=1)

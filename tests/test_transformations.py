@@ -33,7 +33,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
-from helpers import assert_close
+from helpers import assert_close, need
 from jlocalmap import Partial, Replicate, Shard
 
 BATCH, D, H, STEPS = 4, 6, 8, 2
@@ -270,6 +270,7 @@ def t_disable_jit(m):
 
 def t_export(m):
     """Round trip through serialized artifacts: the values and the gradients."""
+    need("flatbuffers")   # jax.export's serialization
     def round_trip(fn):
         blob = jax.export.export(jax.jit(fn))(m.x, m.w).serialize()
         return jax.export.deserialize(blob).call(m.x, m.w)
