@@ -29,6 +29,29 @@ STEP_RATIO_MAX = 1.02
 EAGER_RATIO_MAX = 1.2
 DEPTH_EXPONENT_MAX = 1.15  # time ~ depth ** exponent over the deepest octaves
 DEPTH_EXPONENT_SLACK = 0.05  # JAX's own tracing may grow faster: jlocalmap adds at most this
+# A row's own checks (bf16 rounds to 2**-8 relative; a few roundings stay under 2 %):
+REL_DIFF_MAX = 0.02    # a JAX row's results against its baseline's, max |a - b| / max |b|
+GRAD_CHECK_TOL = 0.02  # a PyTorch row's weight gradients: |norm ratio - 1| and max rel. error
+
+
+def failed_check(entry: dict, grad_check: Optional[dict] = None) -> Optional[str]:
+    """The row's own check that fails, as text (``invalid: <check>``), or None: a
+    JAX row's results must equal its baseline's (``rel_diff``), a PyTorch row's
+    weight gradients the unsharded ones (``grad_check``).
+
+    Example:
+        >>> failed_check({"rel_diff": 0.0}, {"norm_ratio": [0.0, 0.0], "max_rel_err": [1.0, 1.0]})
+        'grad_check: norm_ratio [0.0, 0.0], max_rel_err [1.0, 1.0]'
+        >>> failed_check({"rel_diff": 1e-3}) is None
+        True
+    """
+    if entry.get("rel_diff", 0.0) > REL_DIFF_MAX:
+        return f"rel_diff {entry['rel_diff']:.1e} > {REL_DIFF_MAX}"
+    if grad_check is not None:
+        ratios, errors = grad_check["norm_ratio"], grad_check["max_rel_err"]
+        if any(abs(r - 1) > GRAD_CHECK_TOL for r in ratios) or max(errors) > GRAD_CHECK_TOL:
+            return f"grad_check: norm_ratio {ratios}, max_rel_err {errors}"
+    return None
 
 
 def paired_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
@@ -80,8 +103,10 @@ def row_entry(row: Row, rows: dict, matmul_rate: Optional[float], paired: bool =
 
 def targets(result: dict) -> list:
     """The issue's targets, each with its value, limit and verdict."""
-    found = []
-    rows = result["rows"]
+    found = [{"target": f"{name}: its own check passes", "value": entry["invalid"],
+              "limit": "valid", "passed": False}
+             for name, entry in result["rows"].items() if "invalid" in entry]
+    rows = {name: entry for name, entry in result["rows"].items() if "invalid" not in entry}
     for program, ours, hand in result.get("collectives", []):
         found.append({"target": f"{program}: same collectives as hand-written",
                       "value": ours, "limit": hand, "passed": ours == hand})
@@ -136,6 +161,9 @@ def table(result: dict) -> str:
         if name.split("/")[0] != group:
             group = name.split("/")[0]
             lines.append(f"-- {group} " + "-" * 60)
+        if "invalid" in entry:   # a row whose own check fails has no figure to show
+            lines.append(f"{name:28s} invalid: {entry['invalid']}")
+            continue
         ratio = f"{entry['ratio']:.3f}x" if "ratio" in entry else ""
         tflops = f"{entry['tflops']:.3f}" if "tflops" in entry else ""
         frac = f"{100 * entry['matmul_fraction']:.1f}%" if "matmul_fraction" in entry else ""
@@ -195,7 +223,8 @@ def plots(result: dict, out: pathlib.Path) -> list:
 def _step_plot(plt, result: dict, path: pathlib.Path) -> pathlib.Path:
     groups: dict = {}
     for name, entry in result["rows"].items():
-        groups.setdefault(name.split("/")[0], []).append((name.split("/", 1)[1], entry["stats"]))
+        if "invalid" not in entry:
+            groups.setdefault(name.split("/")[0], []).append((name.split("/", 1)[1], entry["stats"]))
     fig, axes = plt.subplots(len(groups), 1, figsize=(8, 1.2 + 0.45 * len(result["rows"])
                                                      + 0.6 * len(groups)), squeeze=False)
     for ax, (group, items) in zip(axes[:, 0], groups.items(), strict=True):

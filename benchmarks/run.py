@@ -38,6 +38,7 @@ import dataclasses  # noqa: E402
 import pathlib  # noqa: E402
 import platform  # noqa: E402
 import time  # noqa: E402
+from typing import Optional  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -243,6 +244,7 @@ def assemble(works: list, depth: dict, torch_result: dict, settings: Settings, p
         if row.baseline in outputs and name in outputs:
             entries[name]["rel_diff"] = report.relative_difference(outputs[name],
                                                                    outputs[row.baseline])
+        _mark_invalid(entries[name])
     _add_torch_rows(entries, torch_result, rows, rate)
     result = {"machine": plan["machine"],
               "config": {"mode": "quick" if args.quick else "full", "label": args.label,
@@ -277,6 +279,13 @@ def _add_torch_rows(entries: dict, torch_result: dict, rows: dict, rate) -> None
                   note="PyTorch, its own launch (not interleaved with the JAX rows)",
                   times=data["times"])
         entries[name] = report.row_entry(row, rows, rate, paired=False)
+        _mark_invalid(entries[name], torch_result.get("grad_check", {}).get(name))
+
+
+def _mark_invalid(entry: dict, grad_check: Optional[dict] = None) -> None:
+    failed = report.failed_check(entry, grad_check)
+    if failed is not None:
+        entry["invalid"] = failed
 
 
 def main(argv=None) -> int:

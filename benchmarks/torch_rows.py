@@ -81,7 +81,7 @@ def _setup(config: dict):
     return torch, dist, mesh, cuda
 
 
-def _reductions(dist, mesh):
+def _reductions(mesh):
     """The body's all-reduce two ways: torch's funcol (backward all-reduces
     again) and one whose backward is the identity (the correct one)."""
     import torch
@@ -91,9 +91,11 @@ def _reductions(dist, mesh):
     class AllReduceIdentityBackward(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
-            y = x.clone()
-            dist.all_reduce(y, group=group)
-            return y
+            # A functional all-reduce, whose result depends on x. The in-place
+            # dist.all_reduce into a clone that was here is traced by torch.compile
+            # (NCCL) as a value that does not depend on x: the compiled step's weight
+            # gradients were zero (grad_check norm_ratio [0.0, 0.0] on an H200).
+            return funcol.wait_tensor(funcol.all_reduce(x, "sum", group))
 
         @staticmethod
         def backward(ctx, grad):
@@ -119,6 +121,8 @@ def _wait(torch, cuda: bool, value: Any) -> Any:
     completion, and the GPU stream."""
     from torch.distributed._functional_collectives import AsyncCollectiveTensor
     from torch.distributed.tensor import DTensor
+    if isinstance(value, tuple):   # a step's gradients
+        return tuple(_wait(torch, cuda, v) for v in value)
     if isinstance(value, DTensor):
         value = value.to_local()
     if isinstance(value, AsyncCollectiveTensor):
@@ -145,11 +149,9 @@ def _mlp_inputs(torch, mesh, config: dict, device: str):
     return host, x, w1, w2
 
 
-def _grad_scale(torch, host: dict, w1, w2, mlp, x, rank: int) -> Optional[dict]:
-    """One step's weight gradients against the unsharded ones (rank 0's answer)."""
-    w1.grad = w2.grad = None
-    (mlp(x, w1, w2).to_local().float() * host["dy"]).sum().backward()
-    got = [w1.grad.full_tensor().float(), w2.grad.full_tensor().float()]
+def _grad_scale(torch, host: dict, grads: tuple, rank: int) -> Optional[dict]:
+    """The weight gradients of one timed step against the unsharded ones (rank 0's answer)."""
+    got = [g.full_tensor().float() for g in grads]
     if rank != 0:
         return None
     ref_w = [host["w1"].float().clone().requires_grad_(), host["w2"].float().clone().requires_grad_()]
@@ -164,16 +166,15 @@ def _rows(torch, dist, mesh, config: dict, cuda: bool, report: dict) -> dict:
     """name -> zero-argument call of one step (or tiny call)."""
     device = "cuda" if cuda else "cpu"
     rank = dist.get_rank()
-    reduce = _reductions(dist, mesh)
+    reduce = _reductions(mesh)
     host, x, w1, w2 = _mlp_inputs(torch, mesh, config, device)
     dy = host["dy"]
 
     def step(mlp):
-        def run():
+        def run():  # timed to its gradients, which grad_check reads from this very call
             w1.grad = w2.grad = None
-            loss = (mlp(x, w1, w2).to_local().float() * dy).sum()
-            loss.backward()
-            return loss
+            (mlp(x, w1, w2).to_local().float() * dy).sum().backward()
+            return w1.grad, w2.grad
         return run
     models = {"mlp/torch-eager": _mlp(torch, mesh, reduce["identity"]),
               "mlp/torch-eager(funcol)": _mlp(torch, mesh, reduce["funcol"])}
@@ -182,8 +183,8 @@ def _rows(torch, dist, mesh, config: dict, cuda: bool, report: dict) -> dict:
     rows = {}
     for name, mlp in models.items():
         try:
-            report["grad_check"][name] = _grad_scale(torch, host, w1, w2, mlp, x, rank)
             rows[name] = step(mlp)
+            report["grad_check"][name] = _grad_scale(torch, host, rows[name](), rank)
         except Exception as error:  # noqa: BLE001 - a row that cannot run is reported
             report["errors"][name] = f"{type(error).__name__}: {error}"[:500]
     rows["matmul/torch-local"] = _local_matmuls(torch, x, w1, w2, dy)

@@ -123,3 +123,30 @@ def test_strategy_row_runs_the_chosen_alternative_and_takes_the_fastest_as_basel
     assert rows["strategy/chosen"].baseline == best != "strategy/chosen"
     assert min(np.median(r.times) for n, r in rows.items() if n != "strategy/chosen") == \
         np.median(rows[best].times)
+
+
+def test_a_row_whose_own_check_fails_shows_no_figure_and_fails_its_target():
+    """The torch.compile row of an H200 run had zero gradients (grad_check norm
+    ratio 0.0) and was printed as the fastest row: such a row is now invalid."""
+    zero = {"norm_ratio": [0.0, 0.0], "max_rel_err": [1.0, 1.0]}
+    right = {"norm_ratio": [1.0001, 0.9999], "max_rel_err": [0.004, 0.005]}
+    stats = {"median": 6.7e-3, "spread": 0.01, "q1": 6.6e-3, "q3": 6.8e-3}
+    rows = {"mlp/torch.compile": {"stats": stats, "ratio": 0.9},
+            "mlp/torch-eager": {"stats": stats, "ratio": 1.04},
+            "mlp/jlocalmap": {"stats": stats, "ratio": 1.0, "rel_diff": 0.5}}
+    for name, check in (("mlp/torch.compile", zero), ("mlp/torch-eager", right),
+                        ("mlp/jlocalmap", None)):
+        failed = report.failed_check(rows[name], check)
+        if failed is not None:
+            rows[name]["invalid"] = failed
+    result = {"rows": rows, "collectives": [], "depth": {}}
+    result["targets"] = report.targets(result)
+    table = report.table(result)
+    assert "mlp/torch.compile            invalid: grad_check: norm_ratio [0.0, 0.0]" in table
+    assert "mlp/jlocalmap                invalid: rel_diff 5.0e-01" in table
+    assert "0.900x" not in table and "1.040x" in table   # the valid row keeps its figures
+    failed = {t["target"] for t in result["targets"] if not t["passed"]}
+    assert failed == {"mlp/torch.compile: its own check passes",
+                      "mlp/jlocalmap: its own check passes"}
+    # no comparison is made with an invalid row
+    assert not any("faster than" in t["target"] for t in result["targets"])
