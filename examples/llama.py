@@ -55,7 +55,6 @@ import pathlib
 import sys
 import tempfile
 import time
-from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +63,6 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
 from jlocalmap import Partial, Replicate, Shard
@@ -110,9 +108,9 @@ class Plan:
     """Where the sharded model and the unsharded reference differ: ``mesh`` None
     is the reference (plain JAX on one device). Hashable, so NNX keeps it in
     the graph definition and jit caches by it."""
-    mesh: Optional[jax.sharding.Mesh]
+    mesh: jax.sharding.Mesh | None
 
-    def on(self, dp=R, cp=R, tp=R) -> Optional[list]:
+    def on(self, dp=R, cp=R, tp=R) -> list | None:
         """:func:`on` the mesh; None for the reference (which has no placements)."""
         return None if self.mesh is None else on(self.mesh, dp, cp, tp)
 
@@ -353,10 +351,8 @@ def on_devices(abstract, mesh):
     """``nnx.eval_shape``'s shardings are on an AbstractMesh, which Orbax cannot
     restore onto (``_device_assignment is not implemented``): the same specs on
     the real ``mesh``."""
-    def concrete(x):
-        spec = x.sharding.spec if isinstance(x.sharding, NamedSharding) else P()
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
-    return jax.tree.map(concrete, abstract)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(
+        x.shape, x.dtype, sharding=NamedSharding(mesh, x.sharding.spec)), abstract)
 
 
 def restore(manager: ocp.CheckpointManager, cfg: Config, plan: Plan, args):
@@ -473,11 +469,11 @@ def main(argv=None) -> dict:
     if math.prod(shape) > len(devices):
         parser.error(f"--dp * --cp * --tp = {math.prod(shape)} devices, found {len(devices)}")
     check_sizes(parser, cfg, *shape)
-    names = ("dp", "cp", "tp") if args.cp > 1 else ("dp", "tp")
-    mesh = jax.make_mesh(tuple(n for n, a in zip(shape, ("dp", "cp", "tp")) if a in names),
-                         names, devices=devices[:math.prod(shape)])
+    axes = {name: size for name, size in zip(("dp", "cp", "tp"), shape, strict=True)
+            if name != "cp" or size > 1}
+    mesh = jax.make_mesh(tuple(axes.values()), tuple(axes), devices=devices[:math.prod(shape)])
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
-          f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes))}; llama: {cfg.layers} layers, "
+          f"mesh: {axes}; llama: {cfg.layers} layers, "
           f"dim {cfg.dim}, {cfg.heads} heads, {cfg.kv_heads} kv heads, ffn {cfg.ffn}, "
           f"vocab {cfg.vocab}, batch {cfg.batch} x seq {cfg.seq}; AdamW lr {args.lr}, eps {args.eps}")
     began = time.perf_counter()
