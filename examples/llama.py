@@ -122,7 +122,8 @@ class Plan:
         return nnx.Param(value, out_sharding=spec)
 
     def layout(self, x, *, dp=S0, cp=S1, tp=R):
-        """``x`` moved to ``placements`` (default: batch over dp, sequence over cp)."""
+        """``x`` redistributed to these placements (default: the batch over dp, the
+        sequence over cp, whole on tp)."""
         return x if self.mesh is None else jlm.redistribute(x, self.mesh, on(self.mesh, dp, cp, tp))
 
     def gather(self, x):
@@ -167,10 +168,9 @@ class RMSNorm(nnx.Module):
         self.plan, self.eps = plan, cfg.norm_eps                    # gradient must show
 
     def __call__(self, x):
-        on, stream = self.plan.on, self.plan.on(S0, S1, S1)
+        stream, summed = self.plan.on(S0, S1, S1), self.plan.on(Partial(), Partial(), Partial())
         norm = self.plan.region(functools.partial(rms_norm, eps=self.eps), out=stream,
-                                ins=(stream, on()),
-                                grads=(stream, on(Partial(), Partial(), Partial())))
+                                ins=(stream, self.plan.on()), grads=(stream, summed))
         return norm(x, self.weight[...])
 
 
