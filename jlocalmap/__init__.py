@@ -16,6 +16,7 @@ from jlocalmap.errors import (
     LocalMapValueError,
     PlacementTypeError,
     PlacementValueError,
+    UnevenArrayError,
 )
 from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.placements import (
@@ -35,7 +36,7 @@ from jlocalmap.movement.distribute import distribute_tensor, full_tensor, redist
 
 __all__ = [
     "LocalMapError", "LocalMapValueError", "LocalMapTypeError",
-    "PlacementValueError", "PlacementTypeError",
+    "PlacementValueError", "PlacementTypeError", "UnevenArrayError",
     "Placement", "Shard", "Replicate", "Partial", "Placements", "PlacementList", "PlacementTree",
     "placements_to_spec", "spec_to_placements",
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
