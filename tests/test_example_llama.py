@@ -8,7 +8,10 @@ import pathlib
 
 import numpy as np
 import pytest
+from helpers import need
 
+for module in ("flax", "optax", "orbax.checkpoint"):   # the example's training stack
+    need(module)
 _PATH = pathlib.Path(__file__).parents[1] / "examples" / "llama.py"
 _spec = importlib.util.spec_from_file_location("llama_example", _PATH)
 ex = importlib.util.module_from_spec(_spec)
