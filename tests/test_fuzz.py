@@ -319,6 +319,17 @@ def cases(draw) -> Case:
     return case
 
 
+def is_uneven(leaf: Leaf, mesh_shape: tuple) -> bool:
+    """Whether the leaf's entry splits a dim into chunks of different sizes."""
+    if leaf.kind not in ARRAY_KINDS or leaf.entry is None:
+        return False
+    splits: dict = {}
+    for n, d in zip(mesh_shape, leaf.entry[1], strict=True):
+        if d[0] == "S":
+            splits[d[1] % np.ndim(leaf.value)] = splits.get(d[1] % np.ndim(leaf.value), 1) * n
+    return any(np.shape(leaf.value)[dim] % n for dim, n in splits.items())
+
+
 def must_succeed(case: Case) -> bool:
     """Whether the API must accept a generated call (and return ``2 * x``): Explicit
     axes; placements given (per leaf or as a prefix) for every array, of Shard and
@@ -327,8 +338,15 @@ def must_succeed(case: Case) -> bool:
     redistributed, from a Shard/Replicate layout); gradients undeclared or declared
     as the inputs' own placements. What stays out may be refused for a reason: Partial
     kinds JAX cannot hold, another mesh's devices, a layout that differs without
-    ``redistribute_inputs``, Auto axes under ``jax.jit``, random gradient declarations."""
+    ``redistribute_inputs``, Auto axes under ``jax.jit``, random gradient declarations,
+    several uneven inputs (an output's padding could be any one's: refused), and a
+    prefix of several arguments (run_case may collapse it into one placement list,
+    which then reads as the entry of a single argument)."""
     if case.auto or case.in_form == "none" or case.grad_form == "random":
+        return False
+    if case.in_form == "prefix" and len(case.args) > 1:
+        return False
+    if sum(is_uneven(leaf, case.mesh_shape) for leaf in leaves_of(case.args)) > 1:
         return False
     for leaf in leaves_of(case.args):
         if leaf.kind in ARRAY_KINDS and leaf.entry is None:
