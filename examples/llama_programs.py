@@ -201,14 +201,12 @@ def abstract(mesh, shapes, placements, dtype=jnp.float32):
 @dataclasses.dataclass(frozen=True)
 class Ops:
     """The pieces that differ between the sharded program and the reference."""
-    weight: Callable      # (w, placements) -> w in the compute dtype, whole over fsdp
     embed: Callable       # (table, tokens) -> the stream
     norm: Callable        # (x, weight) -> the stream
-    gather: Callable      # the stream -> its sequence whole over tp
     attention: Callable   # (q, k, v) -> (batch, seq, heads, head_dim): RoPE, causal, GQA
+    column: Callable      # (h, *weights) -> h @ w for each weight, outputs split over tp
     row: Callable         # (x, w) -> x @ w onto the stream (a sum over tp)
     loss: Callable        # (h, head, labels) -> the mean cross-entropy
-    matmul: Callable      # (x, w) -> x @ w in the plan's precision
 
 
 def rms_norm(x, weight, *, eps: float):
@@ -259,16 +257,15 @@ def attend(q, k, v, q_offset, *, theta: float, block: int | None, causal_keys: b
 
 
 def block_forward(layer: dict, x, ops: Ops, cfg: LlamaConfig):
-    """One transformer block: x + attention(norm(x)), then + SwiGLU(norm(.))."""
+    """One transformer block: x + attention(norm(x)), then + SwiGLU(norm(.)).
+    Matrices are cast to the stream's dtype where they are used."""
     def w(name):
-        return checkpoint_name(
-            ops.weight(layer[name], LAYER_PLACEMENTS[name]), "gathered_weight")
-    h = ops.gather(ops.norm(x, layer["attention_norm"]))
-    b, s, _ = h.shape
-    q, k, v = (ops.matmul(h, w(n)).reshape(b, s, -1, cfg.head_dim) for n in ("wq", "wk", "wv"))
+        return layer[name].astype(x.dtype)
+    b, s = x.shape[:2]
+    q, k, v = (y.reshape(b, s, -1, cfg.head_dim) for y in ops.column(
+        ops.norm(x, layer["attention_norm"]), w("wq"), w("wk"), w("wv")))
     x = x + ops.row(ops.attention(q, k, v).reshape(b, s, -1), w("wo"))
-    h = ops.gather(ops.norm(x, layer["ffn_norm"]))
-    gate, up = ops.matmul(h, w("w1")), ops.matmul(h, w("w3"))
+    gate, up = ops.column(ops.norm(x, layer["ffn_norm"]), w("w1"), w("w3"))
     return x + ops.row(jax.nn.silu(gate) * up, w("w2"))
 
 
@@ -281,12 +278,12 @@ REMAT_POLICIES = {
 
 def loss_fn(params: dict, tokens, labels, ops: Ops, cfg: LlamaConfig, plan: Plan):
     """Mean next-token cross-entropy; the layers a scan over the stacked weights."""
-    x = ops.embed(ops.weight(params["tok_embeddings"], ROW), tokens)
+    dtype = jnp.dtype(plan.compute_dtype)
+    x = ops.embed(params["tok_embeddings"].astype(dtype), tokens)
     layer = jax.checkpoint(functools.partial(block_forward, ops=ops, cfg=cfg),
                            policy=REMAT_POLICIES[plan.remat])
     x, _ = jax.lax.scan(lambda x, weights: (layer(weights, x), None), x, params["layers"])
-    h = ops.gather(ops.norm(x, params["norm"]))
-    return ops.loss(h, ops.weight(params["output"], COLUMN), labels)
+    return ops.loss(ops.norm(x, params["norm"]), params["output"].astype(dtype), labels)
 
 
 # -- float8 projections ---------------------------------------------------------------
@@ -309,8 +306,7 @@ def _fp8_backward(saved, g):
                              preferred_element_type=g.dtype)
     batch = tuple(range(g.ndim - 1))
     dw = jax.lax.dot_general(x8, g8, ((batch, batch), ((), ())),
-                             preferred_element_type=g.dtype,
-                             out_sharding=jax.typeof(w8).sharding)
+                             preferred_element_type=g.dtype)
     return dx, dw
 
 
@@ -327,13 +323,12 @@ def dense_loss(h, head, labels):
 
 def reference_ops(cfg: LlamaConfig, plan: Plan) -> Ops:
     """The model on one device, plain JAX."""
-    dtype = jnp.dtype(plan.compute_dtype)
-    return Ops(weight=lambda w, _: w.astype(dtype),
-               embed=lambda table, tokens: table[tokens],
-               norm=functools.partial(rms_norm, eps=cfg.norm_eps), gather=lambda x: x,
+    return Ops(embed=lambda table, tokens: table[tokens],
+               norm=functools.partial(rms_norm, eps=cfg.norm_eps),
                attention=functools.partial(attend, q_offset=0, theta=cfg.rope_theta,
                                            block=_block(plan), causal_keys=True),
-               row=_matmul(plan), loss=dense_loss, matmul=_matmul(plan))
+               column=lambda h, *ws: tuple(_matmul(plan)(h, w) for w in ws),
+               row=_matmul(plan), loss=dense_loss)
 
 
 def _matmul(plan: Plan) -> Callable:
@@ -345,11 +340,54 @@ def _block(plan: Plan) -> int | None:
 
 
 # -- the sharded pieces: local_map regions ------------------------------------------
+# A weight's cotangent in a region sums this (dp, cp) rank's tokens only: Partial
+# there; over fsdp the transpose of the gather below has reduce-scattered it.
+COLUMN_GRAD, ROW_GRAD = [P, S0, P, S1], [P, S1, P, S0]
+
+
+def gather_weight(w, dim: int):
+    """Body: this fsdp shard's weight all-gathered over fsdp (FSDP's pre-forward
+    gather; its transpose is the gradient's reduce-scatter). The result is named,
+    so that checkpointing never saves it."""
+    return checkpoint_name(jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True),
+                           "gathered_weight")
+
+
+def gather_stream(x):
+    """Body: the sequence-parallel stream's chunk all-gathered over tp."""
+    return jax.lax.all_gather(x, "tp", axis=1, tiled=True)
+
+
+def make_column(mesh, matmul: Callable) -> Callable:
+    """(h, *weights) -> h @ w for each weight: the stream gathered over tp once,
+    each weight over fsdp, outputs split over tp (Megatron's column parallelism
+    under sequence parallelism: the backward reduce-scatters h's gradient)."""
+    @functools.cache
+    def region(n: int):
+        def body(h, *weights):
+            h = gather_stream(h)
+            return tuple(matmul(h, gather_weight(w, 0)) for w in weights)
+        return jlm.local_map(body, out_placements=(HIDDEN,) * n,
+                             in_placements=(STREAM,) + (COLUMN,) * n,
+                             in_grad_placements=(STREAM,) + (COLUMN_GRAD,) * n,
+                             device_mesh=mesh)
+    return lambda h, *weights: region(len(weights))(h, *weights)
+
+
+def make_row(mesh, matmul: Callable) -> Callable:
+    """Row-parallel x @ w: a ``Partial`` sum over tp, reduce-scattered onto the stream."""
+    local_product = jlm.local_map(lambda x, w: matmul(x, gather_weight(w, 1)),
+                                  out_placements=[S0, S0, S1, P], in_placements=(HIDDEN, ROW),
+                                  in_grad_placements=(HIDDEN, ROW_GRAD), device_mesh=mesh)
+    return lambda x, w: jlm.redistribute(local_product(x, w), mesh, STREAM)
+
+
 def make_embedding(mesh) -> Callable:
     """Vocab-parallel lookup: a ``Partial`` sum over tp, reduce-scattered onto the stream."""
-    @jlm.local_map(out_placements=[S0, S0, S1, P], in_placements=([R, R, R, S0], TOKENS),
-                   device_mesh=mesh)
+    @jlm.local_map(out_placements=[S0, S0, S1, P], in_placements=(ROW, TOKENS),
+                   in_grad_placements=(ROW_GRAD, None), device_mesh=mesh)
     def vocab_parallel_embedding(table, tokens):
+        table = gather_weight(table, 1)
         local = tokens - jax.lax.axis_index("tp") * table.shape[0]
         here = (local >= 0) & (local < table.shape[0])
         rows = table[jnp.clip(local, 0, table.shape[0] - 1)]
@@ -360,12 +398,14 @@ def make_embedding(mesh) -> Callable:
 
 
 def make_loss(mesh, n_tokens: int) -> Callable:
-    """Vocab-parallel cross-entropy of the gathered h: max, sum of exponentials and
-    target logit reduced over tp in the body; the mean a sum over dp, fsdp and cp."""
-    @jlm.local_map(out_placements=[P, P, P, R], in_placements=(GATHERED, [R, R, R, S1], TOKENS),
-                   device_mesh=mesh)
+    """Vocab-parallel cross-entropy of the stream gathered over tp: max, sum of
+    exponentials and target logit reduced over tp in the body; the mean a sum
+    over dp, fsdp and cp."""
+    @jlm.local_map(out_placements=[P, P, P, R], in_placements=(STREAM, COLUMN, TOKENS),
+                   in_grad_placements=(STREAM, COLUMN_GRAD, None), device_mesh=mesh)
     def vocab_parallel_cross_entropy(h, head, labels):
-        logits = jnp.matmul(h, head, preferred_element_type=jnp.float32)
+        logits = jnp.matmul(gather_stream(h), gather_weight(head, 0),
+                            preferred_element_type=jnp.float32)
         top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)), "tp")
         total = jax.lax.psum(jnp.sum(jnp.exp(logits - top[..., None]), -1), "tp")
         local = labels - jax.lax.axis_index("tp") * logits.shape[-1]
@@ -394,32 +434,14 @@ def make_attention(mesh, cfg: LlamaConfig, plan: Plan) -> Callable:
                          device_mesh=mesh, redistribute_inputs=True)
 
 
-def make_row(mesh, matmul: Callable) -> Callable:
-    """Row-parallel x @ w: a ``Partial`` sum over tp, reduce-scattered onto the stream."""
-    local_product = jlm.local_map(matmul, out_placements=[S0, S0, S1, P],
-                                  in_placements=(HIDDEN, [R, R, R, S0]), device_mesh=mesh)
-    return lambda x, w: jlm.redistribute(local_product(x, w), mesh, STREAM)
-
-
-def fsdp_gather(mesh, dtype) -> Callable:
-    """A weight cast to ``dtype``, then all-gathered over fsdp (its gradient is
-    reduce-scattered back by the transpose)."""
-    def weight(w, placements):
-        whole = [R if axis == "fsdp" else p for axis, p in zip(AXES, placements, strict=True)]
-        return jlm.redistribute(w.astype(dtype), mesh, whole)
-    return weight
-
-
 def sharded_ops(mesh, cfg: LlamaConfig, plan: Plan, n_tokens: int) -> Ops:
     """The model's pieces on the (dp, fsdp, cp, tp) ``mesh``."""
     norm = jlm.local_map(functools.partial(rms_norm, eps=cfg.norm_eps), out_placements=STREAM,
                          in_placements=(STREAM, [R] * 4), in_grad_placements=(STREAM, SUMMED),
                          device_mesh=mesh)
-    return Ops(weight=fsdp_gather(mesh, jnp.dtype(plan.compute_dtype)),
-               embed=make_embedding(mesh), norm=norm,
-               gather=lambda x: jlm.redistribute(x, mesh, GATHERED),
-               attention=make_attention(mesh, cfg, plan), row=make_row(mesh, _matmul(plan)),
-               loss=make_loss(mesh, n_tokens), matmul=_matmul(plan))
+    return Ops(embed=make_embedding(mesh), norm=norm, attention=make_attention(mesh, cfg, plan),
+               column=make_column(mesh, _matmul(plan)), row=make_row(mesh, _matmul(plan)),
+               loss=make_loss(mesh, n_tokens))
 
 
 # -- the step ------------------------------------------------------------------------------
