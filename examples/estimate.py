@@ -28,7 +28,7 @@ import jax
 import jlocalmap as jlm
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import llama_programs as lp  # noqa: E402  (a module beside this script)
+import llama_programs as lp
 
 MODELS = {"8b": "llama3-8b", "70b": "llama3-70b", "405b": "llama3-405b",
           **{name: name for name in lp.PRESETS}}
@@ -55,7 +55,7 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hardware", choices=("h100-sxm", "h200", "cpu"), default="h100-sxm")
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     parser.add_argument("--seq", type=int, default=8192)
-    parser.add_argument("--remat", choices=("none", "selective", "full"), default="selective")
+    parser.add_argument("--remat", choices=tuple(lp.REMAT_POLICIES), default="selective")
     parser.add_argument("--attention", choices=("dense", "blocked"), default="blocked")
     parser.add_argument("--attention-block", type=int, default=1024)
     parser.add_argument("--precision", choices=("bf16", "fp8"), default="bf16")

@@ -25,8 +25,9 @@ Explicit-axis shardings. Layers are a ``jax.lax.scan`` over stacked weights.
 
 Options (:class:`Plan`): activation checkpointing ``none`` (save everything but
 the gathered weights), ``selective`` (save the outputs of the projection
-matmuls: ``dots_with_no_batch_dims_saveable``, torchtitan's SAC in spirit) or
-``full`` (save each layer's input); attention ``dense`` (the scores
+matmuls: ``dots_with_no_batch_dims_saveable``, torchtitan's SAC in spirit),
+``qkv`` (save q, k and v only: MaxText's ``save_qkv_proj``) or ``full`` (save
+each layer's input); attention ``dense`` (the scores
 materialised) or ``blocked`` (queries in blocks of ``attention_block``, each
 block checkpointed and, without cp, against its causal keys only: a
 flash-attention stand-in whose memory is one block's scores and whose FLOPs
@@ -109,7 +110,7 @@ PRESETS: dict[str, LlamaConfig] = {
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """How a step is trained: checkpointing, attention, precision, optimizer."""
-    remat: str = "selective"        # none | selective | full
+    remat: str = "selective"        # none | selective | qkv | full
     attention: str = "blocked"      # dense | blocked
     attention_block: int = 1024
     precision: str = "bf16"         # bf16 | fp8 (projection matmuls)
@@ -117,7 +118,7 @@ class Plan:
     lr: float = 3e-4
 
     def __post_init__(self):
-        for name, allowed in (("remat", ("none", "selective", "full")),
+        for name, allowed in (("remat", tuple(REMAT_POLICIES)),
                               ("attention", ("dense", "blocked")),
                               ("precision", ("bf16", "fp8"))):
             if getattr(self, name) not in allowed:
@@ -262,8 +263,8 @@ def block_forward(layer: dict, x, ops: Ops, cfg: LlamaConfig):
     def w(name):
         return layer[name].astype(x.dtype)
     b, s = x.shape[:2]
-    q, k, v = (y.reshape(b, s, -1, cfg.head_dim) for y in ops.column(
-        ops.norm(x, layer["attention_norm"]), w("wq"), w("wk"), w("wv")))
+    projected = ops.column(ops.norm(x, layer["attention_norm"]), w("wq"), w("wk"), w("wv"))
+    q, k, v = (checkpoint_name(y.reshape(b, s, -1, cfg.head_dim), "qkv_proj") for y in projected)
     x = x + ops.row(ops.attention(q, k, v).reshape(b, s, -1), w("wo"))
     gate, up = ops.column(ops.norm(x, layer["ffn_norm"]), w("w1"), w("w3"))
     return x + ops.row(jax.nn.silu(gate) * up, w("w2"))
@@ -272,6 +273,7 @@ def block_forward(layer: dict, x, ops: Ops, cfg: LlamaConfig):
 REMAT_POLICIES = {
     "none": jax.checkpoint_policies.save_anything_except_these_names("gathered_weight"),
     "selective": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "qkv": jax.checkpoint_policies.save_only_these_names("qkv_proj"),
     "full": jax.checkpoint_policies.nothing_saveable,
 }
 

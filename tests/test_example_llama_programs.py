@@ -19,7 +19,7 @@ sys.modules["llama_programs"] = lp   # dataclasses look their module up by name
 _spec.loader.exec_module(lp)
 
 TINY = lp.PRESETS["tiny"]
-F32 = dict(compute_dtype="float32", lr=1e-2)
+F32 = {"compute_dtype": "float32", "lr": 1e-2}
 
 
 @pytest.mark.parametrize("sizes, plan", [
