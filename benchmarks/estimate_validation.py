@@ -1,0 +1,227 @@
+"""Regenerate the validation tables of docs/estimates.md: ``jlm.estimate`` against
+one H200 (validation 2) and against published training rows (validation 3), and
+the worked question (Llama 3 70B on 64 H100s as FSDP8 x TP8).
+
+    python benchmarks/estimate_validation.py [--results docs/results/estimates]
+
+Reads the device call's JSON (benchmarks/estimate_device.py) from ``--results``:
+the matmul efficiency calibrated there (the llama step's matmul mix over the
+H200's datasheet bf16 peak) is the one calibration every row uses, H100 rows
+too; nothing is fitted per row. Prints markdown tables and writes them, with
+every estimate's figures, to ``--results``/validation.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jlocalmap as jlm
+
+ROOT = pathlib.Path(__file__).parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import llama_programs as lp
+
+GIB = 2 ** 30
+MAXTEXT = ("NVIDIA/dgxc-benchmarking maxtext/README_70b.md (MaxText 2024.12.09, BF16, "
+           "save_qkv_proj, cudnn_flash_te, per-device batch 2)")
+TORCHTITAN = ("pytorch/torchtitan benchmarks/llama3_h100_202412_torchtitan.md, Table 1 "
+              "(H100 96 GB HBM2e at 500 W; seq_len 8192 from train_configs/llama3_8b.toml)")
+NEMO = ("NVIDIA/NeMo docs/source/performance/performance_summary.md (NeMo 24.07, FP8, "
+        "MBS 1, TP1 PP1 CP1: DP 8 with 16 microbatches)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Published:
+    """A published training row, and the program that stands for it."""
+    name: str
+    model: str
+    mesh: dict
+    batch: int
+    seq: int
+    plan: lp.Plan
+    step_s: float                  # published step time (derived from tokens/s where given so)
+    source: str
+    memory_gib: float | None = None
+    note: str = ""
+
+
+def maxtext_row(gpus: int, step_s: float) -> Published:
+    """MaxText's mesh: fsdp over 8 GPUs a node times up to 16 nodes, dp beyond."""
+    fsdp = min(gpus, 128)
+    mesh = {"dp": gpus // fsdp, "fsdp": fsdp} if gpus > fsdp else {"fsdp": fsdp}
+    return Published(f"MaxText Llama2-70B, {gpus} H100", "llama2-70b", mesh, 2 * gpus, 4096,
+                     lp.Plan(remat="qkv", attention="blocked"), step_s, MAXTEXT)
+
+
+PUBLISHED = [
+    *(maxtext_row(g, s) for g, s in ((64, 6.999), (128, 7.072), (256, 7.153), (512, 7.091),
+                                     (1024, 7.084), (2048, 7.066))),
+    Published("torchtitan Llama 3.1 8B, 8 H100, FSDP8, SAC", "llama3-8b", {"fsdp": 8}, 16, 8192,
+              lp.Plan(remat="selective", attention="blocked"), 16 * 8192 / (8 * 5762),
+              TORCHTITAN, memory_gib=82.4, note="5,762 tokens/s/GPU"),
+    Published("NeMo Llama2-7B FP8, 8 H100, GBS 128", "llama2-7b", {"dp": 8}, 128, 4096,
+              lp.Plan(remat="none", attention="blocked", precision="fp8"),
+              128 * 4096 / (8 * 16847), NEMO,
+              note="16,847 tokens/s/GPU; one batch of 16 sequences per GPU stands for 16 "
+                   "microbatches of 1 (the same FLOPs, one gradient reduction): memory not "
+                   "comparable"),
+]
+
+
+def load(results: pathlib.Path) -> dict:
+    return {p.stem: json.loads(p.read_text()) for p in sorted(results.glob("*.json"))
+            if p.stem in ("calibration", "mlp", "llama", "llama-kept")}
+
+
+def calibrated(measured: dict) -> float:
+    """The llama step's matmul mix, measured on the H200, over its bf16 peak."""
+    peak = jlm.Hardware.preset("h200").peak_flops["bf16"]
+    return measured["calibration"]["llama_matmul_tflops"] * 1e12 / peak
+
+
+def estimate_llama(cfg: lp.LlamaConfig, mesh_sizes: dict, batch: int, seq: int, plan: lp.Plan,
+                   hardware: jlm.Hardware, donate: bool = True) -> jlm.Estimate:
+    mesh = lp.make_abstract_mesh(mesh_sizes)
+    step, args, flops, tokens = lp.build(cfg, mesh, batch=batch, seq=seq, plan=plan)
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    return jlm.estimate(jitted, *args, hardware=hardware, model_flops=flops,
+                        tokens_per_step=tokens)
+
+
+def estimate_mlp(size: dict, hardware: jlm.Hardware) -> jlm.Estimate:
+    """The MLP workload's jlocalmap step (benchmarks/workloads.py) on one device."""
+    from benchmarks import workloads as wl
+    mesh = jax.sharding.AbstractMesh((1,), ("tp",), axis_types=(AxisType.Explicit,))
+    t, d, f = size["tokens"], size["d_model"], size["d_ff"]
+
+    def spec(shape, p, dtype="bfloat16"):
+        return jax.ShapeDtypeStruct(shape, jnp.dtype(dtype), sharding=NamedSharding(mesh, p))
+    step = wl.grad_step(lambda w1, w2, x: wl.with_local_map(
+        wl.mlp_body, mesh, *wl.MLP_PLACEMENTS["mlp"])(x, w1, w2))
+    return jlm.estimate(step, spec((d, f), P(None, "tp")), spec((f, d), P("tp")),
+                        spec((t, d), P()), spec((t, d), P(), "float32"), hardware=hardware)
+
+
+def device_rows(measured: dict, hardware: jlm.Hardware) -> list[dict]:
+    """Validation 2: each measured program's prediction against its measurement."""
+    rows = []
+    mlp = measured["mlp"]
+    est = estimate_mlp(mlp["size"], hardware)
+    rows.append(_compare("MLP workload step (jlocalmap), T=8192 d=4096 ffn=14336",
+                         est, mlp["mlp/jlocalmap"], mlp["peak_bytes_in_use"]))
+    for part in ("llama", "llama-kept"):
+        if part not in measured:
+            continue
+        run = measured[part]
+        cfg = lp.LlamaConfig(**run["config"])
+        est = estimate_llama(cfg, {}, run["spec"]["batch"], run["spec"]["seq"],
+                             lp.Plan(**run["plan"]), hardware, donate=run["donate"])
+        name = (f"Llama 3 8B layer x {cfg.n_layers}, batch {run['spec']['batch']} x "
+                f"{run['spec']['seq']}, {run['plan']['remat']} remat"
+                + (", donated" if run["donate"] else ", not donated"))
+        rows.append(_compare(name, est, run["step_seconds"], run["peak_bytes_in_use"]))
+    return rows
+
+
+def _compare(name: str, est: jlm.Estimate, step_s: float, peak: int | None) -> dict:
+    return {"name": name, "measured_step_s": step_s, "predicted_step_s": est.step_time_s,
+            "time_ratio": est.step_time_s / step_s, "measured_peak_gib": (peak or 0) / GIB,
+            "predicted_peak_gib": est.peak_bytes / GIB,
+            "memory_ratio": est.peak_bytes / peak if peak else None, "estimate": est.to_dict()}
+
+
+def published_rows(hardware: jlm.Hardware) -> list[dict]:
+    """Validation 3: each published row's prediction."""
+    rows = []
+    for row in PUBLISHED:
+        est = estimate_llama(lp.PRESETS[row.model], row.mesh, row.batch, row.seq, row.plan,
+                             hardware)
+        rows.append({"name": row.name, "mesh": row.mesh, "batch": row.batch, "seq": row.seq,
+                     "plan": dataclasses.asdict(row.plan), "published_step_s": row.step_s,
+                     "predicted_step_s": est.step_time_s,
+                     "time_ratio": est.step_time_s / row.step_s,
+                     "published_memory_gib": row.memory_gib,
+                     "predicted_peak_gib": est.peak_bytes / GIB, "mfu": est.mfu,
+                     "tokens_per_s_per_device": est.tokens_per_s_per_device,
+                     "source": row.source, "note": row.note, "estimate": est.to_dict()})
+    return rows
+
+
+def worked_question(hardware: jlm.Hardware) -> list[dict]:
+    """Llama 3 70B on 64 H100s as FSDP8 x TP8, sequence 8192: by checkpointing and batch."""
+    rows = []
+    for remat, batch in (("selective", 8), ("full", 8), ("full", 16), ("none", 8)):
+        est = estimate_llama(lp.PRESETS["llama3-70b"], {"fsdp": 8, "tp": 8}, batch, 8192,
+                             lp.Plan(remat=remat, attention="blocked"), hardware)
+        rows.append({"remat": remat, "batch": batch, "peak_gib": est.peak_bytes / GIB,
+                     "fits": est.fits, "step_s": est.step_time_s,
+                     "tokens_per_s_per_device": est.tokens_per_s_per_device, "mfu": est.mfu,
+                     "estimate": est.to_dict()})
+    return rows
+
+
+def markdown(device: list, published: list, worked: list, efficiency: float) -> str:
+    lines = [(f"Matmul efficiency (one calibration, every row): {efficiency:.3f} of the "
+             "datasheet bf16 peak."), "", "Validation 2 (one H200):", "",
+             "| program | measured step | predicted | ratio | measured peak | predicted | ratio |",
+             "|---|---|---|---|---|---|---|"]
+    for r in device:
+        mem = f"{r['memory_ratio']:.3f}" if r["memory_ratio"] else "-"
+        lines.append(f"| {r['name']} | {r['measured_step_s'] * 1e3:.1f} ms | "
+                     f"{r['predicted_step_s'] * 1e3:.1f} ms | {r['time_ratio']:.3f} | "
+                     f"{r['measured_peak_gib']:.2f} GiB | {r['predicted_peak_gib']:.2f} GiB | "
+                     f"{mem} |")
+    lines += ["", "Validation 3 (published, H100 preset):", "",
+              ("| row | mesh | published step | predicted | ratio | predicted MFU | "
+              "published memory | predicted peak |"), "|---|---|---|---|---|---|---|---|"]
+    for r in published:
+        mesh = " x ".join(f"{a}{n}" for a, n in r["mesh"].items())
+        memory = f"{r['published_memory_gib']:.1f} GiB" if r["published_memory_gib"] else "-"
+        lines.append(f"| {r['name']} | {mesh} | {r['published_step_s']:.3f} s | "
+                     f"{r['predicted_step_s']:.3f} s | {r['time_ratio']:.3f} | "
+                     f"{(r['mfu'] or 0) * 100:.1f}% | {memory} | "
+                     f"{r['predicted_peak_gib']:.1f} GiB |")
+    lines += ["", "Worked question: Llama 3 70B, 64 H100 as fsdp8 x tp8, sequence 8192:", "",
+              "| remat | global batch | peak per GPU | fits 80 GiB | step | tokens/s/GPU | MFU |",
+              "|---|---|---|---|---|---|---|"]
+    for r in worked:
+        lines.append(f"| {r['remat']} | {r['batch']} | {r['peak_gib']:.1f} GiB | "
+                     f"{'yes' if r['fits'] else 'no'} | {r['step_s']:.2f} s | "
+                     f"{r['tokens_per_s_per_device']:.0f} | {(r['mfu'] or 0) * 100:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", type=pathlib.Path,
+                        default=ROOT / "docs" / "results" / "estimates")
+    args = parser.parse_args(argv)
+    measured = load(args.results)
+    if "calibration" not in measured:
+        parser.error(f"--results: no calibration.json in {args.results}; run "
+                     "benchmarks/estimate_device.py on the GPU first")
+    efficiency = calibrated(measured)
+    h200 = jlm.Hardware.preset("h200").replace(matmul_efficiency=efficiency)
+    h100 = jlm.Hardware.preset("h100-sxm").replace(matmul_efficiency=efficiency)
+    device = device_rows(measured, h200) if "mlp" in measured else []
+    published, worked = published_rows(h100), worked_question(h100)
+    text = markdown(device, published, worked, efficiency)
+    print(text)
+    (args.results / "validation.md").write_text(text)
+    (args.results / "validation.json").write_text(json.dumps(
+        {"matmul_efficiency": efficiency, "device": device, "published": published,
+         "worked_question": worked}, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
