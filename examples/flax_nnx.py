@@ -34,6 +34,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -140,7 +141,7 @@ class Model(nnx.Module):
     """Residual MLP blocks and a readout; ``mesh=None`` builds it unsharded."""
 
     def __init__(self, dim: int, hidden: int, out: int, layers: int, *,
-                 mesh: jax.sharding.Mesh | None, rng: np.random.Generator):
+                 mesh: Optional[jax.sharding.Mesh], rng: np.random.Generator):
         self.blocks = nnx.List([Block(dim, hidden, mesh=mesh, rng=rng) for _ in range(layers)])
         self.norm = RMSNorm(dim, mesh=mesh, rng=rng)
         self.up = ColumnParallelLinear(dim, hidden, mesh=mesh, rng=rng)

@@ -111,12 +111,12 @@ if __name__ == "__main__":
         sys.exit(launch(_ARGS))
 
 # -- worker ---------------------------------------------------------------------
-import jax
-import jax.numpy as jnp
-import numpy as np
+import jax  # noqa: E402  (the launcher above never imports jax)
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-import jlocalmap as jlm
-from jlocalmap import Partial, Replicate, Shard
+import jlocalmap as jlm  # noqa: E402
+from jlocalmap import Partial, Replicate, Shard  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -174,7 +174,7 @@ def check_forward_and_grad(mesh, check, X, W):
     x = jlm.distribute_tensor(X, mesh, [Shard(0), Shard(1)])
     w = jlm.distribute_tensor(W, mesh, [Replicate(), Shard(0)])
     layer = tp_layer(mesh)
-    loss = lambda x, w: 0.5 * jnp.sum(layer(x, w) ** 2)
+    loss = lambda x, w: 0.5 * jnp.sum(layer(x, w) ** 2)  # noqa: E731
     with jax.set_mesh(mesh):
         y = jax.jit(layer)(x, w)
         gx, gw = jax.jit(jax.grad(loss, argnums=(0, 1)))(x, w)
