@@ -32,8 +32,10 @@ import time
 
 PARTS = ("calibration", "mlp", "llama", "llama-kept")
 # The llama of the device call: Llama 3 8B's layer and vocabulary, fewer layers:
-# tried with these many layers, then fewer while the GPU's memory is exceeded.
+# tried with these many layers, then fewer while the GPU's memory is exceeded
+# (on a GPU of under 100 GB, an H100, the shorter lists).
 LAYERS = {"llama": (12, 10, 8), "llama-kept": (10, 8, 6)}
+LAYERS_80GB = {"llama": (6, 4), "llama-kept": (4, 2)}
 LLAMA = {"model": "llama3-8b", "n_layers": 12, "batch": 4, "seq": 4096,
          "remat": "selective", "attention": "blocked", "attention_block": 1024}
 SMALL = {"model": "tiny", "n_layers": 2, "batch": 2, "seq": 16,
@@ -117,7 +119,7 @@ def part_calibration(small: bool) -> dict:
     import jax
     import jax.numpy as jnp
     spec, cfg, _ = llama_config(small)
-    iters = 3 if small else 20
+    iters = 3 if small else 10
     copy_n = 2 ** 14 if small else 2 ** 30           # bf16 elements: 2 GiB
     x = jax.random.normal(jax.random.key(0), (copy_n,), jnp.bfloat16)
     copy = jax.jit(lambda x: x * 2)
@@ -161,7 +163,7 @@ def part_mlp(small: bool) -> dict:
     result = {"size": vars(size), "flops_per_step": work.info["flops_per_device"],
               "memory_analysis": memory_analysis(compiled), "xla_flops": xla_flops(compiled)}
     for row in work.rows:
-        result[row.name] = median_time(row.call, 3 if small else 50)[0]
+        result[row.name] = median_time(row.call, 3 if small else 20)[0]
     result["peak_bytes_in_use"] = peak_bytes()
     return result
 
@@ -214,6 +216,17 @@ def machine() -> dict:
             "platform": device.platform, "bytes_limit": stats.get("bytes_limit")}
 
 
+def layer_counts(part: str) -> tuple:
+    """The llama's layer counts to try on this GPU (``(None,)`` for other parts)."""
+    if part not in LAYERS:
+        return (None,)
+    query = "import jax; print((jax.devices()[0].memory_stats() or {}).get('bytes_limit', 0))"
+    found = subprocess.run([sys.executable, "-c", query], capture_output=True, text=True,
+                           check=True).stdout.split()
+    limit = float(found[-1]) if found else 0.0
+    return (LAYERS if limit > 100e9 else LAYERS_80GB)[part]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=pathlib.Path)
@@ -235,7 +248,7 @@ def main(argv=None) -> int:
     for part in PARTS:
         command = [sys.executable, __file__, "--out", str(args.out), "--part", part]
         command += ["--small"] if args.small else []
-        for layers in (None,) if args.small else LAYERS.get(part, (None,)):
+        for layers in (None,) if args.small else layer_counts(part):
             print(f"=== {part}" + (f" with {layers} layers" if layers else ""), flush=True)
             code = subprocess.call(command + ([f"--layers={layers}"] if layers else []),
                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
