@@ -234,6 +234,8 @@ def main(argv=None) -> int:
     parser.add_argument("--part", choices=PARTS, help="run one part here (else each in a "
                         "process of its own)")
     parser.add_argument("--layers", type=int, help="the llama's layers (default: LAYERS)")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"the parts to run, in turn (default: {','.join(PARTS)})")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.part:
@@ -245,7 +247,7 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "matmuls"}, indent=1)[:3000])
         return 0
     failed = 0
-    for part in PARTS:
+    for part in args.parts.split(","):
         command = [sys.executable, __file__, "--out", str(args.out), "--part", part]
         command += ["--small"] if args.small else []
         for layers in (None,) if args.small else layer_counts(part):
