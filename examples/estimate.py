@@ -34,23 +34,10 @@ MODELS = {"8b": "llama3-8b", "70b": "llama3-70b", "405b": "llama3-405b",
           **{name: name for name in lp.PRESETS}}
 
 
-def parse_mesh(text: str) -> dict[str, int]:
-    """``"fsdp=8,tp=8"`` -> {"fsdp": 8, "tp": 8}."""
-    sizes = {}
-    for item in filter(None, text.split(",")):
-        name, _, size = item.partition("=")
-        if name not in lp.AXES or not size.isdigit() or int(size) < 1:
-            raise argparse.ArgumentTypeError(
-                f"--mesh: expected axis=size items with axes among {lp.AXES}, "
-                f"found {item!r}; e.g. --mesh fsdp=8,tp=8")
-        sizes[name] = int(size)
-    return sizes
-
-
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(MODELS), default="8b")
-    parser.add_argument("--mesh", type=parse_mesh, default={"fsdp": 8},
+    parser.add_argument("--mesh", type=lp.parse_mesh, default={"fsdp": 8},
                         help="axis=size,... over dp, fsdp, cp, tp (default fsdp=8)")
     parser.add_argument("--hardware", choices=("h100-sxm", "h200", "cpu"), default="h100-sxm")
     parser.add_argument("--batch", type=int, default=16, help="global batch (sequences)")

@@ -1,6 +1,10 @@
 """Llama training steps as jlocalmap programs, at published shapes and meshes,
 for ``jlm.estimate`` (examples/estimate.py, benchmarks/estimate_validation.py) and
-for running for real (tests on 8 simulated CPU devices, one GPU).
+for running for real (tests on 8 simulated CPU devices, one GPU). Run as a
+script, it trains a tiny one on 8 simulated CPU devices against the same model
+unsharded on one device:
+
+    python examples/llama_programs.py [--mesh fsdp=2,cp=2,tp=2] [--steps 3]
 
 A step is a whole training step: forward, backward and an AdamW update of float32
 master weights (bfloat16 compute). The mesh has four axes, ``(dp, fsdp, cp, tp)``,
@@ -47,8 +51,17 @@ e4m3 forward and e5m2 gradients, with no scaling factors modelled.
 
 from __future__ import annotations
 
+import os
+
+# Simulate 8 devices on the host platform; has no effect when JAX runs on GPUs.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_force_host_platform_device_count=8").strip()
+
+import argparse
 import dataclasses
 import functools
+import sys
 from collections.abc import Callable, Mapping
 
 import jax
@@ -555,3 +568,52 @@ def max_diff(tree, ref_tree) -> float:
     return max(float(np.max(np.abs(np.asarray(jlm.full_tensor(a), np.float64)
                                    - np.asarray(b, np.float64))))
                for a, b in zip(jax.tree.leaves(tree), jax.tree.leaves(ref_tree), strict=True))
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"fsdp=8,tp=8"`` -> {"fsdp": 8, "tp": 8} (axes among ``AXES``)."""
+    sizes = {}
+    for item in filter(None, text.split(",")):
+        name, _, size = item.partition("=")
+        if name not in AXES or not size.isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(
+                f"--mesh: expected axis=size items with axes among {AXES}, found {item!r}; "
+                "e.g. --mesh fsdp=8,tp=8")
+        sizes[name] = int(size)
+    return sizes
+
+
+TOL = 1e-4
+
+
+def main(argv=None) -> float:
+    """Train the tiny model sharded and unsharded; return the largest difference."""
+    parser = argparse.ArgumentParser(description="a tiny llama, sharded against unsharded")
+    parser.add_argument("--mesh", type=parse_mesh, default={"fsdp": 2, "cp": 2, "tp": 2})
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--remat", choices=tuple(REMAT_POLICIES), default="selective")
+    parser.add_argument("--attention", choices=("dense", "blocked"), default="blocked")
+    args = parser.parse_args(argv)
+    plan = Plan(remat=args.remat, attention=args.attention, attention_block=4,
+                compute_dtype="float32", lr=1e-2)
+    mesh = make_mesh(args.mesh)
+    print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}; mesh "
+          f"{dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}; remat {args.remat}, "
+          f"attention {args.attention}; float32, AdamW lr 1e-2")
+    with jax.default_matmul_precision("highest"):
+        history = run_and_compare(PRESETS["tiny"], mesh, batch=args.batch, seq=args.seq,
+                                  plan=plan, steps=args.steps)
+    for i, h in enumerate(history, 1):
+        print("step {}: loss {loss:.6f}  max |loss diff| {loss_diff:.2e}  max |param diff| "
+              "{param_diff:.2e}".format(i, **h))
+    worst = max(max(h["loss_diff"], h["param_diff"]) for h in history)
+    print(f"max |sharded - unsharded| = {worst:.2e}")
+    return worst
+
+
+if __name__ == "__main__":
+    if main() > TOL:
+        print(f"FAILED: above the tolerance {TOL}", file=sys.stderr)
+        sys.exit(1)
