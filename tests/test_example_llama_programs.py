@@ -5,6 +5,7 @@ FSDP gradients are reduce-scattered, and wrong sizes are refused by name."""
 
 import importlib.util
 import pathlib
+import re
 import sys
 import time
 
@@ -40,13 +41,16 @@ def test_step_without_remat_equals_the_unsharded_step():
     assert max(max(h["loss_diff"], h["param_diff"]) for h in history) < lp.TOL
 
 
-def test_fsdp_gradients_are_reduce_scattered():
-    """The FSDP weights' gradients leave their regions reduce-scattered over
-    fsdp (one per gathered matrix of a layer and the embedding and head)."""
+def test_fsdp_is_placements_outside_the_regions():
+    """FSDP is a placement change (FSDP2's DTensor params): weights are resharded
+    (gathered) outside the regions, enter them whole over fsdp, and their
+    gradients leave them unreduced, to be reduce-scattered outside."""
     mesh = lp.make_abstract_mesh({"fsdp": 8})
     step, args, _, _ = lp.build(TINY, mesh, batch=8, seq=16, plan=lp.Plan(attention="dense"))
     jaxpr = str(jax.make_jaxpr(step)(*args))
-    assert jaxpr.count("reduce_scatter") + jaxpr.count("psum_scatter") >= 7 + 2
+    gathers = re.findall(r"all_gather\[[^\]]*axis_name=\(([^)]*)\)", jaxpr)
+    assert gathers and all("fsdp" not in axes for axes in gathers)   # in regions: tp only
+    assert jaxpr.count("reshard") >= 2 * 9 and "unreduced" in jaxpr
 
 
 @pytest.mark.parametrize("model, sizes, batch", [
