@@ -35,8 +35,11 @@ each layer's input); attention ``dense`` (the scores
 materialised) or ``blocked`` (queries in blocks of ``attention_block``, each
 block checkpointed and, without cp, against its causal keys only: a
 flash-attention stand-in whose memory is one block's scores and whose FLOPs
-skip most masked blocks); precision ``bf16`` or ``fp8``: the projection matmuls
-(not attention, not the LM head, as Transformer Engine) take float8 operands,
+skip most masked blocks) or ``none`` (q, k and v added, no attention: not a
+model, a stand-in for pricing a fused attention kernel apart, see
+benchmarks/estimate_validation.py); precision ``bf16`` or ``fp8``: the
+projection matmuls (not attention, not the LM head, as Transformer Engine)
+take float8 operands,
 e4m3 forward and e5m2 gradients, with no scaling factors modelled.
 
     >>> import jax
@@ -124,7 +127,7 @@ PRESETS: dict[str, LlamaConfig] = {
 class Plan:
     """How a step is trained: checkpointing, attention, precision, optimizer."""
     remat: str = "selective"        # none | selective | qkv | full
-    attention: str = "blocked"      # dense | blocked
+    attention: str = "blocked"      # dense | blocked | none
     attention_block: int = 1024
     precision: str = "bf16"         # bf16 | fp8 (projection matmuls)
     compute_dtype: str = "bfloat16"
@@ -132,7 +135,7 @@ class Plan:
 
     def __post_init__(self):
         for name, allowed in (("remat", tuple(REMAT_POLICIES)),
-                              ("attention", ("dense", "blocked")),
+                              ("attention", ("dense", "blocked", "none")),
                               ("precision", ("bf16", "fp8"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"Plan.{name}: expected one of {allowed}, "
@@ -259,6 +262,8 @@ def causal_attention(q, k, v, q_offset):
 def attend(q, k, v, q_offset, *, theta: float, block: int | None, causal_keys: bool):
     """RoPE, then causal attention, whole (``block`` None) or by query blocks, each
     checkpointed; with ``causal_keys`` (q_offset 0) a block sees only its keys."""
+    if block == 0:   # attention "none": q, k and v mixed without attention
+        return q + jnp.repeat(k + v, q.shape[2] // k.shape[2], axis=2)[:, :q.shape[1]]
     q = rope(q, q_offset + jnp.arange(q.shape[1]), theta)
     k = rope(k, jnp.arange(k.shape[1]), theta)
     if block is None or block >= q.shape[1]:
@@ -353,7 +358,7 @@ def _matmul(plan: Plan) -> Callable:
 
 
 def _block(plan: Plan) -> int | None:
-    return plan.attention_block if plan.attention == "blocked" else None
+    return {"blocked": plan.attention_block, "dense": None, "none": 0}[plan.attention]
 
 
 # -- the sharded pieces: local_map regions ------------------------------------------
