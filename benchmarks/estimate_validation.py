@@ -214,15 +214,16 @@ def markdown(device: list, published: list, worked: list, efficiency: float) -> 
                      f"{mem} |")
     lines += ["", "Validation 3 (published, H100 preset):", "",
               ("| row | mesh | published step | predicted, XLA attention | ratio | "
-               "predicted, fused attention | ratio | published memory | predicted peak |"),
-              "|---|---|---|---|---|---|---|---|---|"]
+               "predicted, fused attention | ratio | of which compute / memory-bound / "
+               "exposed comm | published memory | predicted peak |"),
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in published:
         mesh = " x ".join(f"{a}{n}" for a, n in r["mesh"].items())
         memory = f"{r['published_memory_gib']:.1f} GiB" if r["published_memory_gib"] else "-"
         lines.append(f"| {r['name']} | {mesh} | {r['published_step_s']:.3f} s | "
                      f"{r['predicted_step_s']:.3f} s | {r['time_ratio']:.3f} | "
                      f"{r['fused_attention_step_s']:.3f} s | "
-                     f"{r['fused_attention_ratio']:.3f} | {memory} | "
+                     f"{r['fused_attention_ratio']:.3f} | {breakdown(r)} | {memory} | "
                      f"{r['predicted_peak_gib']:.1f} GiB |")
     lines += ["", "Worked question: Llama 3 70B, 64 H100 as fsdp8 x tp8, sequence 8192:", "",
               ("| remat | global batch | peak per GPU | fits 80 GiB | step | step, fused "
@@ -233,6 +234,15 @@ def markdown(device: list, published: list, worked: list, efficiency: float) -> 
                      f"{r['fused_attention_step_s']:.2f} s | "
                      f"{r['tokens_per_s_per_device']:.0f} | {(r['mfu'] or 0) * 100:.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+def breakdown(row: dict) -> str:
+    """Compute (the fused attention's added), memory-bound and exposed
+    communication seconds of a published row's fused-attention prediction."""
+    time_s = row["fused_attention_estimate"]["time_s"]
+    attention = row["fused_attention_step_s"] - time_s["step"]
+    exposed = time_s["comm inside regions (exposed)"] + time_s["comm outside exposed"]
+    return f"{time_s['compute'] + attention:.2f} / {time_s['memory']:.2f} / {exposed:.2f} s"
 
 
 def main(argv=None) -> int:
