@@ -4,10 +4,11 @@ the worked question (Llama 3 70B on 64 H100s as FSDP8 x TP8).
 
     python benchmarks/estimate_validation.py [--results docs/results/estimates]
 
-Reads the device call's JSON (benchmarks/estimate_device.py) from ``--results``:
-the matmul efficiency calibrated there (the llama step's matmul mix over the
-H200's datasheet bf16 peak) is the one calibration every row uses, H100 rows
-too; nothing is fitted per row. Prints markdown tables and writes them, with
+Reads the device call's JSON (benchmarks/estimate_device.py) from ``--results``
+where there is some: the matmul efficiency calibrated there (the llama step's
+matmul mix over the datasheet bf16 peak) is the one calibration every row uses,
+H100 rows too (without a device call: the H200 preset's measured figure);
+nothing is fitted per row. Prints markdown tables and writes them, with
 every estimate's figures, to ``--results``/validation.{md,json}.
 """
 
@@ -82,11 +83,16 @@ def load(results: pathlib.Path) -> dict:
             if p.stem in ("calibration", "mlp", "llama", "llama-kept")}
 
 
-def calibrated(measured: dict) -> float:
-    """The llama step's matmul mix, measured on the GPU, over its bf16 peak (the
-    H100's and the H200's are the same chip's: 989 TFLOP/s dense)."""
-    peak = jlm.Hardware.preset("h200").peak_flops["bf16"]
-    return measured["calibration"]["llama_matmul_tflops"] * 1e12 / peak
+def calibrated(measured: dict) -> tuple[float, str]:
+    """(matmul efficiency, its source): the llama step's matmul mix measured by
+    the device call over the bf16 peak (the H100's and the H200's are the same
+    chip's, 989 TFLOP/s dense), else the H200 preset's own measured figure."""
+    preset = jlm.Hardware.preset("h200")
+    if "calibration" not in measured:
+        return preset.matmul_efficiency, preset.sources.get("matmul_efficiency", "the preset")
+    tflops = measured["calibration"]["llama_matmul_tflops"]
+    return (tflops * 1e12 / preset.peak_flops["bf16"],
+            f"the device call: the llama step's bf16 matmuls at {tflops:.0f} TFLOP/s")
 
 
 def estimate_llama(cfg: lp.LlamaConfig, mesh_sizes: dict, batch: int, seq: int, plan: lp.Plan,
@@ -112,30 +118,43 @@ def estimate_mlp(size: dict, hardware: jlm.Hardware) -> jlm.Estimate:
                         spec((t, d), P()), spec((t, d), P(), "float32"), hardware=hardware)
 
 
+def device_programs() -> list[tuple[str, str, dict]]:
+    """(name, part, spec) of the programs benchmarks/estimate_device.py measures."""
+    from benchmarks import estimate_device as dev
+    programs = [("MLP workload step (jlocalmap), T=8192 d=4096 ffn=14336", "mlp",
+                 {"tokens": 8192, "d_model": 4096, "d_ff": 14336})]
+    for part, donate in (("llama", True), ("llama-kept", False)):
+        spec = {**dev.LLAMA, "n_layers": dev.LAYERS[part][0], "donate": donate}
+        programs.append((f"Llama 3 8B layer x {spec['n_layers']}, batch {spec['batch']} x "
+                         f"{spec['seq']}, {spec['remat']} remat, "
+                         + ("donated" if donate else "not donated"), part, spec))
+    return programs
+
+
 def device_rows(measured: dict, hardware: jlm.Hardware) -> list[dict]:
-    """Validation 2: each measured program's prediction against its measurement."""
+    """Validation 2: each device program's prediction, against its measurement
+    where the device call ran (a measured run's own sizes are used)."""
     rows = []
-    mlp = measured["mlp"]
-    est = estimate_mlp(mlp["size"], hardware)
-    rows.append(_compare("MLP workload step (jlocalmap), T=8192 d=4096 ffn=14336",
-                         est, mlp["mlp/jlocalmap"], mlp["peak_bytes_in_use"]))
-    for part in ("llama", "llama-kept"):
-        if part not in measured:
-            continue
-        run = measured[part]
-        cfg = lp.LlamaConfig(**run["config"])
-        est = estimate_llama(cfg, {}, run["spec"]["batch"], run["spec"]["seq"],
-                             lp.Plan(**run["plan"]), hardware, donate=run["donate"])
-        name = (f"Llama 3 8B layer x {cfg.n_layers}, batch {run['spec']['batch']} x "
-                f"{run['spec']['seq']}, {run['plan']['remat']} remat"
-                + (", donated" if run["donate"] else ", not donated"))
-        rows.append(_compare(name, est, run["step_seconds"], run["peak_bytes_in_use"]))
+    for name, part, spec in device_programs():
+        run = measured.get(part)
+        if part == "mlp":
+            est = estimate_mlp((run or {}).get("size", spec), hardware)
+        else:
+            spec = {**run["spec"], "donate": run["donate"]} if run else spec
+            cfg = dataclasses.replace(lp.PRESETS[spec["model"]], n_layers=spec["n_layers"])
+            plan = lp.Plan(remat=spec["remat"], attention=spec["attention"],
+                           attention_block=spec["attention_block"])
+            est = estimate_llama(cfg, {}, spec["batch"], spec["seq"], plan, hardware,
+                                 donate=spec["donate"])
+        step_s = (run or {}).get("mlp/jlocalmap" if part == "mlp" else "step_seconds")
+        rows.append(_compare(name, est, step_s, (run or {}).get("peak_bytes_in_use")))
     return rows
 
 
-def _compare(name: str, est: jlm.Estimate, step_s: float, peak: int | None) -> dict:
+def _compare(name: str, est: jlm.Estimate, step_s: float | None, peak: int | None) -> dict:
     return {"name": name, "measured_step_s": step_s, "predicted_step_s": est.step_time_s,
-            "time_ratio": est.step_time_s / step_s, "measured_peak_gib": (peak or 0) / GIB,
+            "time_ratio": est.step_time_s / step_s if step_s else None,
+            "measured_peak_gib": peak / GIB if peak else None,
             "predicted_peak_gib": est.peak_bytes / GIB,
             "memory_ratio": est.peak_bytes / peak if peak else None, "estimate": est.to_dict()}
 
@@ -201,17 +220,23 @@ def worked_question(hardware: jlm.Hardware) -> list[dict]:
     return rows
 
 
-def markdown(device: list, published: list, worked: list, efficiency: float) -> str:
+def _figure(value: float | None, form: str) -> str:
+    return "not measured" if value is None else form.format(value)
+
+
+def markdown(device: list, published: list, worked: list, efficiency: float,
+             source: str) -> str:
     lines = [(f"Matmul efficiency (one calibration, every row): {efficiency:.3f} of the "
-             "datasheet bf16 peak."), "", "Validation 2 (one GPU):", "",
+             f"datasheet bf16 peak ({source})."), "", "Validation 2 (one GPU):", "",
              "| program | measured step | predicted | ratio | measured peak | predicted | ratio |",
              "|---|---|---|---|---|---|---|"]
     for r in device:
-        mem = f"{r['memory_ratio']:.3f}" if r["memory_ratio"] else "-"
-        lines.append(f"| {r['name']} | {r['measured_step_s'] * 1e3:.1f} ms | "
-                     f"{r['predicted_step_s'] * 1e3:.1f} ms | {r['time_ratio']:.3f} | "
-                     f"{r['measured_peak_gib']:.2f} GiB | {r['predicted_peak_gib']:.2f} GiB | "
-                     f"{mem} |")
+        measured = _figure(r["measured_step_s"] and r["measured_step_s"] * 1e3, "{:.1f} ms")
+        lines.append(f"| {r['name']} | {measured} | {r['predicted_step_s'] * 1e3:.1f} ms | "
+                     f"{_figure(r['time_ratio'], '{:.3f}')} | "
+                     f"{_figure(r['measured_peak_gib'], '{:.2f} GiB')} | "
+                     f"{r['predicted_peak_gib']:.2f} GiB | "
+                     f"{_figure(r['memory_ratio'], '{:.3f}')} |")
     lines += ["", "Validation 3 (published, H100 preset):", "",
               ("| row | mesh | published step | predicted, XLA attention | ratio | "
                "predicted, fused attention | ratio | of which compute / memory-bound / "
@@ -251,21 +276,19 @@ def main(argv=None) -> int:
                         default=ROOT / "docs" / "results" / "estimates")
     args = parser.parse_args(argv)
     measured = load(args.results)
-    if "calibration" not in measured:
-        parser.error(f"--results: no calibration.json in {args.results}; run "
-                     "benchmarks/estimate_device.py on the GPU first")
-    efficiency = calibrated(measured)
+    efficiency, source = calibrated(measured)
     h100 = jlm.Hardware.preset("h100-sxm").replace(matmul_efficiency=efficiency)
-    kind = measured["calibration"].get("machine", {}).get("device_kind", "H200")
+    kind = measured.get("calibration", {}).get("machine", {}).get("device_kind", "H200")
     measured_on = h100 if "H100" in kind else jlm.Hardware.preset("h200").replace(
         matmul_efficiency=efficiency)
-    device = device_rows(measured, measured_on) if "mlp" in measured else []
+    device = device_rows(measured, measured_on)
     published, worked = published_rows(h100), worked_question(h100)
-    text = markdown(device, published, worked, efficiency)
+    text = markdown(device, published, worked, efficiency, source)
     print(text)
     (args.results / "validation.md").write_text(text)
     (args.results / "validation.json").write_text(json.dumps(
-        {"matmul_efficiency": efficiency, "device": device, "published": published,
+        {"matmul_efficiency": efficiency, "calibration_source": source, "device": device,
+         "published": published,
          "worked_question": worked}, indent=1, default=str))
     return 0
 
