@@ -12,8 +12,8 @@ the last varying fastest over devices (tensor parallelism inside a node):
 
 * ``dp`` and ``fsdp`` split the batch; ``fsdp`` also splits every weight (ZeRO-3,
   torchtitan's FSDP2, MaxText's ``fsdp``): a layer's weights are cast to the
-  compute dtype and all-gathered where they are used (``jlm.redistribute``), and
-  their gradients reduce-scattered by the transpose;
+  compute dtype and all-gathered where they are used (``jlm.redistribute``);
+  their gradients are summed at the regions' boundaries (see ``COLUMN_GRAD``);
 * ``cp`` splits the sequence (context parallelism: k and v gathered over cp);
 * ``tp`` is Megatron tensor parallelism with sequence parallelism: column-parallel
   wq/wk/wv/w1/w3 and LM head, row-parallel wo/w2, the vocabulary of the embedding
@@ -364,9 +364,10 @@ def _block(plan: Plan) -> int | None:
 # -- the sharded pieces: local_map regions ------------------------------------------
 # A weight enters a region whole over fsdp (gathered by ``fsdp_gather``) and split
 # over tp. Its cotangent in the region sums this (dp, fsdp, cp) rank's tokens
-# only: Partial there. It leaves the region unreduced, and the transpose of the
-# gather reduce-scatters it over fsdp and sums it over dp and cp: FSDP's
-# reduce-scatter, outside the regions, where XLA can overlap it.
+# only: Partial there, which jlocalmap all-reduces over dp, fsdp and cp at the
+# region's boundary; the transpose of the gather then keeps this rank's fsdp
+# shard. (FSDP reduce-scatters instead, half the bytes: XLA may fuse the
+# all-reduce and the slice into one, as it does for some on the CPU.)
 WHOLE_COLUMN, WHOLE_ROW = [R, R, R, S1], [R, R, R, S0]
 COLUMN_GRAD, ROW_GRAD = [P, P, P, S1], [P, P, P, S0]
 
