@@ -272,7 +272,7 @@ def breakdown(row: dict) -> str:
     communication seconds of a published row's fused-attention prediction."""
     time_s = row["fused_attention_estimate"]["time_s"]
     attention = row["fused_attention_step_s"] - time_s["step"]
-    exposed = time_s["comm inside regions (exposed)"] + time_s["comm outside exposed"]
+    exposed = time_s["comm exposed"]
     return f"{time_s['compute'] + attention:.2f} / {time_s['memory']:.2f} / {exposed:.2f} s"
 
 
