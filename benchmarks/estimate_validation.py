@@ -276,7 +276,7 @@ def breakdown(row: dict) -> str:
     published row's fused-attention prediction."""
     time_s = row["fused_attention_estimate"]["time_s"]
     compute = time_s["compute"] + row["attention_kernel_s"]
-    exposed = row["fused_attention_step_s"] - compute - time_s["memory"]
+    exposed = max(0.0, row["fused_attention_step_s"] - compute - time_s["memory"])
     return f"{compute:.2f} / {time_s['memory']:.2f} / {exposed:.2f} s"
 
 
