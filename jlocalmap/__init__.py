@@ -1,6 +1,7 @@
 """jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``."""
 
 from jlocalmap import collectives
+from jlocalmap.estimate import Estimate, Hardware, estimate
 from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
 from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.inspect.inspection import Region, regions
@@ -25,4 +26,5 @@ __all__ = [
     "regions", "region_settings", "Region", "RegionCall", "Operand", "Residual",
     "UnevenArray", "local_valid_size",
     "strategy_region", "StrategyRegion", "CostModel", "Link",
+    "estimate", "Estimate", "Hardware",
 ]
