@@ -24,6 +24,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
+from jlocalmap._jax_compat import UNREDUCED_ALL_REDUCE_PER_AXIS
 from jlocalmap.estimate.shapes import (
     local_bytes,
     local_shape,
@@ -107,8 +108,12 @@ def reshard_ops(eqn: Any) -> list[CommOp]:
     src_spec, dst_spec = list(spec_of(aval)), spec_of(dst)
     pending = unreduced_axes(aval) - unreduced_axes(dst)
     if pending:
-        op = _reduce_op(tuple(a for a in sizes if a in pending), dst, dst_spec, sizes)
-        ops += [op] if op else []
+        axes = tuple(a for a in sizes if a in pending)
+        op = _reduce_op(axes, dst, dst_spec, sizes)
+        if op is not None and op.kind == "all-reduce" and UNREDUCED_ALL_REDUCE_PER_AXIS:
+            ops += [CommOp(op.kind, (a,), sizes[a], op.bytes) for a in axes if sizes[a] > 1]
+        else:
+            ops += [op] if op else []
         # a reduce-scatter leaves the reduced axes where the destination splits
         src_spec = [e + tuple(a for a in d if a in pending and a not in e)
                     for e, d in zip(src_spec, dst_spec, strict=True)]

@@ -145,6 +145,9 @@ def _cpu() -> Hardware:
     return Hardware(
         "cpu", {"bf16": cpu.flops_per_s, "f32": cpu.flops_per_s}, 1.0, 2.0**34,
         cpu.memory_bytes_per_s, 1 << 20, cpu.default_link, cpu.default_link,
-        {"peak_flops": "jlocalmap.CostModel.cpu_simulated (fitted on this 2-core host)",
+        {**{f: "jlocalmap.CostModel.cpu_simulated (fitted to examples/choose_strategy.py "
+               "on this 2-core host; docs/strategies.md)"
+            for f in ("peak_flops", "hbm_bandwidth", "nvlink", "network")},
+         "matmul_efficiency": "1: cpu_simulated's rate is already a measured one",
          "hbm_bytes": "16 GiB: a nominal host, for self-checks only",
          "gpus_per_node": "every simulated device shares one host"})

@@ -5,9 +5,11 @@ temporaries, by a liveness pass over the program in its traced order.
 A value occupies memory from the operation that writes it to its last reader;
 fused elementwise values (see :mod:`jlocalmap.estimate.walk`) never do. A
 body (``scan``, ``shard_map``, ``jit``) adds its own peak while it runs; a
-``scan``'s stacked outputs are whole from its start. Outputs are held to the
-end, as XLA holds them (an input donated to ``jax.jit`` is reused for an
-output of its size). Saved activations are the values the forward equations
+``scan``'s stacked outputs are whole from its start. The outputs are held
+from their writing to the end, and their buffers hold temporaries until then,
+as XLA assigns them: the peak beside the arguments is the larger of the
+outputs and the liveness peak (an input donated to ``jax.jit`` gives its
+buffer to an output of its size). Saved activations are the values the forward equations
 write and the backward ones (JAX's ``transpose(...)`` of them) read: a region's
 own (inside regions) or the rest of the program's (outside).
 
@@ -31,7 +33,7 @@ from jax.extend import core as jcore
 
 from jlocalmap._jax_compat import sub_jaxprs
 from jlocalmap.estimate.shapes import entries, local_bytes
-from jlocalmap.estimate.walk import materialized, region_of
+from jlocalmap.estimate.walk import live_eqns, materialized, region_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +75,17 @@ def inner_peak(eqn: Any) -> int:
     return sum(peak_of(s) for s in subs) if eqn.primitive.name == "while" else peak_of(subs[0])
 
 
-def _last_reads(jaxpr: Any) -> dict:
+def _while_running(eqn: Any, written: int) -> int:
+    """Bytes an equation adds while it runs: its results and its bodies' peak
+    (a body's own results are the equation's, except a scan's: one
+    iteration's slice of its stacked results)."""
+    inner = inner_peak(eqn)
+    return written + inner if eqn.primitive.name in ("scan", "while") else max(written, inner)
+
+
+def _last_reads(eqns: Sequence[Any]) -> dict:
     last: dict = {}
-    for i, eqn in enumerate(jaxpr.eqns):
+    for i, eqn in enumerate(eqns):
         for v in eqn.invars:
             if isinstance(v, jcore.Var):
                 last[v] = i
@@ -85,12 +95,13 @@ def _last_reads(jaxpr: Any) -> dict:
 def peak_of(jaxpr: Any) -> int:
     """Peak bytes of the values ``jaxpr`` writes (its inputs not counted; its
     outputs held to the end)."""
-    kept, last = materialized(jaxpr), _last_reads(jaxpr)
+    eqns = live_eqns(jaxpr)
+    kept, last = materialized(jaxpr), _last_reads(eqns)
     held = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
     live, peak, sizes = 0, 0, {}
-    for i, eqn in enumerate(jaxpr.eqns):
+    for i, eqn in enumerate(eqns):
         written = {v: var_bytes(eqn, j) for j, v in enumerate(eqn.outvars) if v in kept}
-        peak = max(peak, live + sum(written.values()) + inner_peak(eqn))
+        peak = max(peak, live + _while_running(eqn, sum(written.values())))
         sizes.update(written)
         live += sum(written.values())
         for v in {v for v in eqn.invars if isinstance(v, jcore.Var)}:
@@ -120,11 +131,12 @@ def _from_region(eqn: Any, index: int) -> bool:
 
 def saved(jaxpr: Any) -> tuple[int, int]:
     """(inside regions, outside) bytes of the forward values the backward reads."""
-    producers = {v: (eqn, j) for eqn in jaxpr.eqns if not _is_backward(eqn)
+    eqns = live_eqns(jaxpr)
+    producers = {v: (eqn, j) for eqn in eqns if not _is_backward(eqn)
                  for j, v in enumerate(eqn.outvars)}
     inside = outside = 0
     seen: set = set()
-    for eqn in jaxpr.eqns:
+    for eqn in eqns:
         if not _is_backward(eqn):
             continue
         for v in eqn.invars:

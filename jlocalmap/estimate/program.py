@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Optional
 
 import jax
@@ -76,7 +76,7 @@ def argument_bytes(leaf: Any) -> int:
     return math.prod(shape) * jax.numpy.dtype(leaf.dtype).itemsize
 
 
-def price(fn: Callable, abstract: list, hardware: Hardware,
+def price(fn: Callable, abstract: Sequence[Any], hardware: Hardware,
           axis_sizes: Mapping[str, int]) -> Cost:
     """A strategy alternative's cost on the target: its traced program walked
     and timed as an estimate's (the strategies' :class:`~jlocalmap.CostModel`

@@ -44,8 +44,12 @@ class StrategyRow:
     runner_up_seconds: Optional[float]
 
 
-def _gib(n: float) -> str:
-    return f"{n / 2**30:10.3f} GiB"
+def _size(n: float) -> str:
+    """Bytes in the largest binary unit that keeps the figure >= 1."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:10.3f} {unit}"
+    return f"{n:10.0f} B  "
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,12 +153,12 @@ class Estimate:
         mesh = ", ".join(f"{a}={n}" for a, n in self.axis_sizes.items())
         m, t = self.memory, self.times
         lines = [f"estimate: {self.hardware.name} x {self.devices} on ({mesh}), per device",
-                 "memory", f"  arguments          {_gib(m.arguments)}",
-                 f"  outputs            {_gib(m.outputs)}",
-                 f"  temporaries (peak) {_gib(m.temporaries)}",
-                 f"    saved for backward, inside regions  {_gib(m.saved_inside)}",
-                 f"    saved for backward, outside regions {_gib(m.saved_outside)}",
-                 f"  peak               {_gib(self.peak_bytes)} of "
+                 "memory", f"  arguments          {_size(m.arguments)}",
+                 f"  outputs            {_size(m.outputs)}",
+                 f"  temporaries (peak) {_size(m.temporaries)}",
+                 f"    saved for backward, inside regions  {_size(m.saved_inside)}",
+                 f"    saved for backward, outside regions {_size(m.saved_outside)}",
+                 f"  peak               {_size(self.peak_bytes)} of "
                  f"{self.hardware.hbm_bytes / 2**30:.1f} GiB: "
                  f"{'fits' if self.fits else 'DOES NOT FIT'}",
                  "flops", f"  matmul (exact)     {self.matmul_flops:14.4e}",

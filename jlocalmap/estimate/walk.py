@@ -5,6 +5,7 @@ memory-bound operations move through HBM, and the collectives, per mesh axis,
 inside ``local_map`` regions and outside them. A ``scan`` body is walked once
 and counted ``length`` times; of a ``cond`` the costliest branch counts.
 
+Equations whose results nothing uses are left out, as XLA removes them.
 Memory-bound bytes follow a fusion rule: an elementwise value that only one
 elementwise operation reads is fused into it (XLA's loop fusion) and never
 reaches HBM; every other value is written once and read once per reader.
@@ -101,15 +102,27 @@ def matmul_flops(eqn: Any) -> float:
     return 2.0 * math.prod(local_shape(out)) * math.prod(lhs[d] for d in lhs_c)
 
 
+def live_eqns(jaxpr: Any) -> list:
+    """The equations whose results are used (XLA removes the others): those
+    with effects, or an output that the program returns or a live one reads."""
+    used = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
+    live = []
+    for eqn in reversed(jaxpr.eqns):
+        if eqn.effects or any(v in used for v in eqn.outvars if isinstance(v, jcore.Var)):
+            live.append(eqn)
+            used.update(v for v in eqn.invars if isinstance(v, jcore.Var))
+    return live[::-1]
+
+
 def materialized(jaxpr: Any) -> set:
     """The values of ``jaxpr`` that reach memory (see the module docstring)."""
     readers: dict = {}
-    for eqn in jaxpr.eqns:
+    for eqn in live_eqns(jaxpr):
         for v in eqn.invars:
             if isinstance(v, jcore.Var):
                 readers.setdefault(v, []).append(eqn.primitive.name)
     kept = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)} | set(jaxpr.invars)
-    for eqn in jaxpr.eqns:
+    for eqn in live_eqns(jaxpr):
         fusable = eqn.primitive.name in ELEMENTWISE
         for v in eqn.outvars:
             read_by = readers.get(v, [])
@@ -180,7 +193,7 @@ def walk(jaxpr: Any, where: str = "outside",
     mesh (None outside every body, where Explicit-axis types say what the
     partitioner must communicate)."""
     tally, kept = Tally(), materialized(jaxpr)
-    for eqn in jaxpr.eqns:
+    for eqn in live_eqns(jaxpr):
         if eqn.primitive.name in CALLS:
             _call(eqn, tally, where, sizes)
         elif sub_jaxprs(eqn):  # jit, remat, custom_vjp/jvp calls: their body, once
