@@ -15,7 +15,7 @@ from jax.sharding import AbstractMesh, AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jlocalmap as jlm
-from jlocalmap import Replicate, Shard
+from jlocalmap import Partial, Replicate, Shard
 
 H100 = jlm.Hardware.preset("h100-sxm")
 
@@ -57,7 +57,8 @@ def test_a_psum_is_one_all_reduce_of_the_local_bytes_on_its_axis(mesh2x4, rng):
     assert compiled.counts["all-reduce"] == 1 and compiled.bytes["all-reduce"] == 64
     # priced by the strategies' cost model: latency + 2(n-1)/n bytes / bandwidth on NVLink
     link = H100.nvlink
-    assert est.times.inside_s == pytest.approx(link.latency + 2 * 3 / 4 * 64 / link.bandwidth)
+    [row] = est.comms
+    assert row.seconds == pytest.approx(link.latency + 2 * 3 / 4 * 64 / link.bandwidth)
 
 
 def test_a_regions_saved_activations_are_its_residuals():
@@ -103,11 +104,42 @@ def test_time_is_the_calibrated_matmul_rate_and_outside_comm_overlaps():
                        tokens_per_step=4096)
     compute = 2 * 1024 * 8192**2 / (989e12 * 0.68)
     assert est.times.compute_s == pytest.approx(compute)
-    assert 0 < est.times.outside_s < compute and est.times.inside_s == 0
+    # the product's gather: nothing computes with it (overlapped), shorter than compute
+    assert 0 < est.times.overlapped_s < compute and est.times.exposed_s == 0
     assert est.step_time_s == pytest.approx(compute + est.times.memory_s)
     assert est.mfu == pytest.approx(0.68 * compute / est.step_time_s)
     assert est.tokens_per_s_per_device == pytest.approx(4096 / est.step_time_s / 4)
     json.dumps(est.to_dict())  # every figure serialises
+
+
+def test_weights_gathers_overlap_and_activation_reductions_are_exposed():
+    """A scan over layers: each layer all-gathers its weight over fsdp (ready
+    early: prefetched) and all-reduces its product over tp for the next layer's
+    matmul (waited for); the backward reduce-scatters the weight gradients
+    (nothing waits: they trail) and all-reduces the activations' gradients."""
+    mesh = abstract_mesh((4, 2), ("fsdp", "tp"))
+
+    def body(x, w):  # row-parallel: this tp rank's input columns times its weight rows
+        w = jax.lax.all_gather(w, "fsdp", axis=1, tiled=True)
+        rows = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index("tp") * w.shape[0],
+                                            w.shape[0], axis=1)
+        return jnp.tanh(jax.lax.psum(rows @ w, "tp"))
+
+    layer = jlm.local_map(body, [Shard(0), Replicate()],
+                          ([Shard(0), Replicate()], [Shard(1), Shard(0)]),
+                          in_grad_placements=([Shard(0), Partial()], None), device_mesh=mesh)
+
+    def loss(ws, x):
+        x, _ = jax.lax.scan(lambda x, w: (layer(x, w), None), x, ws)
+        return jnp.sum(x)
+
+    ws = spec((3, 64, 64), mesh, None, "tp", "fsdp")  # (layer, in, out)
+    x = spec((32, 64), mesh, "fsdp")
+    est = jlm.estimate(jax.grad(loss), ws, x, hardware=H100)
+    rows = {(r.axes, r.kind): r for r in est.comms}
+    assert rows[("fsdp", "all-gather")].exposed_s == 0
+    assert rows[("fsdp", "reduce-scatter")].exposed_s == 0
+    assert rows[("tp", "all-reduce")].exposed_s == rows[("tp", "all-reduce")].seconds > 0
 
 
 def test_hardware_links_follow_the_mesh_order_and_numbers_cite_sources():

@@ -31,8 +31,9 @@ def compiled_collectives(hlo_text: str, mesh) -> dict:
     lines, found = instruction_lines(hlo_text), collections.defaultdict(lambda: [0, 0])
     for op in jlm.collectives_in_hlo(hlo_text).ops:
         axes, _ = axes_of_line(lines[op.name], tuple(mesh.devices.shape), mesh.axis_names)
-        found[(",".join(axes), op.kind)][0] += op.executions
-        found[(",".join(axes), op.kind)][1] += op.bytes * op.executions
+        key = (",".join(axes) or "-", op.kind)  # "-": over axes of one device only
+        found[key][0] += op.executions
+        found[key][1] += op.bytes * op.executions
     return dict(found)
 
 

@@ -62,16 +62,23 @@ def _axes_param(params: Mapping[str, Any]) -> tuple:
     return tuple(names) if isinstance(names, (tuple, list)) else (names,)
 
 
+def is_collective(eqn: Any) -> bool:
+    """Whether ``eqn`` is a collective primitive (of a body)."""
+    return eqn.primitive.name in _KINDS
+
+
 def collective_ops(eqn: Any, sizes: Mapping[str, int]) -> list[CommOp]:
     """The collective of a primitive inside a body (``sizes``: the mesh's axis
     sizes), or [] for any other primitive."""
     kind = _KINDS.get(eqn.primitive.name)
     if kind is None:
         return []
-    axes = tuple(a for a in _axes_param(eqn.params) if isinstance(a, str))
-    group = math.prod(sizes.get(a, 1) for a in axes)
+    # Axes of one device take no part (the compiled groups do not span them);
+    # a collective over none of more stays in XLA's program, moving nothing.
+    axes = tuple(a for a in _axes_param(eqn.params) if isinstance(a, str) and sizes.get(a, 1) > 1)
+    group = math.prod(sizes[a] for a in axes)
     if kind == "collective-permute":
-        group = 2 if group > 1 else 1
+        group = min(group, 2)
     if kind == "all-gather":
         nbytes = sum(local_bytes(v.aval) for v in eqn.outvars)
     else:
@@ -88,8 +95,8 @@ def _reduce_op(axes: tuple, out_aval: Any, out_spec: tuple, sizes: Mapping[str, 
     """The reduction of a partial sum over ``axes`` into ``out_aval`` laid out
     ``out_spec``: none where the result stays unreduced, a reduce-scatter where
     the result is split on those axes, else an all-reduce."""
-    axes = tuple(a for a in axes if a not in unreduced_axes(out_aval))
-    if not axes or _group(axes, sizes) <= 1:
+    axes = tuple(a for a in axes if a not in unreduced_axes(out_aval) and sizes.get(a, 1) > 1)
+    if not axes:
         return None
     split = {a for entry in out_spec for a in entry}
     if set(axes) <= split:  # the reduce-scatter's operand: the unscattered result
@@ -119,8 +126,8 @@ def reshard_ops(eqn: Any) -> list[CommOp]:
                     for e, d in zip(src_spec, dst_spec, strict=True)]
     kept_everywhere = {a for e in dst_spec for a in e}
     for dim, (src, want) in enumerate(zip(src_spec, dst_spec, strict=True)):
-        lost = tuple(a for a in src if a not in want)
-        if not lost or _group(lost, sizes) <= 1:
+        lost = tuple(a for a in src if a not in want and sizes.get(a, 1) > 1)
+        if not lost:
             continue
         moved = all(a in kept_everywhere for a in lost)
         before = local_bytes(aval, tuple(src_spec))

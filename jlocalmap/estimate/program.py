@@ -46,17 +46,21 @@ def _is_array(leaf: Any) -> bool:
     return isinstance(leaf, _ARRAYS) or (hasattr(leaf, "shape") and hasattr(leaf, "dtype"))
 
 
+def _abstract(mesh: Any) -> Any:
+    return mesh.abstract_mesh if isinstance(mesh, jax.sharding.Mesh) else mesh
+
+
 def mesh_of_args(leaves: list) -> Any:
-    """The one mesh the array arguments' shardings name."""
+    """The one mesh the array arguments' shardings name (a concrete mesh and
+    its abstract mesh are one: ``jax.eval_shape`` gives the latter)."""
     meshes = {getattr(getattr(leaf, "sharding", None), "mesh", None) for leaf in leaves}
     meshes.discard(None)
-    if len(meshes) > 1:
+    if len({_abstract(m) for m in meshes}) > 1:
         raise PlacementValueError(
             f"args: expected arrays on one mesh, found {len(meshes)} meshes "
             f"({sorted(map(str, meshes))[:2]}...); lay every argument out on the same mesh.")
-    if not meshes:
-        return None
-    return meshes.pop()
+    concrete = [m for m in meshes if isinstance(m, jax.sharding.Mesh)]
+    return concrete[0] if concrete else (meshes.pop() if meshes else None)
 
 
 def _mesh_scope(mesh: Any) -> contextlib.AbstractContextManager:
@@ -83,11 +87,13 @@ def price(fn: Callable, abstract: Sequence[Any], hardware: Hardware,
     row, with no compile)."""
     tally = walk(jax.make_jaxpr(fn)(*abstract).jaxpr)
     t = times(tally, hardware, axis_sizes)
-    inside = sum(op.bytes * n for (where, op), n in tally.comms.items() if where != "outside")
-    outside = sum(op.bytes * n for (where, op), n in tally.comms.items() if where == "outside")
+    inside = sum(op.bytes * n for (where, op, _), n in tally.comms.items()
+                 if where != "outside")
+    outside = sum(op.bytes * n for (where, op, _), n in tally.comms.items()
+                  if where == "outside")
     return Cost(tally.matmul_flops + tally.other_flops, tally.memory_bytes,
                 sum(tally.comms.values()), inside, outside, t.compute_s, t.memory_s,
-                t.inside_s + t.outside_s)
+                t.exposed_s + t.overlapped_s)
 
 
 def strategy_rows(choices: list[tuple[str, Choice]]) -> tuple[StrategyRow, ...]:

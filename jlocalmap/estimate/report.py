@@ -24,7 +24,8 @@ from jlocalmap.estimate.walk import Tally
 @dataclasses.dataclass(frozen=True)
 class CommRow:
     """The collectives of one kind on one group of mesh axes, inside regions
-    or outside: runs per step, bytes per device per step, seconds."""
+    or outside: runs per step, bytes per device per step, seconds, and the
+    seconds the compute waits for (exposed; the rest overlaps)."""
     axes: str
     link: str
     kind: str
@@ -32,6 +33,7 @@ class CommRow:
     count: int
     bytes: int
     seconds: float
+    exposed_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,9 +140,8 @@ class Estimate:
             "flops": {"matmul": self.matmul_flops, "other (approximate)": self.other_flops},
             "memory_bound_bytes": self.memory_bytes,
             "time_s": {"compute": t.compute_s, "memory": t.memory_s,
-                       "comm inside regions (exposed)": t.inside_s,
-                       "comm outside regions (overlapped)": t.outside_s,
-                       "comm outside exposed": t.exposed_outside_s,
+                       "comm exposed": t.exposed_s, "comm overlapped": t.overlapped_s,
+                       "comm overlapped, not hidden": t.unhidden_s,
                        "comm by axis": dict(t.by_axis), "step": self.step_time_s},
             "collectives": [dataclasses.asdict(r) for r in self.comms],
             "strategies": [dataclasses.asdict(r) for r in self.strategies],
@@ -164,11 +165,11 @@ class Estimate:
                  "flops", f"  matmul (exact)     {self.matmul_flops:14.4e}",
                  f"  other (approx.)    {self.other_flops:14.4e}"]
         lines += self._comm_lines()
-        lines += ["time (overlap: outside-region collectives hide behind compute; "
-                  "inside-region ones are exposed)",
+        lines += ["time (overlap: a collective of weights, or of gradients nothing waits "
+                  "for, hides behind compute; the others are exposed)",
                   f"  compute {t.compute_s * 1e3:11.3f} ms   memory-bound {t.memory_s * 1e3:.3f} ms",
-                  f"  comm inside regions {t.inside_s * 1e3:.3f} ms, outside "
-                  f"{t.outside_s * 1e3:.3f} ms ({t.exposed_outside_s * 1e3:.3f} ms exposed)",
+                  f"  comm exposed {t.exposed_s * 1e3:.3f} ms, overlapped "
+                  f"{t.overlapped_s * 1e3:.3f} ms ({t.unhidden_s * 1e3:.3f} ms not hidden)",
                   f"  step    {self.step_time_s * 1e3:11.3f} ms"]
         if self.tokens_per_s_per_device is not None:
             lines.append(f"  tokens/s per device {self.tokens_per_s_per_device:,.0f}")
@@ -179,10 +180,11 @@ class Estimate:
 
     def _comm_lines(self) -> list[str]:
         lines = [f"collectives per step  {'axes':<10} {'link':<8} {'kind':<19} "
-                 f"{'where':<8} {'count':>7} {'bytes':>16} {'ms':>10}"]
+                 f"{'where':<8} {'count':>7} {'bytes':>16} {'ms':>10} {'exposed':>10}"]
         for r in self.comms:
             lines.append(f"                      {r.axes:<10} {r.link:<8} {r.kind:<19} "
-                         f"{r.where:<8} {r.count:>7} {r.bytes:>16,} {r.seconds * 1e3:>10.3f}")
+                         f"{r.where:<8} {r.count:>7} {r.bytes:>16,} {r.seconds * 1e3:>10.3f} "
+                         f"{r.exposed_s * 1e3:>10.3f}")
         return lines if self.comms else ["collectives per step: none"]
 
     def _strategy_lines(self) -> list[str]:
@@ -207,11 +209,12 @@ def comm_rows(tally: Tally, hardware: Hardware, axis_sizes: Mapping[str, int]
     """The tally's collectives grouped by (axes, kind, inside/outside)."""
     model = hardware.cost_model(axis_sizes)
     rows: dict = {}
-    for (where, op), runs in tally.comms.items():
+    for (where, op, exposed), runs in tally.comms.items():
         key = (op.axes, op.kind, "outside" if where == "outside" else "inside")
-        count, nbytes, seconds = rows.get(key, (0, 0, 0.0))
-        rows[key] = (count + runs, nbytes + runs * op.bytes, seconds + runs *
-                     model.collective_seconds(op.kind, op.bytes, op.group, op.axes))
+        count, nbytes, seconds, waited = rows.get(key, (0, 0, 0.0, 0.0))
+        cost = runs * model.collective_seconds(op.kind, op.bytes, op.group, op.axes)
+        rows[key] = (count + runs, nbytes + runs * op.bytes, seconds + cost,
+                     waited + (cost if exposed else 0.0))
     return tuple(CommRow(axes_text(axes), link_name(hardware, axis_sizes, axes), kind, side,
                          *rows[(axes, kind, side)])
                  for axes, kind, side in sorted(rows))

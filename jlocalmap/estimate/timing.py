@@ -10,18 +10,17 @@
   algorithm's factor times bytes over the link's bandwidth, the link of each
   mesh axis from :meth:`~jlocalmap.estimate.hardware.Hardware.axis_links`).
 
-**Overlap model.** Collectives inside ``local_map`` regions are exposed: the
-region's code waits for them (tensor and context parallelism, written where
-torchtitan and MaxText write per-device code). Collectives outside regions
-(the partitioner's parameter all-gathers and gradient reductions of FSDP and
-data parallelism) overlap with compute, as XLA's latency-hiding scheduler
-places them, and cost time only where they exceed it:
-``step = max(compute + memory, outside) + inside``.
+**Overlap model** (:mod:`jlocalmap.estimate.overlap`). A collective whose
+operand is ready early (a weight, gathered ahead as FSDP prefetches it) or
+whose result nothing computes with until the step's end (a weight gradient's
+reduction) overlaps with compute, as XLA's latency-hiding scheduler places it;
+the others (a layer's activations gathered or reduced for the next matmul)
+are exposed: ``step = max(compute + memory, overlapped) + exposed``.
 
 Example:
     >>> from jlocalmap.estimate.timing import Times
-    >>> t = Times(compute_s=1.0, memory_s=0.25, inside_s=0.5, outside_s=2.0, by_axis={})
-    >>> t.step_s, t.exposed_outside_s
+    >>> t = Times(compute_s=1.0, memory_s=0.25, exposed_s=0.5, overlapped_s=2.0, by_axis={})
+    >>> t.step_s, t.unhidden_s
     (2.5, 0.75)
 """
 
@@ -38,21 +37,21 @@ from jlocalmap.strategies.cost_model import CostModel
 @dataclasses.dataclass(frozen=True)
 class Times:
     """Seconds per step by part; ``by_axis``: communication seconds per mesh
-    axis group (``"dp"``, ``"dp,tp"``)."""
+    axis group (``"dp"``, ``"dp,tp"``), exposed and overlapped together."""
     compute_s: float
     memory_s: float
-    inside_s: float
-    outside_s: float
+    exposed_s: float
+    overlapped_s: float
     by_axis: Mapping[str, float]
 
     @property
-    def exposed_outside_s(self) -> float:
-        """The part of the outside-region communication compute does not hide."""
-        return max(0.0, self.outside_s - self.compute_s - self.memory_s)
+    def unhidden_s(self) -> float:
+        """The part of the overlapped communication that compute does not hide."""
+        return max(0.0, self.overlapped_s - self.compute_s - self.memory_s)
 
     @property
     def step_s(self) -> float:
-        return max(self.compute_s + self.memory_s, self.outside_s) + self.inside_s
+        return max(self.compute_s + self.memory_s, self.overlapped_s) + self.exposed_s
 
 
 def axes_text(axes: tuple) -> str:
@@ -60,17 +59,17 @@ def axes_text(axes: tuple) -> str:
 
 
 def comm_seconds(tally: Tally, model: CostModel) -> tuple[float, float, dict]:
-    """(inside regions, outside, by axis) seconds of the tally's collectives."""
-    inside = outside = 0.0
+    """(exposed, overlapped, by axis) seconds of the tally's collectives."""
+    exposed = overlapped = 0.0
     by_axis: dict = {}
-    for (where, op), runs in tally.comms.items():
+    for (_, op, waits), runs in tally.comms.items():
         seconds = runs * model.collective_seconds(op.kind, op.bytes, op.group, op.axes)
         by_axis[axes_text(op.axes)] = by_axis.get(axes_text(op.axes), 0.0) + seconds
-        if where == "outside":
-            outside += seconds
+        if waits:
+            exposed += seconds
         else:
-            inside += seconds
-    return inside, outside, by_axis
+            overlapped += seconds
+    return exposed, overlapped, by_axis
 
 
 def times(tally: Tally, hardware: Hardware, axis_sizes: Mapping[str, int]) -> Times:
@@ -79,5 +78,6 @@ def times(tally: Tally, hardware: Hardware, axis_sizes: Mapping[str, int]) -> Ti
     for (dtype, flops, nbytes), runs in tally.matmuls.items():
         compute += runs * max(flops / hardware.matmul_flops_per_s(dtype),
                               nbytes / hardware.hbm_bandwidth)
-    inside, outside, by_axis = comm_seconds(tally, hardware.cost_model(axis_sizes))
-    return Times(compute, tally.memory_bytes / hardware.hbm_bandwidth, inside, outside, by_axis)
+    exposed, overlapped, by_axis = comm_seconds(tally, hardware.cost_model(axis_sizes))
+    return Times(compute, tally.memory_bytes / hardware.hbm_bandwidth, exposed, overlapped,
+                 by_axis)

@@ -6,9 +6,12 @@ inside ``local_map`` regions and outside them. A ``scan`` body is walked once
 and counted ``length`` times; of a ``cond`` the costliest branch counts.
 
 Equations whose results nothing uses are left out, as XLA removes them.
-Memory-bound bytes follow a fusion rule: an elementwise value that only one
-elementwise operation reads is fused into it (XLA's loop fusion) and never
-reaches HBM; every other value is written once and read once per reader.
+Memory-bound bytes follow a fusion rule: an elementwise value that only
+elementwise operations and reductions read is fused into them (XLA's loop and
+input fusion, duplicating a cheap producer into each reader) and never reaches
+HBM; every other value (a matmul's or a collective's operand or result, a
+reduction's result, a body's input or output) is written once and read once
+per reader.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -25,13 +28,26 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, Optional
 
 from jax.extend import core as jcore
 
 from jlocalmap._jax_compat import sub_jaxprs
-from jlocalmap.estimate.comm import REDUCTIONS, CommOp, collective_ops, explicit_ops
+from jlocalmap.estimate.comm import (
+    REDUCTIONS,
+    CommOp,
+    collective_ops,
+    explicit_ops,
+    is_collective,
+)
+from jlocalmap.estimate.overlap import (
+    MATMULS,
+    late_inputs,
+    late_values,
+    waited_inputs,
+    waited_values,
+)
 from jlocalmap.estimate.shapes import local_bytes, local_shape, mesh_sizes
 from jlocalmap.region.names import PREFIX, name_in
 from jlocalmap.region.record import region_settings
@@ -51,21 +67,22 @@ ELEMENTWISE = frozenset((
     "shift_left", "shift_right_logical", "shift_right_arithmetic", "population_count",
     "imag", "real", "conj", "random_bits", "random_wrap", "random_unwrap", "random_seed",
     "threefry2x32", "name", "optimization_barrier", "axis_index")) | frozenset(FREE_CASTS)
+# Readers that take an elementwise producer into their own fusion (XLA's loop
+# and input fusion; a producer read by several is duplicated into each).
+FUSING = ELEMENTWISE | frozenset(REDUCTIONS)
 # No arithmetic (types, casts between layouts of the same bytes).
 FREE = frozenset(("reshape", "squeeze", "expand_dims", "pvary", "pcast", "stop_gradient",
                   "name", "optimization_barrier", "axis_index",
                   "broadcast_in_dim")) | frozenset(FREE_CASTS)
-MATMULS = frozenset(("dot_general", "conv_general_dilated", "ragged_dot_general",
-                     "ragged_dot"))
-CALLS = frozenset(("scan", "while", "cond", "shard_map"))
 
 
 @dataclasses.dataclass
 class Tally:
     """Per-device totals of a walk. ``matmuls``: (dtype, flops, bytes) ->
-    runs; ``comms``: (where, :class:`~jlocalmap.estimate.comm.CommOp`) -> runs,
-    ``where`` a region's name or ``"outside"``; ``notes``: what the walk could
-    not see or only approximated."""
+    runs; ``comms``: (where, :class:`~jlocalmap.estimate.comm.CommOp`,
+    exposed) -> runs, ``where`` a region's name or ``"outside"``, ``exposed``
+    whether the compute waits for it (:mod:`jlocalmap.estimate.overlap`);
+    ``notes``: what the walk could not see or only approximated."""
     matmuls: Counter = dataclasses.field(default_factory=Counter)
     other_flops: float = 0.0
     memory_bytes: float = 0.0
@@ -126,17 +143,33 @@ def materialized(jaxpr: Any) -> set:
         fusable = eqn.primitive.name in ELEMENTWISE
         for v in eqn.outvars:
             read_by = readers.get(v, [])
-            if not fusable or len(read_by) > 1 or any(r not in ELEMENTWISE for r in read_by):
+            if not fusable or any(r not in FUSING for r in read_by):
                 kept.add(v)
     return kept
 
 
-def _memory_bytes(eqn: Any, kept: set) -> float:
-    if eqn.primitive.name in FREE:
-        return 0.0
-    written = sum(local_bytes(v.aval) for v in eqn.outvars if v in kept)
-    read = sum(local_bytes(v.aval) for v in eqn.invars if isinstance(v, jcore.Var) and v in kept)
-    return float(written + read)
+def traffic(eqns: Sequence[Any], kept: set) -> float:
+    """HBM bytes the memory-bound operations of one jaxpr level move: each
+    stored value written once by its (non-matmul) producer, and read once by
+    the fusion of its elementwise and reducing readers and once by each other
+    reader (matmuls read their operands in their own time; collectives and
+    bodies are priced apart)."""
+    total = 0.0
+    fused_read: set = set()
+    for eqn in eqns:
+        name = eqn.primitive.name
+        if name in FREE or name in MATMULS or sub_jaxprs(eqn) or is_collective(eqn):
+            continue
+        total += sum(local_bytes(v.aval) for v in eqn.outvars if v in kept)
+        for v in eqn.invars:
+            if not isinstance(v, jcore.Var) or v not in kept:
+                continue
+            if name not in FUSING:
+                total += local_bytes(v.aval)
+            elif v not in fused_read:
+                fused_read.add(v)
+                total += local_bytes(v.aval)
+    return total
 
 
 def region_of(eqn: Any) -> Optional[str]:
@@ -149,8 +182,20 @@ def region_of(eqn: Any) -> Optional[str]:
     return name[len(PREFIX):name.find("]", len(PREFIX))] if name else None
 
 
-def _primitive(eqn: Any, tally: Tally, kept: set, where: str,
-               sizes: Optional[Mapping[str, int]]) -> None:
+@dataclasses.dataclass(frozen=True)
+class Context:
+    """Where a jaxpr is walked: the region it is in (or ``"outside"``), the
+    axis sizes of the enclosing ``shard_map``'s mesh (None outside every body,
+    where Explicit-axis types say what the partitioner must communicate), and
+    which of its inputs are late and outputs waited for (the overlap model,
+    :mod:`jlocalmap.estimate.overlap`)."""
+    where: str = "outside"
+    sizes: Optional[Mapping[str, int]] = None
+    late_in: frozenset = frozenset()
+    waited_out: frozenset = frozenset()
+
+
+def _primitive(eqn: Any, tally: Tally, ctx: Context, exposed: bool) -> None:
     name = eqn.primitive.name
     if name in MATMULS:
         nbytes = sum(local_bytes(v.aval) for v in (*eqn.invars, *eqn.outvars))
@@ -160,47 +205,53 @@ def _primitive(eqn: Any, tally: Tally, kept: set, where: str,
     elif name not in FREE:
         tally.other_flops += sum(math.prod(local_shape(v.aval)) for v in eqn.outvars
                                  if hasattr(v.aval, "shape"))
-    if name not in MATMULS:
-        tally.memory_bytes += _memory_bytes(eqn, kept)
-    ops: list[CommOp] = collective_ops(eqn, sizes) if sizes is not None else explicit_ops(eqn)
+    ops: list[CommOp] = (collective_ops(eqn, ctx.sizes) if ctx.sizes is not None
+                         else explicit_ops(eqn))
     for op in ops:
-        tally.comms[(where, op)] += 1
+        tally.comms[(ctx.where, op, exposed)] += 1
 
 
-def _call(eqn: Any, tally: Tally, where: str, sizes: Optional[Mapping[str, int]]) -> None:
-    name, params = eqn.primitive.name, eqn.params
-    if name == "shard_map":
+def _bodies(eqn: Any, ctx: Context, late: set, waited: set) -> list[tuple[Any, Context]]:
+    """Each body of a call equation with the context it runs in."""
+    where, sizes = ctx.where, ctx.sizes
+    if eqn.primitive.name == "shard_map":
         region = region_of(eqn)
-        inner_where = region if where == "outside" and region is not None else where
-        body = sub_jaxprs(eqn)[0]
-        tally.add(walk(body, inner_where, dict(params["mesh"].shape)))
-    elif name == "scan":
-        tally.add(walk(sub_jaxprs(eqn)[0], where, sizes), int(params["length"]))
+        where = region if where == "outside" and region is not None else where
+        sizes = dict(eqn.params["mesh"].shape)
+    _, waits = waited_inputs(eqn, waited)
+    return [(body, Context(where, sizes, frozenset(late_in), frozenset(waited_out)))
+            for (body, late_in), (_, waited_out) in
+            zip(late_inputs(eqn, late), waits, strict=True)]
+
+
+def _call(eqn: Any, tally: Tally, bodies: list[tuple[Any, Context]]) -> None:
+    name = eqn.primitive.name
+    if name == "scan":
+        [(body, ctx)] = bodies
+        tally.add(walk(body, ctx), int(eqn.params["length"]))
     elif name == "cond":
-        branches = [walk(b, where, sizes) for b in sub_jaxprs(eqn)]
+        branches = [walk(b, ctx) for b, ctx in bodies]
         tally.add(max(branches, key=lambda t: t.matmul_flops + t.other_flops))
-    else:  # while: its trip count is a value, not a type
-        for sub in sub_jaxprs(eqn):
-            tally.add(walk(sub, where, sizes))
-        tally.notes.add("a while loop counts one trip (its trip count is a value); "
-                        "write fixed-length loops with jax.lax.scan")
+    else:  # jit, remat, shard_map, custom_vjp/jvp: their body, once; while: one trip
+        for body, ctx in bodies:
+            tally.add(walk(body, ctx))
+        if name == "while":
+            tally.notes.add("a while loop counts one trip (its trip count is a value); "
+                            "write fixed-length loops with jax.lax.scan")
 
 
-def walk(jaxpr: Any, where: str = "outside",
-         sizes: Optional[Mapping[str, int]] = None) -> Tally:
-    """Walk ``jaxpr`` (open): ``where`` names the region it is in (or
-    ``"outside"``), ``sizes`` the axis sizes of the enclosing ``shard_map``'s
-    mesh (None outside every body, where Explicit-axis types say what the
-    partitioner must communicate)."""
-    tally, kept = Tally(), materialized(jaxpr)
-    for eqn in live_eqns(jaxpr):
-        if eqn.primitive.name in CALLS:
-            _call(eqn, tally, where, sizes)
-        elif sub_jaxprs(eqn):  # jit, remat, custom_vjp/jvp calls: their body, once
-            for sub in sub_jaxprs(eqn):
-                tally.add(walk(sub, where, sizes))
+def walk(jaxpr: Any, ctx: Context = Context()) -> Tally:
+    """Walk ``jaxpr`` (open) in the context ``ctx``."""
+    tally, eqns = Tally(), live_eqns(jaxpr)
+    tally.memory_bytes = traffic(eqns, materialized(jaxpr))
+    late, waited = late_values(jaxpr, ctx.late_in), waited_values(jaxpr, ctx.waited_out)
+    for eqn in eqns:
+        if sub_jaxprs(eqn):
+            _call(eqn, tally, _bodies(eqn, ctx, late, waited))
         else:
-            _primitive(eqn, tally, kept, where, sizes)
+            exposed = any(v in late for v in eqn.invars if isinstance(v, jcore.Var)) and \
+                any(v in waited for v in eqn.outvars if isinstance(v, jcore.Var))
+            _primitive(eqn, tally, ctx, exposed)
     return tally
 
 
