@@ -1,4 +1,4 @@
-"""The few JAX internals jlocalmap reads, in one place, for jax 0.10 and 0.11."""
+"""The few JAX internals jlocalmap reads, in one place, for jax 0.10 to 0.12."""
 
 from __future__ import annotations
 
