@@ -9,7 +9,7 @@ where there is some: the matmul efficiency calibrated there (the llama step's
 matmul mix over the datasheet bf16 peak) is the one calibration every row uses,
 H100 rows too (without a device call: the H200 preset's measured figure);
 nothing is fitted per row. Prints markdown tables and writes them, with
-every estimate's figures, to ``--results``/validation.{md,json}.
+every estimate's figures, to ``--results``/validation.{txt,json}.
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ def main(argv=None) -> int:
     published, worked = published_rows(h100), worked_question(h100)
     text = markdown(device, published, worked, efficiency, source)
     print(text)
-    (args.results / "validation.md").write_text(text)
+    (args.results / "validation.txt").write_text(text)
     (args.results / "validation.json").write_text(json.dumps(
         {"matmul_efficiency": efficiency, "calibration_source": source, "device": device,
          "published": published,
