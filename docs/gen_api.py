@@ -59,6 +59,10 @@ GROUPS = (
      "One region written several ways, and the choice among them by a cost model or by "
      "measurement. Guide: [strategy regions](../strategies.md).",
      ("strategies",)),
+    ("api/estimates.md", "Estimates",
+     "A step's memory, FLOPs, collectives and time per device on hardware and a mesh "
+     "this machine does not have. Guide: [estimates](../estimates.md).",
+     ("estimate", "Estimate", "Hardware")),
     ("api/errors.md", "Errors",
      "The exceptions jlocalmap raises; each message names the argument, what was expected, "
      "what was found and the fix.",

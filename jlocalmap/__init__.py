@@ -10,6 +10,7 @@ errors. Tools live in namespaces (docs/architecture.md, "Where names live"):
 
 from jlocalmap import collectives, inspect, strategies
 from jlocalmap._deprecation import deprecated_names as _deprecated_names
+from jlocalmap.estimate import Estimate, Hardware, estimate
 from jlocalmap.errors import (
     LocalMapError,
     LocalMapTypeError,
@@ -42,6 +43,7 @@ __all__ = [
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
     "UnevenArray", "Layout", "local_valid_size",
     "collectives", "inspect", "strategies",
+    "estimate", "Estimate", "Hardware",
 ]
 
 # Names that moved into the namespaces (issue 30): served for one more release,
