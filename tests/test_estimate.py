@@ -171,7 +171,7 @@ def test_strategy_regions_choose_for_the_estimated_hardware():
         chosen[name] = row.chosen
         assert row.runner_up_seconds > row.seconds
     assert chosen == {"cpu": "split", "h100-sxm": "whole"}
-    with pytest.raises(jlm.PlacementValueError, match="AbstractMesh"):
+    with pytest.raises(jlm.LocalMapValueError, match="AbstractMesh"):
         region.choice(x, w)  # outside an estimate there is no device to choose for
 
 
@@ -187,11 +187,11 @@ def test_16384_abstract_devices_estimate_in_well_under_a_second():
 
 def test_errors_name_the_argument():
     x = jax.ShapeDtypeStruct((4,), jnp.float32)
-    with pytest.raises(jlm.PlacementTypeError, match="hardware: expected a jlm.Hardware"):
+    with pytest.raises(jlm.LocalMapTypeError, match="hardware: expected a jlm.Hardware"):
         jlm.estimate(jnp.sin, x, hardware="h100")
-    with pytest.raises(jlm.PlacementValueError, match="Hardware.preset: expected one of"):
+    with pytest.raises(jlm.LocalMapValueError, match="Hardware.preset: expected one of"):
         jlm.Hardware.preset("a100")
-    with pytest.raises(jlm.PlacementTypeError, match="unknown fields"):
+    with pytest.raises(jlm.LocalMapTypeError, match="unknown fields"):
         H100.replace(flops=1)
     one, two = abstract_mesh((2,), ("a",)), abstract_mesh((4,), ("a",))
     with pytest.raises(jlm.PlacementValueError, match="arrays on one mesh"):

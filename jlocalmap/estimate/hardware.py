@@ -21,7 +21,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 from jlocalmap.strategies.cost_model import CostModel, Link
 
 _DTYPE_KEYS = {"bfloat16": "bf16", "float16": "bf16", "float8_e4m3fn": "fp8",
@@ -68,11 +68,11 @@ class Hardware:
 
     def __post_init__(self):
         if not 0 < self.matmul_efficiency <= 1:
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"Hardware.matmul_efficiency: expected a fraction in (0, 1], found "
                 f"{self.matmul_efficiency!r}; pass e.g. 0.68 (measured / datasheet peak).")
         if self.gpus_per_node < 1 or "bf16" not in self.peak_flops:
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"Hardware: expected gpus_per_node >= 1 and a 'bf16' peak, found "
                 f"gpus_per_node={self.gpus_per_node!r}, peak_flops keys "
                 f"{sorted(self.peak_flops)}; see Hardware.preset('h100-sxm').")
@@ -83,7 +83,7 @@ class Hardware:
         here) or ``"cpu"`` (this host's simulated devices, for self-checks)."""
         presets = {"h100-sxm": _h100, "h200": _h200, "cpu": _cpu}
         if not isinstance(name, str) or name not in presets:
-            raise PlacementValueError(
+            raise LocalMapValueError(
                 f"Hardware.preset: expected one of {sorted(presets)}, found {name!r}; "
                 f"build another with Hardware(...) or preset(...).replace(...).")
         return presets[name]()
@@ -93,7 +93,7 @@ class Hardware:
         ``replace(matmul_efficiency=0.72)``."""
         unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
         if unknown:
-            raise PlacementTypeError(
+            raise LocalMapTypeError(
                 f"Hardware.replace: unknown fields {sorted(unknown)}; the fields are "
                 f"{[f.name for f in dataclasses.fields(self)]}.")
         return dataclasses.replace(self, **changes)

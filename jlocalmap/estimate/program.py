@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import jax
 
-from jlocalmap.errors import PlacementTypeError, PlacementValueError
+from jlocalmap.errors import LocalMapTypeError, PlacementValueError
 from jlocalmap.estimate.hardware import Hardware
 from jlocalmap.estimate.memory import memory_of
 from jlocalmap.estimate.report import Estimate, StrategyRow, comm_rows
@@ -147,11 +147,11 @@ def estimate(fn: Callable, *args: Any, hardware: Hardware, model_flops: Optional
         1.635
     """
     if not callable(fn):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"fn: expected the function to estimate, found {type(fn).__name__}; pass "
             f"jlm.estimate(step, *args, hardware=jlm.Hardware.preset('h100-sxm')).")
     if not isinstance(hardware, Hardware):
-        raise PlacementTypeError(
+        raise LocalMapTypeError(
             f"hardware: expected a jlm.Hardware, found {type(hardware).__name__}; use "
             f"jlm.Hardware.preset('h100-sxm'), 'h200' or 'cpu'.")
     start = time.perf_counter()
