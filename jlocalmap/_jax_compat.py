@@ -8,11 +8,7 @@ from jax._src import core as _core
 
 def varying_axes(x: jax.Array) -> frozenset:
     """Mesh axes over which ``x`` varies inside ``shard_map`` (its vma type)."""
-    aval = jax.typeof(x)
-    mat = getattr(aval, "mat", None)
-    if mat is not None:
-        return frozenset(mat.varying)
-    return frozenset(getattr(aval, "vma", ()))
+    return frozenset(jax.typeof(x).manual_axis_type.varying)  # .vma before jax 0.10
 
 
 def manual_axes() -> frozenset:

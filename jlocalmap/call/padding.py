@@ -25,7 +25,7 @@ import numpy as np
 
 from jlocalmap.call.input_plan import InputPlan
 from jlocalmap.errors import PlacementValueError
-from jlocalmap.layouts.dtypes import dtype_of
+from jlocalmap.layouts.dtypes import as_numbers, random_like
 from jlocalmap.layouts.meshes import mesh_context
 from jlocalmap.layouts.uneven import pad, unpad
 from jlocalmap.movement.distribute import distribute_tensor, full_tensor
@@ -56,12 +56,8 @@ def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
     done.add(key)
 
 
-def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> np.ndarray:
-    shape = list(plan.dst.shape if plan.padded else np.shape(x))
-    dtype = dtype_of(x)
-    data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
-            else rng.integers(0, 2, shape))
-    return data.astype(dtype)
+def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> Any:
+    return random_like(x, tuple(plan.dst.shape if plan.padded else np.shape(x)), rng)
 
 
 def _sample(plan: InputPlan, data: np.ndarray, fill: float) -> Any:
@@ -81,7 +77,7 @@ def _compare_paddings(run: Callable, plan, dyn: Sequence[Any]) -> None:
         fn = jax.jit(lambda *s: _keep(found, run(plan, *s, pad_fill=fill)))
         with mesh_context(plan.mesh):
             arrays = fn(*samples)
-        results.append([np.asarray(unpad(full_tensor(a), o.layout)) for a, o in
+        results.append([np.asarray(as_numbers(unpad(full_tensor(a), o.layout))) for a, o in
                         zip(arrays, found[-1].arrays)])
     outputs = found[-1].arrays
     for o, a, b in zip(outputs, *results):

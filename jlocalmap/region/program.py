@@ -26,13 +26,13 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jlocalmap.call import padding
 from jlocalmap.call.call_plan import CallPlan
 from jlocalmap.call.input_plan import InputPlan
 from jlocalmap.call.settings import Settings
 from jlocalmap.errors import PlacementValueError
+from jlocalmap.layouts.dtypes import as_dtype
 from jlocalmap.layouts.grad_axes import reduced_axes
 from jlocalmap.movement.relayout import relayout, stack_summands
 from jlocalmap.region import record as region_record
@@ -229,7 +229,7 @@ def _verify(probe_jaxpr, plan: CallPlan, func_name: str) -> None:
 
 def _operand(index: int, layout, local: tuple, dtype, grad=None) -> Operand:
     return Operand(index, layout.placements, tuple(layout.shape), tuple(local),
-                   np.dtype(dtype), grad)
+                   as_dtype(dtype), grad)
 
 
 def _region_call(func_name: str, plan: CallPlan, laid_out: Sequence,
