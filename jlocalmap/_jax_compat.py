@@ -19,14 +19,32 @@ def manual_axes() -> frozenset:
 
 def sub_jaxprs(eqn) -> list:
     """The jaxprs an equation's parameters hold (bodies of jit, scan, cond
-    branches, remat, shard_map, custom_vjp ...), open (not closed)."""
+    branches, remat, shard_map, custom_vjp ...), open (not closed); for JAX's
+    hijax forms (``call_hi_primitive``) the jaxpr its primitive object traced."""
     found = []
     for value in eqn.params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
+            item = getattr(item, "traced", item)  # a hijax custom rule: its jax.stages.Traced
             inner = getattr(item, "jaxpr", item)
+            inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's open jaxpr
             if hasattr(inner, "eqns"):
                 found.append(inner)
     return found
+
+
+# jax 0.11+ can trace custom rules and remat as one primitive, call_hi_primitive,
+# whose `_prim` object says which (flags jax_custom_vjp3, jax_custom_jvp3 and
+# jax_remat3, planned to become the default): read under their classic names.
+_HI_PRIMITIVES = {"CustomVJPTraced": "custom_vjp_call", "CustomJVPTraced": "custom_jvp_call",
+                  "RematTraced": "remat2"}
+
+
+def primitive_name(eqn) -> str:
+    """The name of an equation's primitive, hijax forms under their classic names."""
+    name = eqn.primitive.name
+    if name == "call_hi_primitive":
+        return _HI_PRIMITIVES.get(type(eqn.params.get("_prim")).__name__, name)
+    return name
 
 
 # JAX keeps this internal: whether a trace is a jit's.

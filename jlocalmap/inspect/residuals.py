@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import primitive_name, sub_jaxprs
 from jlocalmap.region.record import RegionCall, aval_text, body_of
 
 
@@ -61,7 +61,7 @@ def _producer(jaxpr, var) -> tuple:
     eqn = next((e for e in jaxpr.eqns if var in e.outvars), None)
     if eqn is None:
         return ("op", "constant")
-    name = eqn.primitive.name
+    name = primitive_name(eqn)
     if name in ("pvary", "pcast") and len(eqn.invars) == 1:
         return _producer(jaxpr, eqn.invars[0])
     if name == "reduce_precision" and _is_noop_rounding(eqn):

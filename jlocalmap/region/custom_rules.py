@@ -30,7 +30,7 @@ from typing import Optional
 
 import numpy as np
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import primitive_name, sub_jaxprs
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.placements import Partial
 
@@ -43,7 +43,7 @@ _RULE_ERROR = re.compile(
 
 def has_custom_vjp(jaxpr) -> bool:
     """Whether a jaxpr (or one nested in it) calls a ``jax.custom_vjp`` rule."""
-    return any(eqn.primitive.name in _VJP_RULES or any(map(has_custom_vjp, sub_jaxprs(eqn)))
+    return any(primitive_name(eqn) in _VJP_RULES or any(map(has_custom_vjp, sub_jaxprs(eqn)))
                for eqn in jaxpr.eqns)
 
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import primitive_name, sub_jaxprs
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.meshes import AnyMesh
 from jlocalmap.layouts.placements import Placement
@@ -75,9 +75,8 @@ def _is_var(v) -> bool:
 
 
 def _vma(var) -> frozenset:
-    aval = getattr(var, "aval", None)
-    mat = getattr(aval, "mat", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+    manual = getattr(getattr(var, "aval", None), "manual_axis_type", None)
+    return frozenset(() if manual is None else manual.varying)
 
 
 _NO_GRADIENT = {"stop_gradient"}  # outputs that carry no cotangent back
@@ -109,7 +108,7 @@ def _taint_hits(jaxpr, tainted: set, axis: str, flow: _Flow) -> set:
     tainted = set(tainted)
     for eqn in jaxpr.eqns:
         ins = [v for v in eqn.invars if _is_var(v) and v in tainted]
-        name = eqn.primitive.name
+        name = primitive_name(eqn)
         if not ins or name in _NO_GRADIENT:
             continue
         flow.custom |= name in _CUSTOM_RULES
@@ -149,7 +148,7 @@ def _map_in(eqn, sub, tainted: set) -> set:
 
 def _carry_feedback(eqn, sub, sub_out: set) -> set:
     """Taint that a loop body's carry outputs feed back into its carry inputs."""
-    name = eqn.primitive.name
+    name = primitive_name(eqn)
     if name == "while":
         start = eqn.params["body_nconsts"]
         layouts = [(start, len(sub.outvars))] if len(sub.invars) == start + len(sub.outvars) else []
