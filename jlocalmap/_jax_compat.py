@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 from jax._src import core as _core
 
 
 def varying_axes(x: jax.Array) -> frozenset:
     """Mesh axes over which ``x`` varies inside ``shard_map`` (its vma type)."""
     return frozenset(jax.typeof(x).manual_axis_type.varying)  # .vma before jax 0.10
+
+
+def scalar_like(value: complex, x: jax.Array) -> jax.Array:
+    """``value`` as a 0-d array of ``x``'s dtype that varies over the mesh axes
+    ``x`` varies over: with ``jax_auto_pcast`` off (JAX's planned default) JAX
+    refuses ``x / n`` for a constant ``n`` that does not."""
+    constant = jnp.asarray(value, x.dtype)
+    axes = tuple(a for a in jax.sharding.get_abstract_mesh().axis_names
+                 if a in varying_axes(x))
+    return jax.lax.pcast(constant, axes, to="varying") if axes else constant
 
 
 def manual_axes() -> frozenset:

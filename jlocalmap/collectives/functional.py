@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlocalmap._jax_compat import varying_axes
+from jlocalmap._jax_compat import scalar_like, varying_axes
 from jlocalmap.collectives.groups import GroupLike, manual_group_axes
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.layouts.specs import axis_sizes
@@ -157,7 +157,7 @@ def reduce_scatter_tensor(x: Any, reduce_op: str, scatter_dim: int,
     x = per_device(x, axes)
     if op in ("sum", "avg"):
         y = jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)
-        return y / jnp.asarray(n, y.dtype) if op == "avg" else y
+        return y / scalar_like(n, y) if op == "avg" else y
     size = x.shape[dim] // n
     return jax.lax.dynamic_slice_in_dim(_reduce(x, op, axes),
                                         jax.lax.axis_index(axes) * size, size, dim)

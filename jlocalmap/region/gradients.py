@@ -27,7 +27,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jlocalmap._jax_compat import primitive_name, sub_jaxprs
+from jlocalmap._jax_compat import primitive_name, scalar_like, sub_jaxprs
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.meshes import AnyMesh
 from jlocalmap.layouts.placements import Placement
@@ -63,7 +63,7 @@ def _scale_cotangent_bwd(axes, power, _, ct):
     n = 1
     for axis in axes:
         n *= jax.lax.axis_size(axis)
-    return (ct * jnp.asarray(float(n) ** power, ct.dtype),)
+    return (ct * scalar_like(float(n) ** power, ct),)
 
 
 _scale_cotangent.defvjp(_scale_cotangent_fwd, _scale_cotangent_bwd)

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jlocalmap._jax_compat import varying_axes
+from jlocalmap._jax_compat import scalar_like, varying_axes
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.layouts.chunks import dim_splits
 from jlocalmap.layouts.dtypes import check_partial_dtype
@@ -198,7 +198,7 @@ def _reduce_extreme(v: jax.Array, op: str, axis: str) -> jax.Array:
     if not jnp.issubdtype(v.dtype, jnp.floating):
         return reduced
     any_nan = jax.lax.pmax(jnp.isnan(v).astype(jnp.int32), axis)
-    return jnp.where(any_nan > 0, jnp.asarray(jnp.nan, v.dtype), reduced)
+    return jnp.where(any_nan > 0, scalar_like(jnp.nan, reduced), reduced)
 
 
 def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
@@ -242,7 +242,7 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
         else:
             stored.append(p)
     if summed:  # divide before the cast: JAX has no division of unreduced values
-        v = v / jnp.asarray(scale, v.dtype) if scale != 1 else v
+        v = v / scalar_like(scale, v) if scale != 1 else v
         v = (jax.lax.pcast(v, tuple(summed), to="unreduced") if checked
              else with_scaled_cotangent(v, tuple(summed), 1))
     return v, tuple(stored)
