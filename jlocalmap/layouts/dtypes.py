@@ -69,8 +69,8 @@ def random_like(x: Any, shape: tuple, rng: np.random.Generator) -> Any:
     if is_key(dtype):
         impl = jax.random.key_impl(x)
         words = jax.random.key_data(jax.random.key(0, impl=impl))
-        data = rng.integers(0, 2 ** 32, tuple(shape) + words.shape, dtype=np.uint32)
-        return jax.random.wrap_key_data(data, impl=impl)
+        bits = rng.integers(0, 2 ** 32, tuple(shape) + words.shape, dtype=np.uint32)
+        return jax.random.wrap_key_data(jax.numpy.asarray(bits), impl=impl)
     data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
             else rng.integers(0, 2, shape))
     return data.astype(dtype)
