@@ -1,7 +1,8 @@
 """jlocalmap: PyTorch DTensor's ``local_map`` for JAX, on ``jax.shard_map``."""
 
 from jlocalmap import collectives
-from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
+from jlocalmap.errors import (LocalMapError, PlacementTypeError, PlacementValueError,
+                              UnevenArrayError)
 from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.inspect.inspection import Region, regions
 from jlocalmap.inspect.layout_view import describe, print_layout
@@ -16,7 +17,7 @@ from jlocalmap.region.record import Operand, RegionCall, region_settings
 from jlocalmap.strategies import CostModel, Link, StrategyRegion, strategy_region
 
 __all__ = [
-    "LocalMapError", "PlacementTypeError", "PlacementValueError",
+    "LocalMapError", "PlacementTypeError", "PlacementValueError", "UnevenArrayError",
     "Placement", "Shard", "Replicate", "Partial",
     "placements_to_spec", "spec_to_placements",
     "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax._src import core as _core
+from jax._src import dtypes as _dtypes
 
 
 def varying_axes(x: jax.Array) -> frozenset:
@@ -67,3 +71,15 @@ def under_jit() -> bool:
     under eager transformations alone, such as an eager ``jax.vmap``)."""
     return True if _UNDER_JIT is None else _UNDER_JIT()
 
+
+
+def refuse_as_array(cls: type, error: Callable[[Any], Exception]) -> None:
+    """Make JAX raise ``error(x)`` where it would take an instance ``x`` of the
+    pytree class ``cls`` as an array (the arguments of ``jax.numpy`` functions,
+    which are jitted, and of ``custom_jvp`` functions such as ``jax.nn.relu``):
+    JAX's own message would be "not a valid JAX type"."""
+    def refuse(x: Any) -> Any:
+        raise error(x)
+
+    _core.pytype_aval_mappings[cls] = refuse
+    _dtypes.canonicalize_value_handlers[cls] = refuse
