@@ -3,6 +3,7 @@
 from jlocalmap import collectives
 from jlocalmap.errors import (LocalMapError, PlacementTypeError, PlacementValueError,
                               UnevenArrayError)
+from jlocalmap.estimate import Estimate, Hardware, estimate
 from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.inspect.inspection import Region, regions
 from jlocalmap.inspect.layout_view import describe, print_layout
@@ -26,4 +27,5 @@ __all__ = [
     "regions", "region_settings", "Region", "RegionCall", "Operand", "Residual",
     "UnevenArray", "local_valid_size",
     "strategy_region", "StrategyRegion", "CostModel", "Link",
+    "estimate", "Estimate", "Hardware",
 ]
