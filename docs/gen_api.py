@@ -55,7 +55,7 @@ GROUPS = (
     ("api/regions.md", "Regions",
      "The `local_map` regions of a traced program: settings, shapes, forward, backward, "
      "residuals. Guide: [regions](../regions.md).",
-     ("regions", "region_settings", "Region", "RegionCall", "Operand", "Residual")),
+     ("regions", "region_settings", "Region", "RegionSettings", "RegionArray", "Residual")),
     ("api/errors.md", "Errors",
      "The exceptions jlocalmap raises; each message names the argument, what was expected, "
      "what was found and the fix.",

@@ -45,7 +45,7 @@ def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
     inputs; ``run(plan, *values, pad_fill=...)`` is the region. Once per
     signature (``done`` holds the signatures checked)."""
     key = plan.key(dyn, shardings=True)
-    if key in done:
+    if done.get(key):
         return
     if any(isinstance(x, jax.core.Tracer) for x in dyn):
         # Trace state is per thread: a fresh thread runs the check concretely.
@@ -53,7 +53,7 @@ def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
             pool.submit(_compare_paddings, run, plan, dyn).result()
     else:
         _compare_paddings(run, plan, dyn)
-    done.add(key)
+    done.put(key, True)
 
 
 def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> np.ndarray:

@@ -48,7 +48,7 @@ from jlocalmap.layouts.meshes import mesh_context
 from jlocalmap.layouts.value_layout import mesh_of
 from jlocalmap.region.names import name_in
 from jlocalmap.region.record import (
-    RegionCall,
+    RegionSettings,
     body_of,
     eqn_key,
     lookup,
@@ -81,7 +81,7 @@ class Region:
         >>> r.name, r.differentiated, r.backward is not None
         ('local_map[tanh](S(0) -> S(0))', True, True)
     """
-    settings: RegionCall
+    settings: RegionSettings
     jaxpr: jcore.Jaxpr
     transform: str
     eqn: Any
@@ -91,7 +91,8 @@ class Region:
 
     name = property(lambda self: self.settings.name, doc="The region's name.")
     func_name = property(lambda self: self.settings.func_name, doc="The body's name.")
-    mesh = property(lambda self: self.settings.mesh, doc="((axis, size), ...).")
+    mesh = property(lambda self: self.settings.mesh,
+                    doc="The region's mesh (a Mesh, or the AbstractMesh traced on).")
     inputs = property(lambda self: self.settings.inputs, doc="The array inputs.")
     outputs = property(lambda self: self.settings.outputs, doc="The array outputs.")
 
@@ -124,7 +125,7 @@ class Region:
               output [0] f32[8] S(0) -> local f32[2]
               body: 1 equations (sin)
         """
-        mesh = ", ".join(f"{a}={n}" for a, n in self.mesh)
+        mesh = ", ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
         how = (f"differentiated ({self.transform})" if self.differentiated
                else f"traced under {self.transform}" if self.transform else "not differentiated")
         lines = [f"{self.name} on mesh ({mesh}), {how}"]
@@ -265,7 +266,7 @@ def _assemble(found: list[_Occurrence], orphans: Sequence[tuple] = ()) -> list[R
         call = recorded(fwd.name, fwd.eqn)
         exact = call is not None
         call = call if exact else adopted.get(id(fwd))
-        settings = (call if isinstance(call, RegionCall) else
+        settings = (call if isinstance(call, RegionSettings) else
                     settings_from_equation(fwd.name, fwd.eqn)
                     or unknown_settings(fwd.name, fwd.eqn))
         back, feeding = paired.get(id(fwd), (None, []))

@@ -19,7 +19,6 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jlocalmap._caches import LRU
 from jlocalmap.call import padding
 from jlocalmap.call.call_plan import CallPlan
 from jlocalmap.call.input_plan import InputPlan
@@ -44,7 +44,7 @@ from jlocalmap.region.gradients import (
 )
 from jlocalmap.region.names import region_name
 from jlocalmap.region.outputs import OutputFacts, finish_outputs
-from jlocalmap.region.record import Operand, RegionCall
+from jlocalmap.region.record import RegionArray, RegionSettings
 
 _MEMO_SIZE = 256
 
@@ -58,7 +58,7 @@ class Region:
     """The program of one local_map: runs planned calls, and remembers per call
     signature what the body's outputs are."""
     settings: Settings
-    _facts: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+    _facts: LRU = dataclasses.field(default_factory=lambda: LRU(_MEMO_SIZE))
 
     def __call__(self, plan: CallPlan, *dyn: Any, pad_fill: float = 0.0
                  ) -> tuple[tuple, OutputFacts]:
@@ -70,11 +70,8 @@ class Region:
             try:
                 return self._stage(plan, facts, laid_out, in_specs), facts
             except _StaleFacts:
-                del self._facts[key]
-        facts = self._probe(plan, laid_out, in_specs)
-        self._facts[key] = facts
-        while len(self._facts) > _MEMO_SIZE:
-            self._facts.popitem(last=False)
+                self._facts.pop(key)
+        facts = self._facts.put(key, self._probe(plan, laid_out, in_specs))
         return self._stage(plan, facts, laid_out, in_specs), facts
 
     def _body(self, plan: CallPlan, local: Sequence[Any], adapt: bool):
@@ -227,13 +224,13 @@ def _verify(probe_jaxpr, plan: CallPlan, func_name: str) -> None:
                 raise PlacementValueError(f"{e} (in local_map[{func_name}])") from None
 
 
-def _operand(index: int, layout, local: tuple, dtype, grad=None) -> Operand:
-    return Operand(index, layout.placements, tuple(layout.shape), tuple(local),
+def _operand(index: int, layout, local: tuple, dtype, grad=None) -> RegionArray:
+    return RegionArray(index, layout.placements, tuple(layout.shape), tuple(local),
                    np.dtype(dtype), grad)
 
 
 def _region_call(func_name: str, plan: CallPlan, laid_out: Sequence,
-                 facts: OutputFacts) -> RegionCall:
+                 facts: OutputFacts) -> RegionSettings:
     """The region's settings, and its name from them."""
     operands: list[InputPlan] = list(plan.operands)
     ins = tuple(_operand(p.index, p.dst, p.dst.local_shape, x.dtype, p.declared_grad)
@@ -246,5 +243,5 @@ def _region_call(func_name: str, plan: CallPlan, laid_out: Sequence,
         in_sizes=[p.dst.shape if p.dst.is_uneven else None for p in operands],
         out_sizes=[o.layout.shape if o.layout.is_uneven else None
                    for o in facts.region_outputs])
-    return RegionCall(name, func_name, tuple(zip(plan.mesh.axis_names, plan.mesh.axis_sizes)),
+    return RegionSettings(name, func_name, plan.mesh,
                       ins, outs)

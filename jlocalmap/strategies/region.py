@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import jax
 
+from jlocalmap._caches import LRU
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.strategies.alternatives import (
     Alternative,
@@ -30,6 +31,8 @@ from jlocalmap.strategies.cost_model import CostModel, estimate
 from jlocalmap.strategies.measure import MeasureCache, mesh_key, time_programs
 from jlocalmap.strategies.signature import Signature
 from jlocalmap.strategies.verify import verify as verify_alternatives
+
+_CACHE_SIZE = 64  # signatures whose choice and program a strategy region keeps
 
 CHOOSE = ("cost", "measure")
 
@@ -84,8 +87,8 @@ class StrategyRegion:
         self.cost_model = cost_model or CostModel.for_devices(self.mesh.devices.reshape(-1))
         self.out_placements, self.name = out_placements, name
         self.cache = MeasureCache(cache_dir)
-        self._choices: dict = {}
-        self._jitted: dict = {}
+        self._choices: LRU = LRU(_CACHE_SIZE)
+        self._jitted: LRU = LRU(_CACHE_SIZE)
 
     def __repr__(self) -> str:
         names = [a.name for a in self.alternatives]
@@ -103,7 +106,7 @@ class StrategyRegion:
             return alt(*args)
         program = self._jitted.get(sig)
         if program is None:
-            program = self._jitted[sig] = jax.jit(sig.over_arrays(alt))
+            program = self._jitted.put(sig, jax.jit(sig.over_arrays(alt)))
         with on_mesh(self.mesh):
             return program(*sig.arrays(args))
 
@@ -127,7 +130,7 @@ class StrategyRegion:
                 alt.check_arity(len(sig.args))
             if self.verify:
                 verify_alternatives(self.alternatives, self.out_placements, sig, self.mesh)
-            found = self._choices[sig] = self._decide(sig)
+            found = self._choices.put(sig, self._decide(sig))
         return found
 
     def describe(self, *args: Any) -> str:
