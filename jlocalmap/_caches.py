@@ -6,8 +6,8 @@ and emptied by :func:`clear_caches`.
 Example:
     >>> from jlocalmap._caches import LRU, clear_caches
     >>> cache = LRU(2)
-    >>> cache.put("a", 1); cache.put("b", 2); cache.get("a"); cache.put("c", 3)
-    1
+    >>> for key in "abac":          # "a" is used again: "b" is the least recently used
+    ...     _ = cache.get(key) or cache.put(key, key.upper())
     >>> sorted(cache.keys()), clear_caches(), len(cache)
     (['a', 'c'], None, 0)
 """

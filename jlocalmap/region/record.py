@@ -99,7 +99,7 @@ def record(call: RegionSettings, staged_avals: Sequence[Any]) -> None:
     """Remember a staged region by its name, mesh and the avals of the arrays it
     was staged with, so :func:`regions` and :func:`region_settings` can report
     its settings (a key recorded with different settings is ambiguous)."""
-    key = (call.name, call.mesh, _avals_key(staged_avals))
+    key = (call.name, _mesh_key(call.mesh), _avals_key(staged_avals))
     known = _REGISTRY.get(key)
     _REGISTRY[key] = call if known is None or known == call else _AMBIGUOUS
     _REGISTRY.move_to_end(key)
@@ -114,10 +114,12 @@ def _avals_key(avals: Sequence[Any]) -> tuple:
     return tuple((tuple(a.shape), str(a.dtype)) for a in avals)
 
 
+def _mesh_key(mesh) -> tuple:
+    return tuple(zip(mesh.axis_names, mesh.axis_sizes))
+
+
 def eqn_key(name: str, eqn) -> tuple:
-    mesh = eqn.params["mesh"]
-    return (name, tuple(zip(mesh.axis_names, mesh.axis_sizes)),
-            _avals_key([v.aval for v in eqn.invars]))
+    return (name, _mesh_key(eqn.params["mesh"]), _avals_key([v.aval for v in eqn.invars]))
 
 
 @contextlib.contextmanager
