@@ -42,7 +42,7 @@ from typing import Any, Optional
 import jax
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import aligned_sub_jaxprs, name_stack, rematerialized, transposed
 from jlocalmap.inspect.residuals import Residual, residuals
 from jlocalmap.layouts.meshes import mesh_context
 from jlocalmap.layouts.value_layout import mesh_of
@@ -165,9 +165,9 @@ class _Occurrence:
     def role(self) -> str:
         if self.staged:
             return "forward"
-        if "rematted_computation" in self.context:
+        if rematerialized(self.context):
             return "recompute"
-        if "transpose(" in self.context:
+        if transposed(self.context):
             return "backward"
         return "forward"
 
@@ -185,7 +185,7 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
         return env.get(v, frozenset({(visit, v)}))
 
     for eqn in jaxpr.eqns:
-        stack = str(eqn.source_info.name_stack)
+        stack = name_stack(eqn)
         here = "/".join(s for s in (context, stack) if s)
         name = name_in(stack) if eqn.primitive.name == "shard_map" else None
         if name is not None:
@@ -193,13 +193,9 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
                                      [frozenset({(visit, v)}) for v in eqn.outvars]))
             continue
         merged: dict = {}
-        for sub in sub_jaxprs(eqn):
+        for sub, positions in aligned_sub_jaxprs(eqn):
             child, child_env = next(counter), {}
-            # Sub-jaxpr inputs are the equation's last ones (cond's predicate and
-            # while's condition constants come first).
-            tail = eqn.invars[len(eqn.invars) - len(sub.invars):] \
-                if len(sub.invars) <= len(eqn.invars) else []
-            for inner, outer in zip(sub.invars, tail):
+            for inner, outer in zip(sub.invars, [eqn.invars[k] for k in positions or ()]):
                 if tokens(outer):
                     child_env[inner] = tokens(outer)
             _collect(sub, child_env, here, child, counter, found)

@@ -25,6 +25,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from jlocalmap._jax_compat import name_stack, transposed
 from jlocalmap.layouts.meshes import AnyMesh
 from jlocalmap.layouts.placements import PlacementList, Shard, compact
 from jlocalmap.region.names import PREFIX, name_in, parse_name
@@ -167,9 +168,9 @@ def region_settings(eqn: Any) -> Optional[RegionSettings]:
     """
     if getattr(getattr(eqn, "primitive", None), "name", None) != "shard_map":
         return None
-    stack = str(eqn.source_info.name_stack)
+    stack = name_stack(eqn)
     name = name_in(stack)
-    if name is None or "transpose(" in stack:
+    if name is None or transposed(stack):
         return None
     return recorded(name, eqn) or settings_from_equation(name, eqn)
 

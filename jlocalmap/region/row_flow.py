@@ -35,7 +35,7 @@ from typing import Any, Union
 
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import eqn_axes, sub_jaxprs_aligned
+from jlocalmap._jax_compat import aligned_sub_jaxprs, collective_axes
 
 MIXED = "mixed"
 UNKNOWN = "unknown"
@@ -106,10 +106,10 @@ def _rule(eqn, ins: list, masks: set, sharded: frozenset) -> list:
     if all(s == CLEAN for s in ins):
         return [CLEAN] * n_out
     name, params = eqn.primitive.name, eqn.params
-    subs = sub_jaxprs_aligned(eqn)
+    subs = aligned_sub_jaxprs(eqn)
     if subs and name not in ("while", "scan"):
         results = [flow(sub, [ins[k] for k in idx], sharded) for sub, idx in subs
-                   if len(sub.outvars) == n_out]
+                   if idx is not None and len(sub.outvars) == n_out]
         if results and (name != "cond" or ins[0] == CLEAN):
             return [join(*states) for states in zip(*results)]
         return [UNKNOWN] * n_out
@@ -118,7 +118,7 @@ def _rule(eqn, ins: list, masks: set, sharded: frozenset) -> list:
     shaped = _shape_rule(eqn, name, params, ins)
     if shaped is not None:
         return [shaped] * n_out
-    across = bool(set(eqn_axes(eqn)) & sharded)   # a collective over the padded dims' axes
+    across = bool(set(collective_axes(eqn)) & sharded)   # a collective over the padded dims' axes
     if name in _SAME_SHAPE_COLLECTIVES or name == "ppermute":
         return [MIXED if across else join(*ins)] * n_out
     if name in _COLLECTIVES:
