@@ -231,7 +231,7 @@ class LocalMapped:
                 self._remember(traced, plan)
         mesh = plan.mesh
         dyn = _values(plan, moved)
-        if plan.uneven and isinstance(mesh, jax.sharding.Mesh):
+        if plan.uneven and self.settings.check_padding and isinstance(mesh, jax.sharding.Mesh):
             padding.check(self._region, plan, dyn, self._padding_checked)
         if any(isinstance(x, jax.core.Tracer) for x in dyn):
             if under_jit():
@@ -297,21 +297,22 @@ def _values(plan: CallPlan, leaves: Sequence[Any]) -> list:
 def local_map(func: None = None, out_placements: Any = None, in_placements: Any = None,
               in_grad_placements: Any = None, device_mesh: Optional[AnyMesh] = None, *,
               redistribute_inputs: bool = False, check_vma: bool = True,
-              name: Optional[str] = None) -> Callable[[Callable[..., Any]], LocalMapped]: ...
+              name: Optional[str] = None, check_padding: bool = False
+              ) -> Callable[[Callable[..., Any]], LocalMapped]: ...
 
 
 @overload
 def local_map(func: Callable[..., Any], out_placements: Any = None, in_placements: Any = None,
               in_grad_placements: Any = None, device_mesh: Optional[AnyMesh] = None, *,
               redistribute_inputs: bool = False, check_vma: bool = True,
-              name: Optional[str] = None) -> LocalMapped: ...
+              name: Optional[str] = None, check_padding: bool = False) -> LocalMapped: ...
 
 
 def local_map(func: Optional[Callable[..., Any]] = None, out_placements: Any = None,
               in_placements: Any = None, in_grad_placements: Any = None,
               device_mesh: Optional[AnyMesh] = None, *,
               redistribute_inputs: bool = False, check_vma: bool = True,
-              name: Optional[str] = None
+              name: Optional[str] = None, check_padding: bool = False
               ) -> LocalMapped | Callable[[Callable[..., Any]], LocalMapped]:
     """Run ``func``, written for local shards, on values distributed over a mesh.
 
@@ -327,7 +328,13 @@ def local_map(func: Optional[Callable[..., Any]] = None, out_placements: Any = N
     ``check_vma=False`` opts out for bodies the typing cannot see (custom calls,
     callbacks): declarations are then trusted as PyTorch trusts them. ``name``
     names the region in errors, HLO metadata, :func:`regions` and
-    :func:`describe` (default: ``func``'s ``__name__``). Called with
+    :func:`describe` (default: ``func``'s ``__name__``). Uneven inputs are
+    padded; the body's jaxpr shows whether its outputs can hold padding content
+    (a sum over the padded rows, say), and such a body is refused without
+    running it. Where the jaxpr holds operations that reading does not follow
+    (loops, custom calls), ``check_padding=True`` also runs the region on two
+    random paddings at the first call of each signature and compares: two more
+    compiles and runs of the region, on random data (its callbacks too). Called with
     ``func=None`` it returns a decorator. The result is a :class:`LocalMapped`.
 
     A ``local_map`` called inside another's body, on the same mesh axes, runs
@@ -349,7 +356,8 @@ def local_map(func: Optional[Callable[..., Any]] = None, out_placements: Any = N
         def decorate(f: Callable[..., Any]) -> LocalMapped:
             return local_map(f, out_placements, in_placements, in_grad_placements,
                              device_mesh, redistribute_inputs=redistribute_inputs,
-                             check_vma=check_vma, name=name)
+                             check_vma=check_vma, name=name, check_padding=check_padding)
         return decorate
     return LocalMapped(Settings.of(func, out_placements, in_placements, in_grad_placements,
-                                   device_mesh, redistribute_inputs, check_vma, name))
+                                   device_mesh, redistribute_inputs, check_vma, name,
+                                   check_padding))

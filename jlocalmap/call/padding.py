@@ -1,8 +1,10 @@
 """Uneven inputs and outputs around the region: inputs are padded to their
 even storage before the region (outputs along uneven dims become
 :class:`~jlocalmap.layouts.uneven.UnevenArray`\\ s in ``region.outputs.assemble``), and once per call signature
-the region runs on random data with two different paddings: a body whose
-logical outputs change with the padding mixes rows and is refused.
+with ``local_map(..., check_padding=True)`` the region runs on random data with
+two different paddings: a body whose logical outputs change with the padding
+mixes rows and is refused (``region.row_flow`` decides this from the body's
+jaxpr for every uneven call, without running it).
 
 Example:
     >>> import jax, jax.numpy as jnp, numpy as np, jlocalmap as jlm
@@ -15,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -47,11 +48,8 @@ def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
     key = plan.key(dyn, shardings=True)
     if done.get(key):
         return
-    if any(isinstance(x, jax.core.Tracer) for x in dyn):
-        # Trace state is per thread: a fresh thread runs the check concretely.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(_compare_paddings, run, plan, dyn).result()
-    else:
+    # Random data of the signature, run now even inside a trace (jax.jit's).
+    with jax.ensure_compile_time_eval(), mesh_context(plan.mesh):
         _compare_paddings(run, plan, dyn)
     done.put(key, True)
 
@@ -79,9 +77,8 @@ def _compare_paddings(run: Callable, plan, dyn: Sequence[Any]) -> None:
         samples = [_sample(p, data, fill) for p, data in zip(plan.inputs, logical)]
         found = []
         fn = jax.jit(lambda *s: _keep(found, run(plan, *s, pad_fill=fill)))
-        with mesh_context(plan.mesh):
-            arrays = fn(*samples)
-        results.append([np.asarray(unpad(full_tensor(a), o.layout)) for a, o in
+        arrays = fn(*samples)
+        results.append([np.asarray(unpad(np.asarray(full_tensor(a)), o.layout)) for a, o in
                         zip(arrays, found[-1].arrays)])
     outputs = found[-1].arrays
     for o, a, b in zip(outputs, *results):

@@ -31,11 +31,12 @@ class Settings:
     redistribute_inputs: bool
     check_vma: bool
     name: Optional[str] = None      # the region's name; None: the function's
+    check_padding: bool = False     # also run the body on two paddings (call.padding.check)
 
     @classmethod
     def of(cls, func: Any, out_placements: Any, in_placements: Any, in_grad_placements: Any,
            device_mesh: Any, redistribute_inputs: Any, check_vma: Any,
-           name: Optional[str] = None) -> "Settings":
+           name: Optional[str] = None, check_padding: Any = False) -> "Settings":
         """Check the arguments that need no call to check."""
         if not callable(func):
             raise PlacementTypeError(
@@ -45,7 +46,7 @@ class Settings:
         if device_mesh is not None:
             check_mesh(device_mesh)
         for what, flag in (("redistribute_inputs", redistribute_inputs),
-                           ("check_vma", check_vma)):
+                           ("check_vma", check_vma), ("check_padding", check_padding)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise PlacementTypeError(
                     f"{what}: expected True or False, found {flag!r} of type "
@@ -57,7 +58,7 @@ class Settings:
                 f"found {name!r}; pass e.g. name=\"attention\", or leave it out to use the "
                 f"function's name.")
         return cls(func, out_placements, in_placements, in_grad_placements, device_mesh,
-                   bool(redistribute_inputs), bool(check_vma), name)
+                   bool(redistribute_inputs), bool(check_vma), name, bool(check_padding))
 
     @property
     def func_name(self) -> str:

@@ -44,6 +44,7 @@ from jlocalmap.region.gradients import (
 )
 from jlocalmap.region.names import region_name
 from jlocalmap.region.outputs import OutputFacts, finish_outputs
+from jlocalmap.region.row_flow import check_padding_rows
 from jlocalmap.region.record import RegionArray, RegionSettings
 
 _MEMO_SIZE = 256
@@ -122,30 +123,39 @@ class Region:
                                                      p.dst.mesh), -1)
 
     def _probe(self, plan: CallPlan, laid_out: Sequence, in_specs: tuple) -> OutputFacts:
-        """Trace the body for its output facts (shapes only) and, where gradients
-        are declared, check them against the body's varying-axes typing."""
-        found = []
+        """Trace the body once for its output facts (shapes only) and its jaxpr:
+        gradient declarations are checked against its varying-axes typing, and
+        uneven inputs' padding rows followed through it (``row_flow``)."""
+        found: list = []
+
+        def body(*local):
+            values, facts = self._body(plan, local, adapt=False)
+            found.append(facts)
+            return values
 
         def probe(*local):
-            found.append(self._body(plan, local, adapt=False)[1])
+            # Inside the region (its axes manual): the body's own jaxpr, outputs included.
+            found.append(body(*local) if debugging else jax.make_jaxpr(body)(*local).jaxpr)
             return ()
+        debugging = jax.config.jax_disable_jit
         region = jax.shard_map(probe, mesh=plan.mesh, in_specs=in_specs, out_specs=(),
                                check_vma=self.settings.check_vma)
-        declared = [p for p in plan.operands if p.declared_grad is not None]
-        if jax.config.jax_disable_jit:
-            # Debugging: the body runs on concrete values (Python control flow on
-            # them works), so it is run, not traced; declarations are applied, not verified.
+        if debugging:
+            # The body runs on concrete values (Python control flow on them works),
+            # so it is run, not traced; declarations are applied, not verified.
             region(*laid_out)
-        elif self.settings.check_vma:
-            jaxpr = jax.make_jaxpr(region)(*laid_out)
-            if declared:
+            return found[0]
+        jax.eval_shape(region, *laid_out)
+        facts, jaxpr = found
+        if self.settings.check_vma:
+            if any(p.declared_grad is not None for p in plan.operands):
                 _verify(jaxpr, plan, self.settings.func_name)
-            if has_custom_vjp(jaxpr.jaxpr):
+            if has_custom_vjp(jaxpr):
                 check_custom_rules(lambda: self._trace_backward(plan, laid_out, in_specs), plan,
                                    self.settings.func_name)
-        else:
-            jax.eval_shape(region, *laid_out)
-        return found[-1]
+        if plan.uneven:
+            check_padding_rows(jaxpr, plan, facts)
+        return facts
 
     def _stage(self, plan: CallPlan, facts: OutputFacts, laid_out: Sequence,
                in_specs: tuple) -> tuple:
@@ -210,15 +220,11 @@ def _make_empty(layout) -> jax.Array:
     return relayout(jnp.zeros(layout.padded_shape, layout.dtype), None, layout.storage())
 
 
-def _verify(probe_jaxpr, plan: CallPlan, func_name: str) -> None:
-    body = probe_jaxpr.jaxpr.eqns[-1].params["jaxpr"]
-    body = body if hasattr(body, "eqns") else body.jaxpr
-    # Constants the body closes over (numpy arrays) come first, then the operands.
-    first = len(body.invars) - len(plan.operands)
-    for k, p in enumerate(plan.operands):
+def _verify(body, plan: CallPlan, func_name: str) -> None:
+    for k, p in enumerate(plan.operands):   # the body's inputs are the operands
         if p.declared_grad is not None:
             try:
-                verify_grad_placements(body, first + k, p.dst.placements, p.declared_grad, plan.mesh,
+                verify_grad_placements(body, k, p.dst.placements, p.declared_grad, plan.mesh,
                                        f"in_grad_placements[{p.index}]")
             except PlacementValueError as e:  # models have many regions: say which
                 raise PlacementValueError(f"{e} (in local_map[{func_name}])") from None

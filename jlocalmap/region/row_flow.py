@@ -36,6 +36,7 @@ from typing import Any, Union
 from jax.extend import core as jcore
 
 from jlocalmap._jax_compat import aligned_sub_jaxprs, collective_axes
+from jlocalmap.errors import PlacementValueError
 
 MIXED = "mixed"
 UNKNOWN = "unknown"
@@ -45,10 +46,10 @@ CLEAN: frozenset = frozenset()
 _REDUCTIONS = {"reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and",
                "reduce_or", "reduce_xor", "argmax", "argmin", "reduce_precision_sum"}
 _ALONG_AXIS = {"cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp", "sort", "rev"}
-_SAME_SHAPE_COLLECTIVES = {"psum", "pmax", "pmin", "psum_invariant", "pbroadcast", "pvary",
-                           "pcast"}
+# Reductions across devices (pvary and pcast only retype a value: elementwise).
+_SAME_SHAPE_COLLECTIVES = {"psum", "pmax", "pmin", "psum_invariant", "ppermute"}
 _COLLECTIVES = {"all_to_all", "all_gather", "reduce_scatter", "psum_scatter", "all_gather_invariant"}
-_NOT_ELEMENTWISE = _COLLECTIVES | {"ppermute", "dynamic_update_slice", "scatter", "scatter-add", "scatter_add",
+_NOT_ELEMENTWISE = _COLLECTIVES | _SAME_SHAPE_COLLECTIVES | {"dynamic_update_slice", "scatter", "scatter-add", "scatter_add",
                     "scatter-mul", "scatter-min", "scatter-max", "fft", "while", "scan",
                     "rng_bit_generator", "random_bits", "custom_call", "pure_callback",
                     "io_callback", "conv_general_dilated", "top_k", "select_and_scatter_add",
@@ -79,14 +80,15 @@ def _moved(state: State, where: dict) -> State:
     return frozenset(out)
 
 
-def flow(jaxpr: Any, inputs: Sequence[State], sharded: frozenset = frozenset()) -> list:
+def flow(jaxpr: Any, inputs: Sequence[State], sharded: frozenset = frozenset(),
+         mask_inputs: Sequence[int] = ()) -> list:
     """The state of each output of ``jaxpr`` given its inputs' states;
     ``sharded`` is the mesh axes that split padded dims (a collective over one
-    of them mixes rows of different devices)."""
-    env: dict = {}
-    masks: set = set()   # values built from iota: masks of positions, not content
-    for var, state in zip(jaxpr.invars, inputs):
-        env[var] = state
+    of them mixes rows of different devices); ``mask_inputs`` the positions of
+    inputs that are masks (built from iota)."""
+    env: dict = dict(zip(jaxpr.invars, inputs))
+    # Values built from iota alone: masks of positions, not content.
+    masks: set = {jaxpr.invars[k] for k in mask_inputs}
 
     def read(v) -> State:
         return env.get(v, CLEAN) if isinstance(v, jcore.Var) else CLEAN
@@ -108,8 +110,9 @@ def _rule(eqn, ins: list, masks: set, sharded: frozenset) -> list:
     name, params = eqn.primitive.name, eqn.params
     subs = aligned_sub_jaxprs(eqn)
     if subs and name not in ("while", "scan"):
-        results = [flow(sub, [ins[k] for k in idx], sharded) for sub, idx in subs
-                   if idx is not None and len(sub.outvars) == n_out]
+        results = [flow(sub, [ins[k] for k in idx], sharded,
+                        [i for i, k in enumerate(idx) if _is_mask(eqn.invars[k], masks)])
+                   for sub, idx in subs if idx is not None and len(sub.outvars) == n_out]
         if results and (name != "cond" or ins[0] == CLEAN):
             return [join(*states) for states in zip(*results)]
         return [UNKNOWN] * n_out
@@ -119,15 +122,25 @@ def _rule(eqn, ins: list, masks: set, sharded: frozenset) -> list:
     if shaped is not None:
         return [shaped] * n_out
     across = bool(set(collective_axes(eqn)) & sharded)   # a collective over the padded dims' axes
-    if name in _SAME_SHAPE_COLLECTIVES or name == "ppermute":
+    if name in _SAME_SHAPE_COLLECTIVES:
         return [MIXED if across else join(*ins)] * n_out
     if name in _COLLECTIVES:
         return [MIXED if across else UNKNOWN] * n_out
-    out_shape = getattr(eqn.outvars[0].aval, "shape", None)
-    same = all(getattr(v.aval, "shape", ()) in ((), out_shape) for v in eqn.invars)
-    if name not in _NOT_ELEMENTWISE and n_out == 1 and same:
+    if name not in _NOT_ELEMENTWISE and n_out == 1 and _elementwise(eqn):
         return [join(*ins)]
-    return [UNKNOWN] * n_out
+    return [MIXED if MIXED in ins else UNKNOWN] * n_out   # mixed stays mixed
+
+
+def _elementwise(eqn) -> bool:
+    """Operands of the output's shape (size-1 dims broadcast), or scalars."""
+    out = tuple(getattr(eqn.outvars[0].aval, "shape", ()))
+    shapes = [tuple(getattr(v.aval, "shape", ())) for v in eqn.invars]
+    return all(s == () or (len(s) == len(out) and all(a in (b, 1) for a, b in zip(s, out)))
+               for s in shapes)
+
+
+def _is_mask(v, masks: set) -> bool:
+    return isinstance(v, jcore.Var) and v in masks
 
 
 def _masked(eqn, ins: list, masks: set) -> bool:
@@ -222,3 +235,31 @@ def _gather(numbers, ins: list, eqn) -> State:
     where = {k: batch_out[i] for i, k in enumerate(batch_in) if i < len(batch_out)}
     where[vector] = None
     return _moved(ins[1], where)
+
+
+def check_padding_rows(body: Any, plan: Any, facts: Any) -> bool:
+    """Refuse a body whose outputs can hold padding content of its uneven
+    inputs, read from its jaxpr ``body`` (inputs: ``plan.operands``' local
+    values; outputs: ``facts.region_outputs``). Returns False where some output
+    could not be decided (an operation this reading does not follow)."""
+    states, sharded = [], set()
+    for p in plan.operands:
+        shift = 1 if p.dst.partial_axes else 0   # a Partial input's stacked summands
+        states.append(frozenset((d + shift, (size, tuple(axes)))
+                                for d, size, axes, _ in p.dst.uneven))
+        sharded.update(a for _, _, axes, _ in p.dst.uneven for a in axes)
+    decided = True
+    for o, state in zip(facts.region_outputs, flow(body, states, frozenset(sharded))):
+        own = {(d, (size, tuple(axes))) for d, size, axes, _ in o.layout.uneven}
+        if state == UNKNOWN:
+            decided = False
+        elif state == MIXED or not state <= own:
+            uneven = [p.index for p in plan.inputs if p.dst.is_uneven]
+            raise PlacementValueError(
+                f"out_placements[{o.index}]: output {o.index} changes with the padding of "
+                f"the uneven inputs {uneven}: the body mixes rows along an uneven dim (a "
+                f"sum, mean, max, matmul contraction, shift or collective over it; read from "
+                f"the body's jaxpr). Mask the padding rows with "
+                f"jlocalmap.local_valid_size(size, axes), or give that input Replicate() "
+                f"along the dim.")
+    return decided
