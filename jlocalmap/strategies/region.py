@@ -28,7 +28,7 @@ from jlocalmap.strategies.alternatives import (
 )
 from jlocalmap.strategies.choice import Choice, TableRow
 from jlocalmap.strategies.cost_model import CostModel, estimate
-from jlocalmap.strategies.measure import MeasureCache, mesh_key, time_programs
+from jlocalmap.strategies.measure import MeasureCache, agreed, mesh_key, time_programs
 from jlocalmap.strategies.signature import Signature
 from jlocalmap.strategies.verify import verify as verify_alternatives
 
@@ -154,6 +154,8 @@ class StrategyRegion:
         rows = tuple(TableRow(n, e, measured.get(n)) for n, e in estimates.items())
         key = (measured.get if measured else lambda n: estimates[n].seconds)
         chosen = min(estimates, key=key)
+        if self.choose == "measure":   # timings differ by process: process 0 decides
+            chosen = agreed(chosen, list(estimates))
         return Choice(chosen, self.choose, str(sig), self.cost_model.name, rows)
 
     def _measure_key(self, sig: Signature) -> str:
@@ -189,7 +191,8 @@ def strategy_region(alternatives: Any, *, choose: str = "cost", verify: bool = T
     (values and gradients) with ``train=True`` or the forward only;
     ``choose="measure"`` times the compiled programs and caches the seconds in
     ``cache_dir/strategies.json`` (default ``$JLOCALMAP_CACHE_DIR``, else
-    ``~/.cache/jlocalmap``). ``verify=True`` first checks, once per signature,
+    ``~/.cache/jlocalmap``); in a multi-process job every process takes process
+    0's choice. ``verify=True first checks, once per signature,
     that every alternative's values and gradients equal the first one's on a
     random input of that signature, and refuses one that differs by name.
     ``region.describe(*args)`` prints the cost table and the choice.
