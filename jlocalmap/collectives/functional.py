@@ -85,11 +85,13 @@ def extremum(op: str, axes: tuple[str, ...], x: jax.Array) -> jax.Array:
         >>> np.asarray(f(np.array([1.0, np.nan, 3.0, 2.0], np.float32))).tolist()
         [nan, 3.0]
     """
-    reduced = (jax.lax.pmax if op == "max" else jax.lax.pmin)(x, axes)
+    reduce = jax.lax.pmax if op == "max" else jax.lax.pmin
     if not jnp.issubdtype(x.dtype, jnp.floating):
-        return reduced
-    any_nan = jax.lax.pmax(jnp.isnan(x).astype(jnp.int32), axes)
-    return jnp.where(any_nan > 0, jnp.asarray(jnp.nan, x.dtype), reduced)
+        return reduce(x, axes)
+    # One all-reduce of (x, a NaN flag signed so that op keeps it): no second collective.
+    flag = jnp.isnan(x).astype(x.dtype) * (1 if op == "max" else -1)
+    reduced, any_nan = reduce((x, flag), axes)
+    return jnp.where(any_nan != 0, jnp.asarray(jnp.nan, x.dtype), reduced)
 
 
 @extremum.defjvp
