@@ -3,7 +3,8 @@
 from jlocalmap import collectives
 from jlocalmap._caches import clear_caches
 from jlocalmap._renamed import deprecated_aliases as _deprecated_aliases
-from jlocalmap.errors import LocalMapError, PlacementTypeError, PlacementValueError
+from jlocalmap.errors import (LocalMapError, PlacementTypeError, PlacementValueError,
+                              UnevenArrayError)
 from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.inspect.inspection import Region, regions
 from jlocalmap.inspect.layout_view import describe, print_layout
@@ -18,7 +19,7 @@ from jlocalmap.region.record import RegionArray, RegionSettings, region_settings
 from jlocalmap.strategies import CostModel, Link, StrategyRegion, strategy_region
 
 __all__ = [
-    "LocalMapError", "PlacementTypeError", "PlacementValueError",
+    "LocalMapError", "PlacementTypeError", "PlacementValueError", "UnevenArrayError",
     "Placement", "Shard", "Replicate", "Partial",
     "placements_to_spec", "spec_to_placements",
     "local_map", "LocalMapped", "clear_caches",

@@ -16,10 +16,12 @@ Example:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Any, Optional
 
 import jax
 from jax._src import core as _core
+from jax._src import dtypes as _dtypes
 from jax.extend import core as jcore
 
 
@@ -122,3 +124,15 @@ def under_jit() -> bool:
     """Whether tracing happens inside ``jax.jit`` or ``make_jaxpr`` (rather than
     under eager transformations alone, such as an eager ``jax.vmap``)."""
     return True if _UNDER_JIT is None else _UNDER_JIT()
+
+
+def refuse_as_array(cls: type, error: Callable[[Any], Exception]) -> None:
+    """Make JAX raise ``error(x)`` where it would take an instance ``x`` of the
+    pytree class ``cls`` as an array (the arguments of ``jax.numpy`` functions,
+    which are jitted, and of ``custom_jvp`` functions such as ``jax.nn.relu``):
+    JAX's own message would be "not a valid JAX type"."""
+    def refuse(x: Any) -> Any:
+        raise error(x)
+
+    _core.pytype_aval_mappings[cls] = refuse
+    _dtypes.canonicalize_value_handlers[cls] = refuse

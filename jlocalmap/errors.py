@@ -42,3 +42,20 @@ class PlacementTypeError(LocalMapError, TypeError):
         ...     print("Shard(dim)" in str(e))
         True
     """
+
+
+class UnevenArrayError(LocalMapError):
+    """A :class:`~jlocalmap.UnevenArray` was used as an array (arithmetic, a
+    ``jax.numpy`` function). It is deliberately not a ``TypeError``: ``jax.jit``
+    replaces a ``TypeError`` raised for an argument by its own message, and this
+    one says what to do.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> x = jlm.distribute_tensor(np.arange(5.0), jax.make_mesh((2,), ("tp",)), [jlm.Shard(0)])
+        >>> try:
+        ...     x + 1
+        ... except jlm.UnevenArrayError as e:
+        ...     print("full_tensor" in str(e))
+        True
+    """

@@ -234,7 +234,13 @@ def test_transformer_block_on_256_abstract_devices():
                                                          (1, 2, 16, 6)]
     saved = {res.producer: res.shape for res in r.residuals}
     assert saved["input 0"] == (1, 2, 4, 6) and saved["input 1"] == (1, 2, 16, 6)
-    assert saved["exp"] == (1, 2, 4, 16)  # the local chunk of attention weights
+    # The local chunk of the attention weights (this device's 4 queries against all
+    # 16 keys) is saved with its local shape. Which JAX operation produced it is
+    # JAX's choice (softmax's exp on jax 0.10, its normalized output on 0.12).
+    weights = [res for res in r.residuals if not res.producer.startswith("input")
+               and res.shape == (1, 2, 4, 16)]
+    assert weights, r.residuals
+    assert all(res.shape != (8, 16, 16, 16) for res in r.residuals)  # never the global one
     # Outside the region the program keeps global shapes.
     outer = jax.make_jaxpr(jax.value_and_grad(loss))(params, x)
     value, *grads = [v.aval.shape for v in outer.jaxpr.outvars]

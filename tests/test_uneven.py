@@ -233,3 +233,30 @@ def test_row_wise_bodies_pass_the_jaxpr_reading(mesh4, rng, body, expected):
     f = jlm.local_map(body, [Shard(0)], ([Shard(0)], [Replicate()]), device_mesh=mesh4)
     y = f(jlm.distribute_tensor(X, mesh4, [Shard(0)]), jlm.distribute_tensor(W, mesh4, [Replicate()]))
     assert_close(jlm.full_tensor(y), expected(X, W), rtol=1e-4)
+
+
+@pytest.mark.parametrize("use, label", [
+    (lambda u: u + u, "the operator +"), (lambda u: 2.0 * u, "the operator *"),
+    (lambda u: u @ u, "the operator @"), (lambda u: u < 1, "the operator <"),
+    (lambda u: u == u, "the operator =="), (lambda u: -u, "the operator unary -"), (lambda u: u[0], "indexing"),
+    (jnp.sin, "a jax.numpy function"), (lambda u: jnp.add(1.0, u), "a jax.numpy function"),
+    (jnp.sum, "a jax.numpy function"), (jax.nn.relu, "a jax.numpy function"),
+    (lambda u: jax.lax.add(u, u), "a jax.numpy function"), (np.asarray, "numpy"),
+    (jax.jit(lambda u: u * 2), "the operator *"),
+])
+def test_uneven_array_used_as_an_array_says_what_it_is_and_the_ways_out(mesh4, rng, use, label):
+    # 18 rows on 4 devices: chunks of 5, 5, 5, 3 (the sequence of 18 on tp=4)
+    u = jlm.distribute_tensor(randn(rng, 18, 4), mesh4, [Shard(0)])
+    with pytest.raises(jlm.UnevenArrayError) as caught:
+        use(u)
+    message = str(caught.value)
+    assert isinstance(caught.value, jlm.LocalMapError)
+    assert message.startswith(f"{label}: expected an array, found UnevenArray(shape=(18, 4)")
+    for way_out in ("jlm.full_tensor(x)", "divisible by the mesh axes", "inside a local_map region"):
+        assert way_out in message
+
+
+def test_uneven_array_still_passes_through_jit_as_a_pytree(mesh4, rng):
+    X = randn(rng, 18, 4)
+    u = jlm.distribute_tensor(X, mesh4, [Shard(0)])
+    assert_close(jlm.full_tensor(jax.jit(lambda u: u)(u)), X)

@@ -11,7 +11,8 @@ and a 1,000-leaf pytree.
   (numeric dtypes), all checked against numpy on the global array, output dtype
   included. Where a dtype has no such value (the mean of integers, the max of
   complex numbers) a jlocalmap error naming the output and the op is accepted.
-  Partial() inputs of integers and bools keep their dtype and value.
+  Partial() inputs of integers keep their dtype and value; a Partial('sum') of
+  bools is refused on every JAX (see docs/jax_versions.md).
 - zero-size dims and 0-d scalars work, and Shard of a 0-d value is refused with
   a clear jlocalmap error.
 - a dict of 1,000 arrays, with placements given as a pytree prefix or one entry
@@ -407,10 +408,25 @@ def test_partial_input_of_integers_keeps_dtype(mesh4, dtype):
 
 
 @xfail_if_known("bool-partial-input")
-def test_partial_input_of_bools_round_trips(mesh4):
+def test_partial_of_bools_is_refused_on_every_jax(mesh4):
+    """A Partial('sum'|'avg') value of bools is refused with a jlocalmap error on
+    every supported JAX (jax 0.10 reduced it as an OR, jax 0.12 refuses
+    reduce_sum of bool): never n * x, never JAX's TypeError. Partial('max') and
+    ('min') outputs, reduced in the body (any / every device True), work."""
     x = np.array([True, False, True, True, False, False, True, False])
-    xp = block(jlm.distribute_tensor(x, mesh4, [Partial()]))
-    np.testing.assert_array_equal(host(xp).astype(np.float64), x.astype(np.float64))
+    bool_sum = r"Partial\('sum'\) on mesh axis 'tp' for a bool value"
+    with pytest.raises(TE, match=r"placements: " + bool_sum):
+        jlm.distribute_tensor(x, mesh4, [Partial()])
+    with pytest.raises(TE, match=r"in_placements\[0\]: " + bool_sum):
+        jlm.local_map(lambda v: v, [Replicate()], ([Partial()],), device_mesh=mesh4)(x)
+    with pytest.raises(TE, match=r"out_placements\[0\]: " + bool_sum):
+        jlm.local_map(lambda v: v, [Partial()], ([Shard(0)],), device_mesh=mesh4)(x)
+    rows = x.reshape(4, 2)
+    for op, ref in (("max", np.any), ("min", np.all)):
+        f = jlm.local_map(lambda v: v[0], [Partial(op)], ([Shard(0)],), device_mesh=mesh4)
+        out = block(f(rows))
+        assert out.dtype == np.bool_ and jlm.placements_of(out) == (Replicate(),)
+        np.testing.assert_array_equal(host(out), ref(rows, axis=0))
 
 
 @xfail_if_known("bool-avg-output")

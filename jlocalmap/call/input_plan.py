@@ -24,13 +24,13 @@ import numpy as np
 
 from jlocalmap.call.arguments import Leaf
 from jlocalmap.errors import PlacementValueError
+from jlocalmap.layouts.dtypes import dtype_of
 from jlocalmap.layouts.entries import is_array, is_number
 from jlocalmap.layouts.grad_axes import grad_reductions
 from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.meshes import AnyMesh
 from jlocalmap.layouts.placements import PlacementList, Replicate
 from jlocalmap.layouts.specs import as_placement_list, normalize_placements
-from jlocalmap.layouts.value_layout import dtype_of
 
 
 @dataclasses.dataclass(frozen=True)

@@ -26,9 +26,9 @@ import numpy as np
 
 from jlocalmap.call.input_plan import InputPlan
 from jlocalmap.errors import PlacementValueError
+from jlocalmap.layouts.dtypes import dtype_of
 from jlocalmap.layouts.meshes import mesh_context
 from jlocalmap.layouts.uneven import pad, unpad
-from jlocalmap.layouts.value_layout import dtype_of
 from jlocalmap.movement.distribute import distribute_tensor, full_tensor
 from jlocalmap.movement.relayout import relayout, run_relayout
 

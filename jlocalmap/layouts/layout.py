@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec
 
 from jlocalmap._caches import LRU
 from jlocalmap.layouts.chunks import UnevenDim, dim_splits, padded_shape, uneven_dims
+from jlocalmap.layouts.dtypes import as_dtype, check_partial_dtype
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes, check_mesh
 from jlocalmap.layouts.placements import Partial, PlacementList, Replicate, compact
 from jlocalmap.layouts.specs import (
@@ -48,7 +49,7 @@ def _key(mesh: Any, placements: Any, shape: Sequence[Any], dtype: Any) -> Option
     """A cache key of a layout's inputs, or None where they are not hashable."""
     try:
         key = (mesh, tuple(placements) if isinstance(placements, (list, tuple)) else placements,
-               tuple(shape), None if dtype is None else np.dtype(dtype))
+               tuple(shape), None if dtype is None else as_dtype(dtype))
         hash(key)
         return key
     except TypeError:
@@ -76,7 +77,7 @@ class Layout:
     mesh: AnyMesh
     placements: PlacementList
     shape: tuple
-    dtype: Optional[np.dtype] = None
+    dtype: Any = None  # a np.dtype, or a JAX extended dtype (typed PRNG keys)
 
     @classmethod
     def of(cls, mesh: AnyMesh, placements: Any, shape: Sequence[Any], dtype: Any = None,
@@ -102,7 +103,11 @@ class Layout:
                                           len(shape), what)
         placements_to_spec(placements, mesh, len(shape), what=what)
         uneven = uneven_dims(shape, placements, mesh, what)
-        layout = cls(mesh, placements, shape, None if dtype is None else np.dtype(dtype))
+        dtype = None if dtype is None else as_dtype(dtype)
+        for axis, p in zip(mesh.axis_names, placements):
+            if p.is_partial():
+                check_partial_dtype(dtype, p.reduce_op, axis, what)
+        layout = cls(mesh, placements, shape, dtype)
         layout.__dict__["uneven"] = uneven  # validated once, here
         return layout
 

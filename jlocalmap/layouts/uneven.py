@@ -25,12 +25,14 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from jlocalmap._jax_compat import refuse_as_array
+from jlocalmap.errors import UnevenArrayError
 from jlocalmap.layouts.chunks import chunk_bounds, padding_index
 from jlocalmap.layouts.layout import Layout
 
@@ -78,7 +80,7 @@ def local_valid_size(global_size: int, axes: str | Sequence[str]) -> jax.Array:
 
 
 @jax.tree_util.register_pytree_node_class
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)   # == is arithmetic too: refused
 class UnevenArray:
     """A value laid out with uneven shards: ``padded`` (an evenly sharded
     ``jax.Array``) and its :class:`~jlocalmap.layouts.layout.Layout` (logical ``shape``,
@@ -113,3 +115,36 @@ class UnevenArray:
     def __repr__(self) -> str:
         return (f"UnevenArray(shape={self.shape}, dtype={self.dtype}, "
                 f"placements={list(self.placements)}, padded shape={self.padded.shape})")
+
+
+def not_an_array(x: UnevenArray, use: str = "a jax.numpy function") -> UnevenArrayError:
+    """The error for ``x`` used as an array in ``use``: what an UnevenArray is,
+    and the ways out."""
+    return UnevenArrayError(
+        f"{use}: expected an array, found {x!r}. An UnevenArray is jlocalmap's value "
+        "for a layout whose mesh axes do not divide a dim (DTensor's torch.chunk shards, "
+        "which a jax.Array cannot hold): an evenly sharded array with padding rows plus "
+        "the logical shape, not an array itself. Ways out: jlm.full_tensor(x) for the "
+        "logical jax.Array; sizes divisible by the mesh axes, so that values are plain "
+        "jax.Arrays; or the computation inside a local_map region, which takes and "
+        "returns UnevenArrays (docs/uneven.md).")
+
+
+def _refusal(use: str) -> Callable[..., Any]:
+    def method(self: UnevenArray, *args: Any, **kwargs: Any) -> Any:
+        raise not_an_array(self, use)
+    return method
+
+
+_OPERATORS = {**{f"{r}{name}": f"the operator {symbol}" for name, symbol in (
+    ("add", "+"), ("sub", "-"), ("mul", "*"), ("truediv", "/"), ("floordiv", "//"),
+    ("mod", "%"), ("pow", "**"), ("matmul", "@"), ("and", "&"), ("or", "|"), ("xor", "^"),
+    ("lshift", "<<"), ("rshift", ">>")) for r in ("", "r")},
+    **{name: f"the operator {symbol}" for name, symbol in (
+        ("lt", "<"), ("le", "<="), ("gt", ">"), ("ge", ">="), ("eq", "=="), ("ne", "!="),
+        ("neg", "unary -"), ("pos", "unary +"), ("abs", "abs()"), ("invert", "~"))},
+    "getitem": "indexing", "array": "numpy", "jax_array": "a jax.numpy function"}
+for _name, _use in _OPERATORS.items():
+    setattr(UnevenArray, f"__{_name}__", _refusal(_use))
+UnevenArray.__hash__ = None  # type: ignore[assignment]  # unhashable, as a jax.Array
+refuse_as_array(UnevenArray, not_an_array)

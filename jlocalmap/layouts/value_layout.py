@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
 from jlocalmap.errors import PlacementValueError
+from jlocalmap.layouts.dtypes import dtype_of
 from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.meshes import AnyMesh, check_mesh, is_explicit, same_mesh
 from jlocalmap.layouts.placements import PlacementList, Replicate, Shard
@@ -51,11 +52,6 @@ def known_placements(x: Any, mesh: AnyMesh) -> Optional[PlacementList]:
             return None
         return spec_to_placements(jax.typeof(x).sharding.spec, mesh)
     return spec_to_placements(x.sharding.spec, mesh)
-
-
-def dtype_of(x: Any) -> np.dtype:
-    """The dtype of an array, tracer or host number."""
-    return np.dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
 def layout_of(x: Any, mesh: Optional[AnyMesh] = None) -> Optional[Layout]:

@@ -20,11 +20,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jlocalmap.errors import PlacementTypeError
+from jlocalmap.layouts.dtypes import dtype_of
 from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.meshes import AnyMesh, check_mesh
 from jlocalmap.layouts.placements import Placement
 from jlocalmap.layouts.uneven import UnevenArray, pad, unpad
-from jlocalmap.layouts.value_layout import dtype_of, mesh_of, require_layout
+from jlocalmap.layouts.value_layout import mesh_of, require_layout
 from jlocalmap.movement.relayout import run_relayout
 
 

@@ -27,6 +27,7 @@ from jlocalmap._jax_compat import varying_axes
 from jlocalmap.collectives.functional import extremum
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.layouts.chunks import dim_splits
+from jlocalmap.layouts.dtypes import check_partial_dtype
 from jlocalmap.layouts.entries import assign_placements, is_array, is_none
 from jlocalmap.layouts.layout import Layout, is_empty
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes
@@ -189,6 +190,7 @@ def _check_partial_dtype(dtype, p: Partial, axis: str, j: int) -> None:
             f"out_placements[{j}]: Partial({p.reduce_op!r}) on mesh axis {axis!r} for a "
             f"complex output: complex numbers have no order; reduce their abs() or real "
             f"part instead.")
+    check_partial_dtype(dtype, p.reduce_op, axis, f"out_placements[{j}]")
 
 
 def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
