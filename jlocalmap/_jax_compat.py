@@ -5,10 +5,12 @@ versions it covers; tests run on jax 0.10.2 and the newest (0.12).
 Example:
     >>> import jax, jax.numpy as jnp
     >>> from jlocalmap._jax_compat import collective_axes, varying_of
-    >>> mesh = jax.sharding.AbstractMesh((2,), ("tp",))
+    >>> mesh = jax.make_mesh((2,), ("tp",))
     >>> f = jax.shard_map(lambda x: jax.lax.psum(x, "tp"), mesh=mesh,
     ...                   in_specs=jax.P("tp"), out_specs=jax.P())
-    >>> body = jax.make_jaxpr(f)(jnp.ones(4)).jaxpr.eqns[0].params["jaxpr"]
+    >>> x = jax.ShapeDtypeStruct((4,), jnp.float32,
+    ...                          sharding=jax.NamedSharding(mesh, jax.P("tp")))
+    >>> body = jax.make_jaxpr(f)(x).jaxpr.eqns[0].params["jaxpr"]
     >>> collective_axes(body.eqns[-1]), varying_of(body.invars[0].aval)
     (('tp',), frozenset({'tp'}))
 """

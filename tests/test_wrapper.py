@@ -125,7 +125,7 @@ def test_renamed_names_warn_and_name_the_new_spelling(old, new):
         warnings.simplefilter("error")
         getattr(jlm, new)   # the new spelling does not warn
     with pytest.raises(AttributeError):
-        jlm.NoSuchName
+        getattr(jlm, "NoSuchName")
 
 
 def test_region_settings_mesh_is_a_mesh_like_an_uneven_arrays(mesh4, rng):

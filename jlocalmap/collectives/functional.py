@@ -82,8 +82,8 @@ def extremum(op: str, axes: tuple[str, ...], x: jax.Array) -> jax.Array:
         >>> mesh = jax.make_mesh((2,), ("tp",))
         >>> f = jlm.local_map(lambda x: extremum("max", ("tp",), x), [jlm.Replicate()],
         ...                   ([jlm.Shard(0)],), device_mesh=mesh)
-        >>> np.asarray(f(np.array([1.0, np.nan, 3.0, 2.0], np.float32))).tolist()
-        [nan, 3.0]
+        >>> np.asarray(f(np.array([1.0, np.nan, 3.0, 2.0], np.float32))).tolist()  # (1, nan), (3, 2)
+        [3.0, nan]
     """
     reduce = jax.lax.pmax if op == "max" else jax.lax.pmin
     if not jnp.issubdtype(x.dtype, jnp.floating):
