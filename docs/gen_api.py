@@ -56,6 +56,10 @@ GROUPS = (
      "The `local_map` regions of a traced program: settings, shapes, forward, backward, "
      "residuals. Guide: [regions](../regions.md).",
      ("regions", "region_settings", "Region", "RegionSettings", "RegionArray", "Residual")),
+    ("api/estimates.md", "Estimates",
+     "A step's memory, FLOPs, collectives and time per device on hardware and a mesh "
+     "this machine does not have. Guide: [estimates](../estimates.md).",
+     ("estimate", "Estimate", "Hardware")),
     ("api/errors.md", "Errors",
      "The exceptions jlocalmap raises; each message names the argument, what was expected, "
      "what was found and the fix.",

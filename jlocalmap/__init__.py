@@ -5,6 +5,7 @@ from jlocalmap._caches import clear_caches
 from jlocalmap._renamed import deprecated_aliases as _deprecated_aliases
 from jlocalmap.errors import (LocalMapError, PlacementTypeError, PlacementValueError,
                               UnevenArrayError)
+from jlocalmap.estimate import Estimate, Hardware, estimate
 from jlocalmap.inspect.comm import CommCounts, collectives_in_hlo, count_collectives
 from jlocalmap.inspect.inspection import Region, regions
 from jlocalmap.inspect.layout_view import describe, print_layout
@@ -29,6 +30,7 @@ __all__ = [
     "regions", "region_settings", "Region", "RegionSettings", "RegionArray", "Residual",
     "UnevenArray", "local_valid_size",
     "strategy_region", "StrategyRegion", "CostModel", "Link",
+    "estimate", "Estimate", "Hardware",
 ]
 
 # Renamed public names: the old spelling works, with a DeprecationWarning naming the new.

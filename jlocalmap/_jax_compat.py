@@ -138,3 +138,19 @@ def refuse_as_array(cls: type, error: Callable[[Any], Exception]) -> None:
 
     _core.pytype_aval_mappings[cls] = refuse
     _dtypes.canonicalize_value_handlers[cls] = refuse
+
+
+# XLA's partitioner reduces a value unreduced over several mesh axes into a
+# replicated one with one all-reduce over them all up to jax 0.10, and with one
+# all-reduce per axis in the XLA of jax 0.12 (measured on 8 CPU devices).
+UNREDUCED_ALL_REDUCE_PER_AXIS = tuple(int(p) for p in jax.__version__.split(".")[:2]) >= (0, 11)
+
+
+def scan_counts(eqn) -> tuple[int, int]:
+    """(constants, carry) among a ``scan`` equation's inputs: parameters up to
+    jax 0.11, the lengths of its flat input trees (constants, carry, xs) after."""
+    params = eqn.params
+    if "num_carry" in params:
+        return int(params["num_consts"]), int(params["num_carry"])
+    consts, carry, _ = params["ft_in"].unpack()
+    return len(list(consts.vals)), len(list(carry.vals))

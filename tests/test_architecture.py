@@ -15,10 +15,12 @@ MODULES = sorted(PACKAGE.rglob("*.py"))
 # the floors below (docs/architecture.md draws them). The base modules, the value
 # libraries, movement, the two stages of a call, then what reads finished
 # programs and the public callable; collectives stand beside movement (they
-# need layouts only); strategies choose among local_map callables; the testing
+# need layouts only); strategies choose among local_map callables; estimates
+# price whole programs (and let strategies choose for their target); the testing
 # kit, which the package does not import, uses the public API.
 FLOORS = [{"errors", "_jax_compat", "_caches", "_renamed"}, {"layouts"}, {"movement", "collectives"}, {"call"},
-          {"region"}, {"inspect"}, {"local_map"}, {"strategies"}, {"__init__"}, {"testing"}]
+          {"region"}, {"inspect"}, {"local_map"}, {"strategies"}, {"estimate"},
+          {"__init__"}, {"testing"}]
 LIMITS = {ast.FunctionDef: 60, ast.AsyncFunctionDef: 60, ast.ClassDef: 200}
 
 

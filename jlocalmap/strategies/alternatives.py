@@ -34,11 +34,12 @@ from jlocalmap.movement.distribute import distribute_tensor, redistribute
 
 @dataclasses.dataclass(frozen=True)
 class Alternative:
-    """A named ``local_map`` function with a concrete ``device_mesh`` and one
-    ``in_placements`` entry per positional argument."""
+    """A named ``local_map`` function with a ``device_mesh`` (concrete, or
+    abstract for :func:`jlocalmap.estimate`) and one ``in_placements`` entry per
+    positional argument."""
     name: str
     fn: Callable
-    mesh: jax.sharding.Mesh
+    mesh: Any
 
     @classmethod
     def of(cls, name: Any, fn: Any, index: int) -> "Alternative":
@@ -50,11 +51,12 @@ class Alternative:
                 f"{what}: expected a function made by jlocalmap.local_map, found "
                 f"{type(fn).__name__}; decorate each alternative with "
                 f"@jlm.local_map(out_placements=..., in_placements=..., device_mesh=mesh).")
-        if not isinstance(fn.device_mesh, jax.sharding.Mesh):
+        if not isinstance(fn.device_mesh, (jax.sharding.Mesh, jax.sharding.AbstractMesh)):
             raise PlacementValueError(
-                f"{what}: expected local_map(..., device_mesh=mesh) with a concrete "
-                f"jax.sharding.Mesh, found device_mesh={fn.device_mesh!r}; the region "
-                f"moves inputs to each alternative's mesh and times it there.")
+                f"{what}: expected local_map(..., device_mesh=mesh) with a "
+                f"jax.sharding.Mesh (or an AbstractMesh, chosen for under jlm.estimate), "
+                f"found device_mesh={fn.device_mesh!r}; the region moves inputs to each "
+                f"alternative's mesh and prices it there.")
         if not isinstance(fn.in_placements, (list, tuple)) or is_placement_list(
                 fn.in_placements):
             raise PlacementValueError(

@@ -30,6 +30,7 @@ from jlocalmap.strategies.choice import Choice, TableRow
 from jlocalmap.strategies.cost_model import CostModel, estimate
 from jlocalmap.strategies.measure import MeasureCache, agreed, mesh_key, time_programs
 from jlocalmap.strategies.signature import Signature
+from jlocalmap.strategies.target import Target, current
 from jlocalmap.strategies.verify import verify as verify_alternatives
 
 _CACHE_SIZE = 64  # signatures whose choice and program a strategy region keeps
@@ -47,8 +48,7 @@ def _named(alternatives: Any) -> list[Alternative]:
         raise PlacementValueError(
             f"alternatives: expected one or more alternatives with distinct names, "
             f"found names {names}; pass a dict {{name: local_map function}}.")
-    meshes = {(a.mesh.axis_names, a.mesh.devices.shape) for a in alts}
-    if len(meshes) != 1 or any(not (a.mesh.devices == alts[0].mesh.devices).all() for a in alts):
+    if any(a.mesh != alts[0].mesh for a in alts):
         raise PlacementValueError(
             f"alternatives: expected every alternative on the same device_mesh, found "
             f"{[a.mesh for a in alts]}; build them all with device_mesh=mesh.")
@@ -84,7 +84,9 @@ class StrategyRegion:
         self.alternatives = tuple(alternatives)
         self.mesh = alternatives[0].mesh
         self.choose, self.verify, self.train = choose, verify, train
-        self.cost_model = cost_model or CostModel.for_devices(self.mesh.devices.reshape(-1))
+        self.cost_model = cost_model or (
+            CostModel.for_devices(self.mesh.devices.reshape(-1))
+            if isinstance(self.mesh, jax.sharding.Mesh) else CostModel.h200_nvlink())
         self.out_placements, self.name = out_placements, name
         self.cache = MeasureCache(cache_dir)
         self._choices: LRU = LRU(_CACHE_SIZE)
@@ -124,6 +126,14 @@ class StrategyRegion:
         return self._choice(Signature.of(args, self.mesh))
 
     def _choice(self, sig: Signature) -> Choice:
+        target = current()
+        if target is not None:
+            return self._choice_for(target, sig)
+        if not isinstance(self.mesh, jax.sharding.Mesh):
+            raise PlacementValueError(
+                f"strategy region {self.name!r}: its alternatives are on an AbstractMesh, "
+                f"which has no devices to run or measure on; estimate the program with "
+                f"jlm.estimate(fn, *args, hardware=...), or build them on a jax.sharding.Mesh.")
         found = self._choices.get(sig)
         if found is None:
             for alt in self.alternatives:
@@ -131,6 +141,21 @@ class StrategyRegion:
             if self.verify:
                 verify_alternatives(self.alternatives, self.out_placements, sig, self.mesh)
             found = self._choices.put(sig, self._decide(sig))
+        return found
+
+    def _choice_for(self, target: Target, sig: Signature) -> Choice:
+        """The choice for another machine: each alternative's traced program
+        priced by ``target`` (nothing compiled or run here), reported to it."""
+        found = self._choices.get((sig, target.key))
+        if found is None:
+            abstract = sig.arrays(sig.abstract(self.mesh))
+            rows = tuple(TableRow(alt.name, target.price(sig.over_arrays(training_program(
+                         alt.placed(self.out_placements), sig.differentiable, self.train)),
+                         abstract)) for alt in self.alternatives)
+            chosen = min(rows, key=lambda r: r.estimate.seconds).name
+            found = self._choices[(sig, target.key)] = Choice(
+                chosen, "cost", str(sig), target.name, rows)
+        target.choices.append((self.name, found))
         return found
 
     def describe(self, *args: Any) -> str:
