@@ -153,8 +153,8 @@ class StrategyRegion:
                          alt.placed(self.out_placements), sig.differentiable, self.train)),
                          abstract)) for alt in self.alternatives)
             chosen = min(rows, key=lambda r: r.estimate.seconds).name
-            found = self._choices[(sig, target.key)] = Choice(
-                chosen, "cost", str(sig), target.name, rows)
+            found = self._choices.put((sig, target.key), Choice(
+                chosen, "cost", str(sig), target.name, rows))
         target.choices.append((self.name, found))
         return found
 
