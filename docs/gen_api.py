@@ -38,7 +38,7 @@ GROUPS = (
     ("api/local_map.md", "local_map",
      "The decorator: run a function written for local shards on distributed values. "
      "Guide: [local_map semantics](../local_map.md).",
-     ("local_map",)),
+     ("local_map", "LocalMapped", "clear_caches")),
     ("api/layouts.md", "Layouts",
      "Laying values out, moving them, reading them back; uneven shards. "
      "Guides: [placements](../placements.md), [uneven shards](../uneven.md).",
@@ -55,7 +55,7 @@ GROUPS = (
     ("api/regions.md", "Regions",
      "The `local_map` regions of a traced program: settings, shapes, forward, backward, "
      "residuals. Guide: [regions](../regions.md).",
-     ("regions", "region_settings", "Region", "RegionCall", "Operand", "Residual")),
+     ("regions", "region_settings", "Region", "RegionSettings", "RegionArray", "Residual")),
     ("api/estimates.md", "Estimates",
      "A step's memory, FLOPs, collectives and time per device on hardware and a mesh "
      "this machine does not have. Guide: [estimates](../estimates.md).",

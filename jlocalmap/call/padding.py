@@ -1,8 +1,10 @@
 """Uneven inputs and outputs around the region: inputs are padded to their
 even storage before the region (outputs along uneven dims become
 :class:`~jlocalmap.layouts.uneven.UnevenArray`\\ s in ``region.outputs.assemble``), and once per call signature
-the region runs on random data with two different paddings: a body whose
-logical outputs change with the padding mixes rows and is refused.
+with ``local_map(..., check_padding=True)`` the region runs on random data with
+two different paddings: a body whose logical outputs change with the padding
+mixes rows and is refused (``region.row_flow`` decides this from the body's
+jaxpr for every uneven call, without running it).
 
 Example:
     >>> import jax, jax.numpy as jnp, numpy as np, jlocalmap as jlm
@@ -15,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -45,15 +46,12 @@ def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
     inputs; ``run(plan, *values, pad_fill=...)`` is the region. Once per
     signature (``done`` holds the signatures checked)."""
     key = plan.key(dyn, shardings=True)
-    if key in done:
+    if done.get(key):
         return
-    if any(isinstance(x, jax.core.Tracer) for x in dyn):
-        # Trace state is per thread: a fresh thread runs the check concretely.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(_compare_paddings, run, plan, dyn).result()
-    else:
+    # Random data of the signature, run now even inside a trace (jax.jit's).
+    with jax.ensure_compile_time_eval(), mesh_context(plan.mesh):
         _compare_paddings(run, plan, dyn)
-    done.add(key)
+    done.put(key, True)
 
 
 def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> Any:
@@ -75,9 +73,8 @@ def _compare_paddings(run: Callable, plan, dyn: Sequence[Any]) -> None:
         samples = [_sample(p, data, fill) for p, data in zip(plan.inputs, logical)]
         found = []
         fn = jax.jit(lambda *s: _keep(found, run(plan, *s, pad_fill=fill)))
-        with mesh_context(plan.mesh):
-            arrays = fn(*samples)
-        results.append([np.asarray(as_numbers(unpad(full_tensor(a), o.layout))) for a, o in
+        arrays = fn(*samples)
+        results.append([np.asarray(unpad(np.asarray(as_numbers(full_tensor(a))), o.layout)) for a, o in
                         zip(arrays, found[-1].arrays)])
     outputs = found[-1].arrays
     for o, a, b in zip(outputs, *results):

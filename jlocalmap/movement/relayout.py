@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlocalmap._caches import cached
 from jlocalmap._jax_compat import scalar_like
 from jlocalmap.layouts.layout import Layout, is_empty
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes, is_explicit, mesh_context
@@ -61,7 +62,7 @@ def relayout(x: Any, src: Optional[Layout], dst: Layout, *,
     return x
 
 
-@functools.lru_cache(maxsize=256)
+@cached(256)
 def _jitted_relayout(src: Optional[Layout], dst: Layout):
     return jax.jit(functools.partial(relayout, src=src, dst=dst))
 
