@@ -39,7 +39,7 @@ FLAT = {"placements": "layouts", "specs": "layouts", "meshes": "layouts", "chunk
         "region_residuals": "inspect", "layout_view": "inspect", "comm": "inspect",
         "collectives": "collectives", "groups": "collectives"}
 # Value libraries every stage reads (not stages of the walk) and the base modules.
-LIBRARIES = {"layouts", "errors", "_jax_compat"}
+LIBRARIES = {"layouts", "errors", "_jax_compat", "_caches"}
 
 
 def module_of(frame) -> str | None:

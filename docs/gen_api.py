@@ -39,7 +39,7 @@ GROUPS = (
     ("api/local_map.md", "local_map",
      "The decorator: run a function written for local shards on distributed values. "
      "Guide: [local_map semantics](../local_map.md).",
-     ("local_map",)),
+     ("local_map", "LocalMapped", "clear_caches")),
     ("api/layouts.md", "Layouts",
      "Laying values out, moving them, reading them back; uneven shards. "
      "Guides: [placements](../placements.md), [uneven shards](../uneven.md).",

@@ -16,6 +16,8 @@ run the same program (SPMD), and each checks its results against numpy:
 * a ``Partial()`` output redistributed to ``Shard`` (a reduce-scatter across processes);
 * an uneven input (7 rows over dp=2), handled as a ``jlm.UnevenArray``;
 * repeated eager calls (compiled once, then reused);
+* ``strategy_region(choose="measure")``: each process's own timings disagree, and
+  every process takes process 0's choice (processes choosing differently would hang);
 * ``count_collectives`` and ``describe``.
 
 A worker alone:  python examples/multiprocess.py --process-id 0 --coordinator 127.0.0.1:12345
@@ -23,10 +25,12 @@ The last line printed is ``max |sharded - unsharded| = ...``; exit status 1 when
 check exceeds 1e-5 or a process fails.
 """
 import argparse
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 TOL = 1e-5
@@ -239,6 +243,26 @@ def check_eager_calls(mesh, check, rng, w, W, calls=3):
               + " (the first compiles)")
 
 
+def check_measured_choice(mesh, check, x, w):
+    """Each process measures its own devices; here their cached timings are made to
+    disagree (process 0: rows faster, process 1: cols), and both take process 0's."""
+    rows = jlm.local_map(lambda x, w: x @ w, [Shard(0), Replicate()],
+                         ([Shard(0), Replicate()], [Replicate(), Replicate()]), device_mesh=mesh)
+    cols = jlm.local_map(lambda x, w: x @ w, [Replicate(), Shard(1)],
+                         ([Replicate(), Replicate()], [Replicate(), Shard(1)]), device_mesh=mesh)
+    region = jlm.strategies.strategy_region({"rows": rows, "cols": cols}, choose="measure", verify=False,
+                                 cache_dir=tempfile.mkdtemp(), out_placements=[Replicate()] * 2)
+    region.choice(x, w)                                   # measured, cached in this process
+    [key] = json.loads(region.cache.path.read_text())
+    faster = "rows" if jax.process_index() == 0 else "cols"
+    region.cache.put(key, {"rows": 1.0, "cols": 2.0} if faster == "rows" else
+                     {"rows": 2.0, "cols": 1.0})
+    jlm.clear_caches()                                    # forget the choice: decide again
+    check.say(f"measured strategy: own timings favour {faster}, "
+              f"chosen {region.choice(x, w).chosen}")
+    check("measured strategy region", host(region(x, w)), host(x) @ host(w))
+
+
 def worker(args) -> int:
     initialize(args)
     check = Checker()
@@ -254,6 +278,7 @@ def worker(args) -> int:
     check_process_local_data(mesh, check, w, X, W)
     check_uneven(mesh, check, rng)
     check_eager_calls(mesh, check, rng, w, W)
+    check_measured_choice(mesh, check, x, w)
     check.say(f"max |sharded - unsharded| = {check.worst:.2e}")
     return 1 if check.worst > TOL else 0
 

@@ -9,8 +9,8 @@ errors. Tools live in namespaces (docs/architecture.md, "Where names live"):
 """
 
 from jlocalmap import collectives, inspect, strategies
+from jlocalmap._caches import clear_caches
 from jlocalmap._deprecation import deprecated_names as _deprecated_names
-from jlocalmap.estimate import Estimate, Hardware, estimate
 from jlocalmap.errors import (
     LocalMapError,
     LocalMapTypeError,
@@ -19,6 +19,7 @@ from jlocalmap.errors import (
     PlacementValueError,
     UnevenArrayError,
 )
+from jlocalmap.estimate import Estimate, Hardware, estimate
 from jlocalmap.layouts.layout import Layout
 from jlocalmap.layouts.placements import (
     Partial,
@@ -32,7 +33,7 @@ from jlocalmap.layouts.placements import (
 from jlocalmap.layouts.specs import placements_to_spec, spec_to_placements
 from jlocalmap.layouts.uneven import UnevenArray, local_valid_size
 from jlocalmap.layouts.value_layout import placements_of
-from jlocalmap.local_map import local_map
+from jlocalmap.local_map import LocalMapped, local_map
 from jlocalmap.movement.distribute import distribute_tensor, full_tensor, redistribute
 
 __all__ = [
@@ -40,18 +41,21 @@ __all__ = [
     "PlacementValueError", "PlacementTypeError", "UnevenArrayError",
     "Placement", "Shard", "Replicate", "Partial", "Placements", "PlacementList", "PlacementTree",
     "placements_to_spec", "spec_to_placements",
-    "local_map", "distribute_tensor", "redistribute", "placements_of", "full_tensor",
+    "local_map", "LocalMapped", "clear_caches",
+    "distribute_tensor", "redistribute", "placements_of", "full_tensor",
     "UnevenArray", "Layout", "local_valid_size",
     "collectives", "inspect", "strategies",
     "estimate", "Estimate", "Hardware",
 ]
 
-# Names that moved into the namespaces (issue 30): served for one more release,
-# with a DeprecationWarning naming the new spelling.
+# Names that moved into the namespaces or were renamed (issue 30): served for one
+# more release, with a DeprecationWarning naming the new spelling.
 _MOVED = {
     **{name: f"jlocalmap.inspect.{name}" for name in (
-        "regions", "Region", "region_settings", "RegionCall", "Operand", "Residual",
+        "regions", "Region", "region_settings", "RegionSettings", "RegionArray", "Residual",
         "count_collectives", "collectives_in_hlo", "CommCounts", "describe", "print_layout")},
+    "RegionCall": "jlocalmap.inspect.RegionSettings",
+    "Operand": "jlocalmap.inspect.RegionArray",
     **{name: f"jlocalmap.strategies.{name}" for name in (
         "strategy_region", "StrategyRegion", "CostModel", "Link")},
 }

@@ -1,22 +1,56 @@
-"""The few JAX internals jlocalmap reads, in one place, for jax 0.10 to 0.12."""
+"""The JAX internals jlocalmap reads, in one place: jaxpr equation parameters,
+name stacks, aval typing and the text of one JAX error. Each says which JAX
+versions it covers; tests run on jax 0.10.2 and the newest (0.12).
+
+Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from jlocalmap._jax_compat import collective_axes, varying_of
+    >>> mesh = jax.make_mesh((2,), ("tp",))
+    >>> f = jax.shard_map(lambda x: jax.lax.psum(x, "tp"), mesh=mesh,
+    ...                   in_specs=jax.P("tp"), out_specs=jax.P())
+    >>> x = jax.ShapeDtypeStruct((4,), jnp.float32,
+    ...                          sharding=jax.NamedSharding(mesh, jax.P("tp")))
+    >>> body = jax.make_jaxpr(f)(x).jaxpr.eqns[0].params["jaxpr"]
+    >>> collective_axes(body.eqns[-1]), varying_of(body.invars[0].aval)
+    (('tp',), frozenset({'tp'}))
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Optional
 
 import jax
+import jax.numpy as jnp
 from jax._src import core as _core
 from jax._src import dtypes as _dtypes
+from jax.extend import core as jcore
 
 
-def varying_axes(x: jax.Array) -> frozenset:
-    """Mesh axes over which ``x`` varies inside ``shard_map`` (its vma type)."""
-    aval = jax.typeof(x)
+def varying_of(aval: Any) -> frozenset:
+    """Mesh axes over which a value of type ``aval`` varies inside ``shard_map``:
+    ``aval.vma`` (jax 0.10, 0.11), ``aval.mat.varying`` (jax 0.12's
+    manual-axis types)."""
     mat = getattr(aval, "mat", None)
     if mat is not None:
         return frozenset(mat.varying)
     return frozenset(getattr(aval, "vma", ()))
+
+
+def scalar_like(value: complex, x: jax.Array) -> jax.Array:
+    """``value`` as a 0-d array of ``x``'s dtype that varies over the mesh axes
+    ``x`` varies over: with ``jax_auto_pcast`` off (JAX's planned default) JAX
+    refuses ``x / n`` for a constant ``n`` that does not."""
+    constant = jnp.asarray(value, x.dtype)
+    axes = tuple(a for a in jax.sharding.get_abstract_mesh().axis_names
+                 if a in varying_axes(x))
+    return jax.lax.pcast(constant, axes, to="varying") if axes else constant
+
+
+def varying_axes(x: jax.Array) -> frozenset:
+    """Mesh axes over which ``x`` varies inside ``shard_map`` (its vma type)."""
+    return varying_of(jax.typeof(x))
 
 
 def manual_axes() -> frozenset:
@@ -27,14 +61,90 @@ def manual_axes() -> frozenset:
 
 def sub_jaxprs(eqn) -> list:
     """The jaxprs an equation's parameters hold (bodies of jit, scan, cond
-    branches, remat, shard_map, custom_vjp ...), open (not closed)."""
+    branches, remat, shard_map, custom_vjp ...), open (not closed); for JAX's
+    hijax forms (``call_hi_primitive``) the jaxpr its primitive object traced."""
     found = []
     for value in eqn.params.values():
         for item in value if isinstance(value, (tuple, list)) else (value,):
+            item = getattr(item, "traced", item)  # a hijax custom rule: its jax.stages.Traced
             inner = getattr(item, "jaxpr", item)
+            inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's open jaxpr
             if hasattr(inner, "eqns"):
                 found.append(inner)
     return found
+
+
+# jax 0.11+ can trace custom rules and remat as one primitive, call_hi_primitive,
+# whose `_prim` object says which (flags jax_custom_vjp3, jax_custom_jvp3 and
+# jax_remat3, planned to become the default): read under their classic names.
+_HI_PRIMITIVES = {"CustomVJPTraced": "custom_vjp_call", "CustomJVPTraced": "custom_jvp_call",
+                  "RematTraced": "remat2"}
+
+
+def primitive_name(eqn) -> str:
+    """The name of an equation's primitive, hijax forms under their classic names."""
+    name = eqn.primitive.name
+    if name == "call_hi_primitive":
+        return _HI_PRIMITIVES.get(type(eqn.params.get("_prim")).__name__, name)
+    return name
+
+
+def aligned_sub_jaxprs(eqn) -> list[tuple[Any, Optional[list]]]:
+    """Each sub-jaxpr with the positions of the equation's inputs its inputs
+    take, or None where they do not line up. Sub-jaxpr inputs are the
+    equation's last ones (cond's index, while's condition constants come
+    first): jit, remat, shard_map, custom_jvp/vjp, scan, cond on jax 0.10-0.12."""
+    found = []
+    for sub in sub_jaxprs(eqn):
+        n, total = len(sub.invars), len(eqn.invars)
+        found.append((sub, list(range(total - n, total)) if n <= total else None))
+    return found
+
+
+def collective_axes(eqn) -> tuple:
+    """The mesh axes a collective equation works over (``axes`` of psum, pmax,
+    pmin, pcast; ``axis_name`` of ppermute, all_gather, all_to_all,
+    psum_scatter), or () for other equations."""
+    axes = eqn.params.get("axes", eqn.params.get("axis_name", ()))
+    axes = axes if isinstance(axes, (tuple, list, frozenset, set)) else (axes,)
+    return tuple(a for a in axes if isinstance(a, str))
+
+
+def shard_map_parts(eqn) -> tuple[Any, Any, tuple]:
+    """(mesh, open body jaxpr, in_specs) of a ``shard_map`` equation."""
+    body = eqn.params["jaxpr"]
+    body = body.jaxpr if isinstance(body, jcore.ClosedJaxpr) else body
+    return eqn.params["mesh"], body, tuple(eqn.params["in_specs"])
+
+
+def name_stack(eqn) -> str:
+    """An equation's name stack as text, e.g. ``transpose(jvp(local_map[f](...)))``."""
+    return str(eqn.source_info.name_stack)
+
+
+def rematerialized(stack: str) -> bool:
+    """Whether a name stack is the part ``jax.checkpoint`` reruns in the
+    backward pass (JAX names it ``rematted_computation``, jax 0.10-0.12)."""
+    return "rematted_computation" in stack
+
+
+def transposed(stack: str) -> bool:
+    """Whether a name stack is of a transposed (backward) equation."""
+    return "transpose(" in stack
+
+
+# JAX's custom_vjp bwd type error (jax 0.10-0.12): the output's and input's types.
+_RULE_ERROR = re.compile(
+    r"Custom VJP bwd rule.*must produce an output with the same type.*?"
+    r"of type (\w+)\[([\d, ]*)\](?:\{V:([^}]*)\})? corresponding to an input of type "
+    r"\w+\[[\d, ]*\](?:\{V:([^}]*)\})?", re.S)
+
+
+def custom_rule_type_error(text: str) -> Optional[tuple]:
+    """(dtype, dims text, produced vma text, expected vma text) of JAX's
+    custom_vjp bwd type error, or None for another error."""
+    m = _RULE_ERROR.search(text)
+    return None if m is None else m.groups()
 
 
 # JAX keeps this internal: whether a trace is a jit's.

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections import OrderedDict
+import types
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any, Optional, overload
 
 import jax
 
+from jlocalmap._caches import LRU
 from jlocalmap._jax_compat import manual_axes, under_jit
 from jlocalmap.call import padding
 from jlocalmap.call.arguments import (
@@ -43,11 +44,10 @@ from jlocalmap.region.program import Region, check_batchable
 _CACHE_SIZE = 64
 
 
-def _jit_named_after(func: Callable, fn: Callable) -> jax.stages.Wrapped:
-    """``jax.jit(fn)``, named after ``func``: HLO metadata reads
-    ``jit(func)/local_map[func](...)/...``."""
-    if hasattr(func, "__name__"):
-        fn = functools.wraps(func, assigned=("__name__", "__qualname__"))(fn)
+def _jit_named_after(settings: Settings, fn: Callable) -> jax.stages.Wrapped:
+    """``jax.jit(fn)``, named after the region: HLO metadata reads
+    ``jit(name)/local_map[name](...)/...``."""
+    fn.__name__ = fn.__qualname__ = settings.func_name
     return jax.jit(fn)
 
 
@@ -60,7 +60,7 @@ class _Compiled:
         def run(*dyn):
             arrays, self.facts = region(plan, *dyn)
             return arrays
-        self.jitted = _jit_named_after(region.settings.func, run)
+        self.jitted = _jit_named_after(region.settings, run)
 
     def __call__(self, *dyn: Any) -> tuple[tuple, OutputFacts]:
         try:
@@ -86,17 +86,48 @@ class _NotWhole(Exception):
 
 
 class LocalMapped:
-    """The callable that ``local_map`` returns."""
+    """The function ``local_map`` returns: ``func`` run on local shards.
+
+    It behaves as a function: it carries ``func``'s ``__name__``, ``__doc__``
+    and ``__wrapped__`` (names and docs only: its own settings are never taken
+    from ``func``, so a ``LocalMapped`` of a ``LocalMapped`` keeps both levels'
+    settings), and as a class attribute it binds like a method: ``obj.f(x)``
+    calls it with ``(obj, x)``, so ``in_placements`` counts ``self`` (give it
+    ``None``). Its settings are ``settings`` (also readable as
+    ``out_placements``, ``in_placements``, ..., ``name``); :meth:`lower` gives
+    the program an eager call runs.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> mesh = jax.make_mesh((2,), ("tp",))
+        >>> class Scale:
+        ...     factor = 3.0
+        ...     @jlm.local_map(out_placements=[jlm.Shard(0)],
+        ...                    in_placements=(None, [jlm.Shard(0)]), device_mesh=mesh)
+        ...     def __call__(self, x):
+        ...         "Scale the local rows."
+        ...         return x * self.factor
+        >>> Scale.__call__.__doc__, np.asarray(Scale()(np.ones(4, np.float32))).tolist()
+        ('Scale the local rows.', [3.0, 3.0, 3.0, 3.0])
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self.func = settings.func
         self._region = Region(settings)
-        self._cache: OrderedDict = OrderedDict()
-        self._padding_checked: set = set()
+        self._cache: LRU = LRU(_CACHE_SIZE)
+        self._padding_checked: LRU = LRU(_CACHE_SIZE)
         self._whole: Optional[Callable] = None   # see _enable_whole
         self._whole_off = False
-        functools.update_wrapper(self, settings.func)
+        # Names and docs, not state: func's __dict__ (a LocalMapped's settings) stays its own.
+        functools.update_wrapper(self, settings.func, updated=())
+
+    def __get__(self, instance: Any, owner: Optional[type] = None) -> Callable:
+        """A method: bound to ``instance`` as its first argument (as Equinox's
+        ``filter_jit`` wrappers bind)."""
+        if instance is None:
+            return self
+        return types.MethodType(self, instance)
 
     out_placements = property(lambda self: self.settings.out_placements)
     in_placements = property(lambda self: self.settings.in_placements)
@@ -104,10 +135,11 @@ class LocalMapped:
     device_mesh = property(lambda self: self.settings.device_mesh)
     redistribute_inputs = property(lambda self: self.settings.redistribute_inputs)
     check_vma = property(lambda self: self.settings.check_vma)
+    name = property(lambda self: self.settings.func_name)
 
     def __repr__(self) -> str:
         s = self.settings
-        return (f"local_map({getattr(s.func, '__name__', s.func)!r}, "
+        return (f"local_map({s.func_name!r}, "
                 f"out_placements={s.out_placements!r}, in_placements={s.in_placements!r})")
 
     def __call__(self, *args, **kwargs):
@@ -116,7 +148,13 @@ class LocalMapped:
                 return self._whole(*args)
             except (_NotWhole, LocalMapError):  # the general path decides (and explains)
                 self._whole, self._whole_off = None, True
-        return self._call(args, kwargs)
+        try:
+            return self._call(args, kwargs)
+        except LocalMapError as e:  # models have many regions: say which
+            where = f"local_map[{self.settings.func_name}]"
+            if where not in str(e):
+                e.args = (f"{e} (in {where})", *e.args[1:])
+            raise
 
     def _call(self, args: tuple, kwargs: dict, *, whole: bool = False) -> Any:
         prepared = self._prepare(args, kwargs)
@@ -150,7 +188,7 @@ class LocalMapped:
             if not all(isinstance(x, (jax.Array, UnevenArray)) for x in leaves):
                 raise _NotWhole()
             return out
-        self._whole = _jit_named_after(self.settings.func, whole)
+        self._whole = _jit_named_after(self.settings, whole)
 
     def lower(self, *args, **kwargs) -> jax.stages.Lowered:
         """The program an eager call with these arguments runs, lowered (like
@@ -196,7 +234,7 @@ class LocalMapped:
                 self._remember(traced, plan)
         mesh = plan.mesh
         dyn = _values(plan, moved)
-        if plan.uneven and isinstance(mesh, jax.sharding.Mesh):
+        if plan.uneven and self.settings.check_padding and isinstance(mesh, jax.sharding.Mesh):
             padding.check(self._region, plan, dyn, self._padding_checked)
         if any(isinstance(x, jax.core.Tracer) for x in dyn):
             if under_jit():
@@ -208,7 +246,7 @@ class LocalMapped:
         if signature is not None and all(a is b for a, b in zip(moved, leaves, strict=True)) and \
                 not any(isinstance(leaves[p.index], UnevenArray) and not p.padded
                         for p in plan.inputs):
-            self._cache[signature] = (plan, program)
+            self._cache.put(signature, (plan, program))
         return _Prepared(plan, program, dyn, False)
 
     def _plan(self, args, leaves: list[Leaf], in_tree, kwargs, mesh) -> tuple[CallPlan, list]:
@@ -237,14 +275,10 @@ class LocalMapped:
         program = self._cache.get(key)
         if program is None:
             program = self._remember(key, _Compiled(self._region, plan))
-        self._cache.move_to_end(key)
         return program
 
     def _remember(self, key: Any, value: Any) -> Any:
-        self._cache[key] = value
-        while len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return value
+        return self._cache.put(key, value)
 
     def _mesh(self, leaves: Sequence[Leaf]) -> Optional[AnyMesh]:
         if self.settings.device_mesh is not None:
@@ -262,10 +296,27 @@ def _values(plan: CallPlan, leaves: Sequence[Any]) -> list:
     return [value(p) for p in plan.inputs]
 
 
-def local_map(func: Optional[Callable] = None, out_placements: PlacementTree = None,
+@overload
+def local_map(func: None = None, out_placements: PlacementTree = None, in_placements: PlacementTree = None,
+              in_grad_placements: PlacementTree = None, device_mesh: Optional[AnyMesh] = None, *,
+              redistribute_inputs: bool = False, check_vma: bool = True,
+              name: Optional[str] = None, check_padding: bool = False
+              ) -> Callable[[Callable[..., Any]], LocalMapped]: ...
+
+
+@overload
+def local_map(func: Callable[..., Any], out_placements: PlacementTree = None, in_placements: PlacementTree = None,
+              in_grad_placements: PlacementTree = None, device_mesh: Optional[AnyMesh] = None, *,
+              redistribute_inputs: bool = False, check_vma: bool = True,
+              name: Optional[str] = None, check_padding: bool = False) -> LocalMapped: ...
+
+
+def local_map(func: Optional[Callable[..., Any]] = None, out_placements: Any = None,
               in_placements: PlacementTree = None, in_grad_placements: PlacementTree = None,
               device_mesh: Optional[AnyMesh] = None, *,
-              redistribute_inputs: bool = False, check_vma: bool = True) -> Callable:
+              redistribute_inputs: bool = False, check_vma: bool = True,
+              name: Optional[str] = None, check_padding: bool = False
+              ) -> LocalMapped | Callable[[Callable[..., Any]], LocalMapped]:
     """Run ``func``, written for local shards, on values distributed over a mesh.
 
     Each input leaf with placements is checked (or, with
@@ -278,8 +329,20 @@ def local_map(func: Optional[Callable] = None, out_placements: PlacementTree = N
     outputs. ``in_grad_placements`` declares each input's gradient layout (see
     docs/gradients.md), verified against JAX's varying-axes typing of the body;
     ``check_vma=False`` opts out for bodies the typing cannot see (custom calls,
-    callbacks): declarations are then trusted as PyTorch trusts them. Called with
-    ``func=None`` it returns a decorator.
+    callbacks): declarations are then trusted as PyTorch trusts them. ``name``
+    names the region in errors, HLO metadata, :func:`regions` and
+    :func:`describe` (default: ``func``'s ``__name__``). Uneven inputs are
+    padded; the body's jaxpr shows whether its outputs can hold padding content
+    (a sum over the padded rows, say), and such a body is refused without
+    running it. Where the jaxpr holds operations that reading does not follow
+    (loops, custom calls), ``check_padding=True`` also runs the region on two
+    random paddings at the first call of each signature and compares: two more
+    compiles and runs of the region, on random data (its callbacks too). Called with
+    ``func=None`` it returns a decorator. The result is a :class:`LocalMapped`.
+
+    A ``local_map`` called inside another's body, on the same mesh axes, runs
+    its function as it is: the values are local already (DTensor's rule for
+    plain tensors), and its own placements are not applied.
 
     Example:
         >>> import jax, numpy as np, jlocalmap as jlm
@@ -293,11 +356,11 @@ def local_map(func: Optional[Callable] = None, out_placements: PlacementTree = N
         [[4.0, 4.0, 4.0], [4.0, 4.0, 4.0]]
     """
     if func is None:
-        return functools.partial(local_map, out_placements=out_placements,
-                                 in_placements=in_placements,
-                                 in_grad_placements=in_grad_placements,
-                                 device_mesh=device_mesh,
-                                 redistribute_inputs=redistribute_inputs,
-                                 check_vma=check_vma)
+        def decorate(f: Callable[..., Any]) -> LocalMapped:
+            return local_map(f, out_placements, in_placements, in_grad_placements,
+                             device_mesh, redistribute_inputs=redistribute_inputs,
+                             check_vma=check_vma, name=name, check_padding=check_padding)
+        return decorate
     return LocalMapped(Settings.of(func, out_placements, in_placements, in_grad_placements,
-                                   device_mesh, redistribute_inputs, check_vma))
+                                   device_mesh, redistribute_inputs, check_vma, name,
+                                   check_padding))

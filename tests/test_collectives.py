@@ -359,3 +359,51 @@ def test_collective_matmuls_are_rings_of_permutes(mesh4, rng):
 def test_collective_matmul_errors(mesh1, rng, body, match):
     with pytest.raises((jlm.LocalMapValueError, jlm.LocalMapTypeError), match=match):
         _run_body(mesh1, lambda x: body(x, mesh1), randn(rng, 8, 4))
+
+
+# -- max/min: one implementation (collectives.functional.extremum) ----------------------
+MAXMIN = {"max": jnp.max, "min": jnp.min}
+
+
+@pytest.mark.parametrize("op", ["max", "min"])
+def test_grad_of_partial_max_min_output_is_jnp_max_min_grad(mesh4, rng, op):
+    X = randn(rng, 8, 5)
+    # Each device's column max over its rows, Partial(op) over tp: the max over all rows.
+    f = jlm.local_map(lambda x: MAXMIN[op](x, 0), [jlm.Partial(op)], ([Shard(0)],),
+                      device_mesh=mesh4)
+    x = jlm.distribute_tensor(X, mesh4, [Shard(0)])
+    weights = randn(rng, 5)
+
+    def loss(x):
+        return (jlm.full_tensor(jlm.redistribute(f(x), mesh4, [Replicate()])) * weights).sum()
+    with jax.set_mesh(mesh4):
+        value, grad = jax.jit(jax.value_and_grad(loss))(x)
+    assert_close(value, (MAXMIN[op](X, 0) * weights).sum())
+    assert_close(grad, jax.grad(lambda X: (MAXMIN[op](X, 0) * weights).sum())(X))
+
+
+@pytest.mark.parametrize("op", ["max", "min"])
+@pytest.mark.parametrize("where", ["output", "all_reduce"])
+def test_max_min_propagate_nan_and_differentiate_alike(mesh4, rng, op, where):
+    X = randn(rng, 8, 3)
+    X[5, 1] = np.nan
+    if where == "output":
+        f = jlm.local_map(lambda x: MAXMIN[op](x, 0), [jlm.Partial(op)], ([Shard(0)],),
+                          device_mesh=mesh4)
+    else:
+        f = jlm.local_map(lambda x: C.all_reduce(MAXMIN[op](x, 0), op, mesh4), [Replicate()],
+                          ([Shard(0)],), device_mesh=mesh4)
+    x = jlm.distribute_tensor(X, mesh4, [Shard(0)])
+    expected = MAXMIN[op](X, 0)
+
+    def total(x):
+        return jlm.full_tensor(jlm.redistribute(f(x), mesh4, [Replicate()])).sum()
+    with jax.set_mesh(mesh4):
+        y = jax.jit(lambda x: jlm.full_tensor(jlm.redistribute(f(x), mesh4, [Replicate()])))(x)
+        grad = jax.jit(jax.grad(total))(x)
+    np.testing.assert_array_equal(np.isnan(np.asarray(y)), np.isnan(expected))
+    assert_close(np.nan_to_num(np.asarray(y)), np.nan_to_num(expected))
+    # Compiled, as the region is (XLA folds jnp.max's NaN cotangent alike).
+    ref = jax.jit(jax.grad(lambda X: MAXMIN[op](X, 0).sum()))(X)
+    np.testing.assert_array_equal(np.isnan(np.asarray(grad)), np.isnan(ref))
+    assert_close(np.nan_to_num(np.asarray(grad)), np.nan_to_num(ref))

@@ -50,7 +50,7 @@ def test_region_is_one_shard_map_equation_named_with_its_placements(mesh2x4, rng
     assert_close(f(x, w), x @ w)
     # Tools walking the jaxpr read the settings back from the equation.
     settings = jlm.inspect.region_settings(eqn)
-    assert settings.func_name == "matmul" and settings.mesh == (("dp", 2), ("tp", 4))
+    assert settings.func_name == "matmul" and dict(settings.mesh.shape) == {"dp": 2, "tp": 4}
     assert [op.placements for op in settings.inputs] == [(S(0), S(1)), (R(), S(0))]
     assert [op.placements for op in settings.outputs] == [(S(0), R())]
     assert [jlm.inspect.region_settings(e) for e in jaxpr.eqns if e is not eqn] == \
@@ -113,7 +113,7 @@ def _mlp_args(mesh, rng=None):
 def test_regions_records_settings_shapes_and_body(mesh2x4):
     f = jlm.local_map(_mlp, [S(0), R()], MLP_IN, device_mesh=mesh2x4)
     [r] = jlm.inspect.regions(f, *_mlp_args(mesh2x4))
-    assert r.func_name == "_mlp" and r.mesh == (("dp", 2), ("tp", 4))
+    assert r.func_name == "_mlp" and dict(r.mesh.shape) == {"dp": 2, "tp": 4}
     assert [op.placements for op in r.inputs] == [tuple(p) for p in MLP_IN]
     assert [op.global_shape for op in r.inputs] == [(8, 16), (16, 32), (32, 16)]
     assert [op.local_shape for op in r.inputs] == [(4, 16), (16, 8), (8, 16)]
@@ -222,7 +222,7 @@ def test_transformer_block_on_256_abstract_devices():
     params, x = _block_args(CP_MESH, spec)
     loss = jax.jit(lambda p, x: transformer_block(p, x, cp_attention).sum())
     [r] = jlm.inspect.regions(jax.value_and_grad(loss), params, x)
-    assert r.mesh == (("dp", 8), ("tp", 8), ("cp", 4))
+    assert r.mesh == CP_MESH
     assert r.name == "local_map[cp_attention](S(0)S(1)S(2), S(0)S(1)R, S(0)S(1)R -> S(0)S(1)S(2))"
     assert [op.global_shape for op in r.inputs] == [(8, 16, 16, 6)] * 3
     assert [op.local_shape for op in r.inputs] == [(1, 2, 4, 6), (1, 2, 16, 6), (1, 2, 16, 6)]
@@ -361,7 +361,7 @@ def test_same_name_on_two_meshes_and_uneven_next_to_even():
         f = jlm.local_map(jnp.sin, [S(0), S(1)], ([S(0), S(1)],), device_mesh=mesh)
         [r] = jlm.inspect.regions(f, x)
         assert r.inputs[0].local_shape == local == r.jaxpr.invars[0].aval.shape
-        assert r.mesh == tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+        assert r.mesh == mesh
     mesh = jax.make_mesh((2,), ("dp",))
     g = jlm.local_map(jnp.sin, [S(0)], ([S(0)],), device_mesh=mesh)
     rs = jlm.inspect.regions(lambda a, b: (g(a), g(b)), np.ones((7, 4), np.float32),

@@ -149,6 +149,92 @@ def test_even_input_redistributed_to_an_uneven_layout(mesh4, rng):
     assert_close(jlm.full_tensor(f(x)), 3 * X)
 
 
+# -- no hidden runs of the body (the padding guarantee read from the jaxpr) -----------
+def _compiles_of_first_call(mesh, rows, jit):
+    events = []
+
+    def listen(name, secs, **kwargs):
+        if name.endswith("backend_compile_duration"):
+            events.append(name)
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        X = np.random.default_rng(rows).standard_normal((rows, 3)).astype(np.float32)
+        x = jlm.distribute_tensor(X, mesh, [Shard(0)])
+        f = jlm.local_map(lambda v: jnp.sin(v) * 2, [Shard(0)], ([Shard(0)],), device_mesh=mesh)
+        jax.block_until_ready(x.padded if isinstance(x, UnevenArray) else x)
+        before = len(events)
+        y = jax.block_until_ready(jax.jit(f)(x) if jit else f(x))
+        compiled = len(events) - before
+        assert_close(jlm.full_tensor(y), np.sin(X) * 2)
+        return compiled
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_an_uneven_first_call_compiles_what_an_even_one_does(mesh4, jit):
+    even = _compiles_of_first_call(mesh4, 8 + 4 * jit, jit)
+    uneven = _compiles_of_first_call(mesh4, 7 + 4 * jit, jit)
+    assert even == uneven == 1, (even, uneven)   # main before: 1 and 6
+
+
+def test_an_uneven_first_call_runs_the_body_on_the_data_only(mesh4, rng):
+    X = randn(rng, 7, 3)
+    seen = []
+    f = jlm.local_map(lambda v: v + jax.pure_callback(lambda a: (seen.append(a.copy()), a)[1],
+                                                      jax.ShapeDtypeStruct(v.shape, v.dtype), v),
+                      [Shard(0)], ([Shard(0)],), device_mesh=mesh4)
+    y = f(jlm.distribute_tensor(X, mesh4, [Shard(0)]))
+    assert_close(jlm.full_tensor(y), 2 * X)
+    # One run per device (in any order), on X's rows and the zero padding only.
+    rows = [r for a in seen for r in np.asarray(a)]
+    assert len(seen) == 4 and len(rows) == 8
+    assert sorted(map(tuple, X)) == sorted(tuple(r) for r in rows if r.any())
+
+
+def _loop_sum(x):
+    # A while loop: an operation the jaxpr reading does not follow (it cannot tell).
+    return jax.lax.fori_loop(0, 1, lambda i, v: v + v.sum(0), x)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_check_padding_runs_the_region_where_the_jaxpr_cannot_tell(mesh4, rng, jit):
+    x = jlm.distribute_tensor(randn(rng, 7, 3), mesh4, [Shard(0)])
+    unchecked = jlm.local_map(_loop_sum, [Shard(0)], ([Shard(0)],), device_mesh=mesh4)
+    assert isinstance(unchecked(x), UnevenArray)      # not refused: nothing ran to see it
+    checked = jlm.local_map(_loop_sum, [Shard(0)], ([Shard(0)],), device_mesh=mesh4,
+                            check_padding=True)
+    with pytest.raises(jlm.PlacementValueError, match=r"output 0 changes with the padding"):
+        (jax.jit(checked) if jit else checked)(x)
+
+
+@pytest.mark.parametrize("body", [
+    lambda x: x.sum(0, keepdims=True) + x,             # a sum over the padded rows
+    lambda x: jnp.cumsum(x, 0),                        # a running sum along them
+    lambda x: jnp.roll(x, 1, 0),                       # a shift
+    lambda x: x - x.max(0),                            # a max over them
+    lambda x: x @ (x.T @ x),                           # a contraction over them
+], ids=["sum", "cumsum", "roll", "max", "contraction"])
+def test_bodies_mixing_padding_rows_are_refused_from_the_jaxpr(mesh4, rng, body):
+    x = jlm.distribute_tensor(randn(rng, 7, 3), mesh4, [Shard(0)])
+    f = jlm.local_map(body, [Shard(0)], ([Shard(0)],), device_mesh=mesh4)
+    with pytest.raises(jlm.PlacementValueError, match=r"output 0 changes with the padding"):
+        f(x)
+
+
+@pytest.mark.parametrize("body, expected", [
+    (lambda x, w: jnp.tanh(x @ w), lambda X, W: np.tanh(X @ W)),
+    (lambda x, w: (x.T * 2).T + w.sum(), lambda X, W: X * 2 + W.sum()),
+    (lambda x, w: jnp.take(w, jnp.argmax(x, 1), 0), lambda X, W: W[np.argmax(X, 1)]),
+    (lambda x, w: jnp.concatenate([x, x @ w], 1), lambda X, W: np.concatenate([X, X @ W], 1)),
+], ids=["matmul", "transpose", "embedding", "concat"])
+def test_row_wise_bodies_pass_the_jaxpr_reading(mesh4, rng, body, expected):
+    X, W = randn(rng, 7, 3), randn(rng, 3, 3)
+    f = jlm.local_map(body, [Shard(0)], ([Shard(0)], [Replicate()]), device_mesh=mesh4)
+    y = f(jlm.distribute_tensor(X, mesh4, [Shard(0)]), jlm.distribute_tensor(W, mesh4, [Replicate()]))
+    assert_close(jlm.full_tensor(y), expected(X, W), rtol=1e-4)
+
+
 @pytest.mark.parametrize("use, label", [
     (lambda u: u + u, "the operator +"), (lambda u: 2.0 * u, "the operator *"),
     (lambda u: u @ u, "the operator @"), (lambda u: u < 1, "the operator <"),

@@ -5,14 +5,18 @@ and a 1,000-leaf pytree.
   even and uneven layouts (host and distributed inputs, a redistributed input,
   a Partial input), and reductions propagate them as numpy does; padding rows
   of uneven layouts never leak into results (``1 / x`` on zeros).
-- dtypes float32, bfloat16, float16, float64 (under ``jax.enable_x64``, restored
-  afterwards), int32, int64 (x64), bool and complex64: an elementwise body, a sharded
-  reduction with ``psum`` (numeric dtypes), and Partial outputs of every op
-  (numeric dtypes), all checked against numpy on the global array, output dtype
-  included. Where a dtype has no such value (the mean of integers, the max of
-  complex numbers) a jlocalmap error naming the output and the op is accepted.
-  Partial() inputs of integers keep their dtype and value; a Partial('sum') of
-  bools is refused on every JAX (see docs/jax_versions.md).
+- every dtype JAX offers on the CPU that a user might shard: float32, bfloat16,
+  float16, float64 (under ``jax.enable_x64``, restored afterwards), float8_e4m3fn,
+  float8_e5m2, int32, int64 (x64), int8, uint8, int4 and uint4 (where JAX has them),
+  bool, complex64, and typed PRNG keys: an elementwise body through Shard and
+  Replicate (even and uneven), a sharded reduction with ``psum`` (numeric
+  dtypes), Partial outputs of every op and Partial inputs (numeric dtypes), all
+  checked bit for bit against numpy on the global array, output dtype included
+  (keys, which numpy cannot hold, against the unsharded JAX computation). Where
+  a dtype has no such value (the mean of integers, the max of complex numbers) a
+  jlocalmap error naming the output and the op is accepted. A Partial('sum') of
+  bools or any Partial of keys is refused with a jlocalmap error on every JAX
+  (see docs/jax_versions.md; keys in tests/test_keys.py).
 - zero-size dims and 0-d scalars work, and Shard of a 0-d value is refused with
   a clear jlocalmap error.
 - a dict of 1,000 arrays, with placements given as a pytree prefix or one entry
@@ -104,11 +108,17 @@ def x64():
 DTYPES = {
     "float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16,
     "float64": np.float64, "int32": np.int32, "bool": np.bool_, "complex64": np.complex64,
-    "int64": np.int64,
+    "int64": np.int64, "int8": np.int8, "uint8": np.uint8,
+    "float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2,
+    **{name: getattr(jnp, name) for name in ("int4", "uint4") if hasattr(jnp, name)},
 }
 NEEDS_X64 = {"float64", "int64"}
 FLOATS = ("float32", "bfloat16", "float16", "float64")
-NUMERIC = ("float32", "bfloat16", "float16", "float64", "int32", "complex64", "int64")
+NUMERIC = tuple(d for d in DTYPES if d != "bool")
+UNSIGNED = ("uint8", "uint4")
+# Narrow dtypes hold values in {-1, 0, 1} (unsigned {0, 1}): every sum of 8 of them
+# and every intermediate is exact (float8_e5m2 has 2 mantissa bits, int4 ends at 7).
+NARROW = ("int4", "uint4", "float8_e4m3fn", "float8_e5m2")
 
 
 def dtype_context(name: str):
@@ -117,11 +127,12 @@ def dtype_context(name: str):
 
 def small_ints(rng, shape, name: str) -> np.ndarray:
     """Random data exact in every dtype (small integers; bools; complex with an
-    imaginary part)."""
+    imaginary part; non-negative for unsigned dtypes)."""
     dtype = DTYPES[name]
     if name == "bool":
         return rng.integers(0, 2, shape).astype(bool)
-    data = rng.integers(-3, 4, shape)
+    low = 0 if name in UNSIGNED else -1 if name in NARROW else -3
+    data = rng.integers(low, 2 if name in NARROW else 4, shape)
     if name == "complex64":
         return (data + 1j * rng.integers(-3, 4, shape)).astype(dtype)
     return data.astype(dtype)
@@ -291,10 +302,41 @@ def elementwise_ref(x):
     return np.logical_not(x) if x.dtype == np.bool_ else (x * 2 + 1).astype(x.dtype)
 
 
-DTYPE_NAMES = ["float32", "bfloat16", "float16", "float64", "int32", "bool", "complex64", "int64"]
+DTYPE_NAMES = list(DTYPES) + ["key"]
 
 
-@pytest.mark.parametrize("dtype", DTYPE_NAMES)
+def random_keys(rng, shape) -> jax.Array:
+    return jax.random.wrap_key_data(rng.integers(0, 2 ** 32, (*shape, 2), dtype=np.uint32))
+
+
+def per_key(fn, keys):
+    """fn applied to every key of an array of keys of any rank."""
+    for _ in range(keys.ndim):
+        fn = jax.vmap(fn)
+    return fn(keys)
+
+
+def fold_in_one(keys):
+    return per_key(lambda k: jax.random.fold_in(k, 1), keys)
+
+
+def test_dtype_elementwise_keys(layout):
+    """Typed PRNG keys laid out like the other dtypes: each key folded with 1 in
+    the body, bit for bit the unsharded fold (numpy holds no keys: the unsharded
+    JAX computation is the reference)."""
+    mesh, shape, placements, name = layout
+    keys = random_keys(np.random.default_rng(4), shape)
+    f = jlm.local_map(fold_in_one, placements, (placements,), device_mesh=mesh)
+    want = np.asarray(jax.random.key_data(fold_in_one(keys)))
+    for arg in (keys, block(jlm.distribute_tensor(keys, mesh, placements))):
+        out = block(f(arg))
+        assert out.dtype == keys.dtype
+        assert jlm.placements_of(out) == jlm.placements_of(
+            jlm.distribute_tensor(keys, mesh, placements))
+        np.testing.assert_array_equal(np.asarray(jax.random.key_data(jlm.full_tensor(out))), want)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
 def test_dtype_elementwise(layout, dtype):
     mesh, shape, placements, name = layout
     with dtype_context(dtype):
@@ -310,7 +352,7 @@ def test_dtype_elementwise(layout, dtype):
             np.testing.assert_array_equal(got, elementwise_ref(x))
 
 
-@pytest.mark.parametrize("dtype", [d for d in DTYPE_NAMES if d != "bool"])
+@pytest.mark.parametrize("dtype", NUMERIC)
 @pytest.mark.parametrize("name", ["even-2x4", "uneven-2x4"])
 def test_dtype_sharded_reduction_psum(request, name, dtype):
     """Column sums over a dim sharded on 'dp' (uneven: masked with
@@ -322,7 +364,8 @@ def test_dtype_sharded_reduction_psum(request, name, dtype):
 
         def body(v):
             rows = jnp.arange(v.shape[0]) < local_valid_size(shape[0], "dp")
-            return jax.lax.psum(jnp.where(rows[:, None], v, jnp.zeros((), v.dtype)).sum(0), "dp")
+            masked = jnp.where(rows[:, None], v, jnp.zeros((), v.dtype))
+            return jax.lax.psum(masked.sum(0, dtype=v.dtype), "dp")  # int8 sums stay int8
 
         f = jlm.local_map(body, [Replicate(), Shard(0)], (list(placements),), device_mesh=mesh)
         out = block(f(x))
@@ -336,7 +379,7 @@ def partial_data(rng, k: int, dtype: str) -> np.ndarray:
     """Two rows whose mean is exact in the dtype (same parity)."""
     x = small_ints(rng, (2, k), dtype)
     if dtype != "bool":
-        x[1] = x[0] + (2 * rng.integers(-1, 2, k)).astype(x.dtype)
+        x[1] = x[0] + (2 * rng.integers(0 if dtype in UNSIGNED else -1, 2, k)).astype(x.dtype)
     return x
 
 
@@ -354,7 +397,7 @@ def partial_cases():
 def refused_partial(dtype: str, op: str) -> bool:
     """Partial reductions with no value of the dtype: the mean of integers, the
     max/min of complex numbers (no order)."""
-    return (op == "avg" and dtype in ("int32", "int64")) or \
+    return (op == "avg" and jnp.issubdtype(DTYPES[dtype], jnp.integer)) or \
         (op in ("max", "min") and dtype == "complex64")
 
 
@@ -379,7 +422,7 @@ def test_dtype_partial_output(mesh2x4, dtype, op, width):
         else:
             out = block(f(x))
         if op == "avg":
-            expected = (x[0] + x[1]) // 2 if np.issubdtype(x.dtype, np.integer) else \
+            expected = (x[0] + x[1]) // 2 if jnp.issubdtype(x.dtype, jnp.integer) else \
                 ((x[0] + x[1]) / 2).astype(x.dtype)
         else:
             expected = {"sum": np.sum, "max": np.max, "min": np.min}[op](x, axis=0).astype(x.dtype)
@@ -389,13 +432,15 @@ def test_dtype_partial_output(mesh2x4, dtype, op, width):
         assert jlm.placements_of(out)[0] == (Partial() if op in ("sum", "avg") else Replicate())
 
 
-@pytest.mark.parametrize("dtype", ["int32", "int64"])
+@pytest.mark.parametrize("dtype", NUMERIC)
 @xfail_if_known("int-partial-input")
-def test_partial_input_of_integers_keeps_dtype(mesh4, dtype):
-    """Partial() of an integer host value (distribute_tensor, or a local_map
-    input): the dtype is kept and the summands add up to the value."""
+def test_partial_input_keeps_dtype(mesh4, dtype):
+    """Partial() of a host value of every numeric dtype (distribute_tensor, or a
+    local_map input): the dtype is kept and the summands (x / 4 for inexact
+    dtypes, exact for this data; x on the first device for integers) add up to
+    the value."""
     with dtype_context(dtype):
-        x = np.arange(8).astype(DTYPES[dtype])
+        x = small_ints(np.random.default_rng(8), (8,), dtype)
         xp = block(jlm.distribute_tensor(x, mesh4, [Partial()]))
         assert host(xp).dtype == x.dtype
         np.testing.assert_array_equal(host(xp), x)

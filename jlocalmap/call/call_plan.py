@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 
+from jlocalmap._caches import Identity
 from jlocalmap.call.arguments import Leaf
 from jlocalmap.call.input_plan import InputPlan, plan_input
 from jlocalmap.layouts.entries import is_none
@@ -29,13 +30,13 @@ from jlocalmap.layouts.meshes import AnyMesh
 
 
 def hashable(x: Any) -> tuple:
-    """``x`` as a cache-key part: itself where hashable, else its identity (the
-    cache entry holds ``x``, so the id stays unique)."""
+    """``x`` as a cache-key part: itself where hashable, else an
+    :class:`~jlocalmap._caches.Identity` holding it."""
     try:
         hash(x)
         return (type(x), x)
     except TypeError:
-        return ("id", id(x))
+        return (type(x), Identity(x))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

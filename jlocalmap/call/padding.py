@@ -1,8 +1,10 @@
 """Uneven inputs and outputs around the region: inputs are padded to their
 even storage before the region (outputs along uneven dims become
 :class:`~jlocalmap.layouts.uneven.UnevenArray`\\ s in ``region.outputs.assemble``), and once per call signature
-the region runs on random data with two different paddings: a body whose
-logical outputs change with the padding mixes rows and is refused.
+with ``local_map(..., check_padding=True)`` the region runs on random data with
+two different paddings: a body whose logical outputs change with the padding
+mixes rows and is refused (``region.row_flow`` decides this from the body's
+jaxpr for every uneven call, without running it).
 
 Example:
     >>> import jax, jax.numpy as jnp, numpy as np, jlocalmap as jlm
@@ -15,7 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from jlocalmap.call.input_plan import InputPlan
 from jlocalmap.errors import PlacementValueError
-from jlocalmap.layouts.dtypes import dtype_of
+from jlocalmap.layouts.dtypes import as_numbers, random_like
 from jlocalmap.layouts.meshes import mesh_context
 from jlocalmap.layouts.uneven import pad, unpad
 from jlocalmap.movement.distribute import distribute_tensor, full_tensor
@@ -40,28 +41,21 @@ def pad_input(x: jax.Array, plan: InputPlan, fill: float = 0.0) -> jax.Array:
     return pad(x, plan.dst, fill)
 
 
-def check(run: Callable, plan, dyn: Sequence[Any], done: set) -> None:
+def check(run: Callable, plan, dyn: Sequence[Any], done: Any) -> None:
     """Refuse a body whose outputs change with the padding of its uneven
     inputs; ``run(plan, *values, pad_fill=...)`` is the region. Once per
     signature (``done`` holds the signatures checked)."""
     key = plan.key(dyn, shardings=True)
-    if key in done:
+    if done.get(key):
         return
-    if any(isinstance(x, jax.core.Tracer) for x in dyn):
-        # Trace state is per thread: a fresh thread runs the check concretely.
-        with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            pool.submit(_compare_paddings, run, plan, dyn).result()
-    else:
+    # Random data of the signature, run now even inside a trace (jax.jit's).
+    with jax.ensure_compile_time_eval(), mesh_context(plan.mesh):
         _compare_paddings(run, plan, dyn)
-    done.add(key)
+    done.put(key, True)
 
 
-def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> np.ndarray:
-    shape = list(plan.dst.shape if plan.padded else np.shape(x))
-    dtype = dtype_of(x)
-    data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
-            else rng.integers(0, 2, shape))
-    return data.astype(dtype)
+def _random_logical(plan: InputPlan, x: Any, rng: np.random.Generator) -> Any:
+    return random_like(x, tuple(plan.dst.shape if plan.padded else np.shape(x)), rng)
 
 
 def _sample(plan: InputPlan, data: np.ndarray, fill: float) -> Any:
@@ -79,9 +73,8 @@ def _compare_paddings(run: Callable, plan, dyn: Sequence[Any]) -> None:
         samples = [_sample(p, data, fill) for p, data in zip(plan.inputs, logical, strict=True)]
         found: list = []   # the output facts of the trace
         fn = jax.jit(lambda *s, found=found, fill=fill: _keep(found, run(plan, *s, pad_fill=fill)))
-        with mesh_context(plan.mesh):
-            arrays = fn(*samples)
-        results.append([np.asarray(unpad(full_tensor(a), o.layout)) for a, o in
+        arrays = fn(*samples)
+        results.append([np.asarray(unpad(np.asarray(as_numbers(full_tensor(a))), o.layout)) for a, o in
                         zip(arrays, found[-1].arrays, strict=True)])
     outputs = found[-1].arrays
     for o, a, b in zip(outputs, *results, strict=True):

@@ -30,10 +30,13 @@ class Settings:
     device_mesh: Optional[AnyMesh]
     redistribute_inputs: bool
     check_vma: bool
+    name: Optional[str] = None      # the region's name; None: the function's
+    check_padding: bool = False     # also run the body on two paddings (call.padding.check)
 
     @classmethod
     def of(cls, func: Any, out_placements: Any, in_placements: Any, in_grad_placements: Any,
-           device_mesh: Any, redistribute_inputs: Any, check_vma: Any) -> "Settings":
+           device_mesh: Any, redistribute_inputs: Any, check_vma: Any,
+           name: Optional[str] = None, check_padding: Any = False) -> "Settings":
         """Check the arguments that need no call to check."""
         if not callable(func):
             raise LocalMapTypeError(
@@ -42,15 +45,24 @@ class Settings:
                 f"func to get a decorator.")
         if device_mesh is not None:
             check_mesh(device_mesh)
-        for name, flag in (("redistribute_inputs", redistribute_inputs),
-                           ("check_vma", check_vma)):
+        for what, flag in (("redistribute_inputs", redistribute_inputs),
+                           ("check_vma", check_vma), ("check_padding", check_padding)):
             if not isinstance(flag, (bool, np.bool_)):
                 raise LocalMapTypeError(
-                    f"{name}: expected True or False, found {flag!r} of type "
+                    f"{what}: expected True or False, found {flag!r} of type "
                     f"{type(flag).__name__}; pass a bool.")
+        if name is not None and (not isinstance(name, str) or not name or
+                                 set(name) & set("[]()#")):
+            raise LocalMapTypeError(
+                f"name: expected a non-empty str without brackets or '#' to name the region, "
+                f"found {name!r}; pass e.g. name=\"attention\", or leave it out to use the "
+                f"function's name.")
         return cls(func, out_placements, in_placements, in_grad_placements, device_mesh,
-                   bool(redistribute_inputs), bool(check_vma))
+                   bool(redistribute_inputs), bool(check_vma), name, bool(check_padding))
 
     @property
     def func_name(self) -> str:
+        """The region's name: ``name`` where given, else the function's."""
+        if self.name is not None:
+            return self.name
         return getattr(self.func, "__name__", type(self.func).__name__)

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jlocalmap._jax_compat import varying_axes
+from jlocalmap._jax_compat import scalar_like, varying_axes
 from jlocalmap.collectives.groups import GroupLike, manual_group_axes
 from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 from jlocalmap.layouts.specs import axis_sizes
@@ -68,16 +68,38 @@ def per_device(x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _extremum(op: str, axes: tuple[str, ...], x: jax.Array) -> jax.Array:
-    return (jax.lax.pmax if op == "max" else jax.lax.pmin)(x, axes)
+def extremum(op: str, axes: tuple[str, ...], x: jax.Array) -> jax.Array:
+    """``pmax``/``pmin`` of ``x`` over ``axes`` (``op`` ``"max"`` or ``"min"``) as
+    ``jnp.max``/``jnp.min`` over the devices: a NaN anywhere gives NaN (XLA's
+    all-reduce max/min may drop it), and the gradient goes to the devices
+    holding the extremum, shared between ties (JAX has no derivative of
+    pmax/pmin). The one implementation behind ``all_reduce``,
+    ``reduce_scatter_tensor`` and ``Partial("max"|"min")`` outputs.
+
+    Example:
+        >>> import jax, numpy as np, jlocalmap as jlm
+        >>> from jlocalmap.collectives.functional import extremum
+        >>> mesh = jax.make_mesh((2,), ("tp",))
+        >>> f = jlm.local_map(lambda x: extremum("max", ("tp",), x), [jlm.Replicate()],
+        ...                   ([jlm.Shard(0)],), device_mesh=mesh)
+        >>> np.asarray(f(np.array([1.0, np.nan, 3.0, 2.0], np.float32))).tolist()  # (1, nan), (3, 2)
+        [3.0, nan]
+    """
+    reduce = jax.lax.pmax if op == "max" else jax.lax.pmin
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        return reduce(x, axes)
+    # One all-reduce of (x, a NaN flag signed so that op keeps it): no second collective.
+    flag = jnp.isnan(x).astype(x.dtype) * (1 if op == "max" else -1)
+    reduced, any_nan = reduce((x, flag), axes)
+    return jnp.where(any_nan != 0, jnp.asarray(jnp.nan, x.dtype), reduced)
 
 
-@_extremum.defjvp
+@extremum.defjvp
 def _extremum_jvp(op, axes, primals, tangents):
-    # JAX has no derivative of pmax/pmin: the tangent comes from the devices that
-    # hold the extremum, shared equally between ties, as jnp.max does locally.
+    # The tangent comes from the devices that hold the extremum, shared equally
+    # between ties, as jnp.max's does locally.
     (x,), (t,) = primals, tangents
-    y = _extremum(op, axes, x)
+    y = extremum(op, axes, x)
     holders = x == y
     count = jax.lax.psum(holders.astype(t.dtype), axes)
     return y, jax.lax.psum(jnp.where(holders, t, jnp.zeros_like(t)), axes) / count
@@ -88,7 +110,7 @@ def _reduce(x: jax.Array, op: str, axes: tuple[str, ...]) -> jax.Array:
         return jax.lax.psum(x, axes)
     if op == "avg":
         return jax.lax.pmean(x, axes)
-    return _extremum(op, axes, x)
+    return extremum(op, axes, x)
 
 
 def all_reduce(x: Any, reduce_op: str, group: GroupLike) -> jax.Array:
@@ -157,7 +179,7 @@ def reduce_scatter_tensor(x: Any, reduce_op: str, scatter_dim: int,
     x = per_device(x, axes)
     if op in ("sum", "avg"):
         y = jax.lax.psum_scatter(x, axes, scatter_dimension=dim, tiled=True)
-        return y / jnp.asarray(n, y.dtype) if op == "avg" else y
+        return y / scalar_like(n, y) if op == "avg" else y
     size = x.shape[dim] // n
     return jax.lax.dynamic_slice_in_dim(_reduce(x, op, axes),
                                         jax.lax.axis_index(axes) * size, size, dim)

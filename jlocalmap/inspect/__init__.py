@@ -18,10 +18,10 @@ from jlocalmap.inspect.inspection import Region, regions
 from jlocalmap.inspect.layout_view import describe, print_layout
 from jlocalmap.inspect.residuals import Residual
 from jlocalmap.layouts.specs import format_spec
-from jlocalmap.region.record import Operand, RegionCall, region_settings
+from jlocalmap.region.record import RegionArray, RegionSettings, region_settings
 
 __all__ = [
-    "regions", "Region", "region_settings", "RegionCall", "Operand", "Residual",
+    "regions", "Region", "region_settings", "RegionSettings", "RegionArray", "Residual",
     "count_collectives", "collectives_in_hlo", "CommCounts", "Collective",
     "describe", "print_layout", "format_spec",
 ]

@@ -42,13 +42,13 @@ from typing import Any, Optional
 import jax
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import aligned_sub_jaxprs, name_stack, rematerialized, transposed
 from jlocalmap.inspect.residuals import Residual, residuals
 from jlocalmap.layouts.meshes import mesh_context
 from jlocalmap.layouts.value_layout import mesh_of
 from jlocalmap.region.names import name_in
 from jlocalmap.region.record import (
-    RegionCall,
+    RegionSettings,
     body_of,
     eqn_key,
     lookup,
@@ -81,7 +81,7 @@ class Region:
         >>> r.name, r.differentiated, r.backward is not None
         ('local_map[tanh](S(0) -> S(0))', True, True)
     """
-    settings: RegionCall
+    settings: RegionSettings
     jaxpr: jcore.Jaxpr
     transform: str
     eqn: Any
@@ -91,7 +91,8 @@ class Region:
 
     name = property(lambda self: self.settings.name, doc="The region's name.")
     func_name = property(lambda self: self.settings.func_name, doc="The body's name.")
-    mesh = property(lambda self: self.settings.mesh, doc="((axis, size), ...).")
+    mesh = property(lambda self: self.settings.mesh,
+                    doc="The region's mesh (a Mesh, or the AbstractMesh traced on).")
     inputs = property(lambda self: self.settings.inputs, doc="The array inputs.")
     outputs = property(lambda self: self.settings.outputs, doc="The array outputs.")
 
@@ -124,7 +125,7 @@ class Region:
               output [0] f32[8] S(0) -> local f32[2]
               body: 1 equations (sin)
         """
-        mesh = ", ".join(f"{a}={n}" for a, n in self.mesh)
+        mesh = ", ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
         how = (f"differentiated ({self.transform})" if self.differentiated
                else f"traced under {self.transform}" if self.transform else "not differentiated")
         lines = [f"{self.name} on mesh ({mesh}), {how}"]
@@ -165,9 +166,9 @@ class _Occurrence:
     def role(self) -> str:
         if self.staged:
             return "forward"
-        if "rematted_computation" in self.context:
+        if rematerialized(self.context):
             return "recompute"
-        if "transpose(" in self.context:
+        if transposed(self.context):
             return "backward"
         return "forward"
 
@@ -185,7 +186,7 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
         return env.get(v, frozenset({(visit, v)}))
 
     for eqn in jaxpr.eqns:
-        stack = str(eqn.source_info.name_stack)
+        stack = name_stack(eqn)
         here = "/".join(s for s in (context, stack) if s)
         name = name_in(stack) if eqn.primitive.name == "shard_map" else None
         if name is not None:
@@ -193,13 +194,9 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
                                      [frozenset({(visit, v)}) for v in eqn.outvars]))
             continue
         merged: dict = {}
-        for sub in sub_jaxprs(eqn):
+        for sub, positions in aligned_sub_jaxprs(eqn):
             child, child_env = next(counter), {}
-            # Sub-jaxpr inputs are the equation's last ones (cond's predicate and
-            # while's condition constants come first).
-            tail = eqn.invars[len(eqn.invars) - len(sub.invars):] \
-                if len(sub.invars) <= len(eqn.invars) else []
-            for inner, outer in zip(sub.invars, tail, strict=True):
+            for inner, outer in zip(sub.invars, [eqn.invars[k] for k in positions or ()], strict=True):
                 if tokens(outer):
                     child_env[inner] = tokens(outer)
             _collect(sub, child_env, here, child, counter, found)
@@ -266,7 +263,7 @@ def _assemble(found: list[_Occurrence], orphans: Sequence[tuple] = ()) -> list[R
         call = recorded(fwd.name, fwd.eqn)
         exact = call is not None
         call = call if exact else adopted.get(id(fwd))
-        settings = (call if isinstance(call, RegionCall) else
+        settings = (call if isinstance(call, RegionSettings) else
                     settings_from_equation(fwd.name, fwd.eqn)
                     or unknown_settings(fwd.name, fwd.eqn))
         back, feeding = paired.get(id(fwd), (None, []))

@@ -37,6 +37,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jlocalmap.errors import LocalMapTypeError, LocalMapValueError, PlacementValueError
+from jlocalmap.inspect.inspection import Region
 from jlocalmap.layouts.specs import format_spec, spec_entries
 from jlocalmap.layouts.value_layout import placements_of
 
@@ -106,7 +107,9 @@ def _rows(x: jax.Array) -> list[tuple[str, str, str]]:
 def describe(x: Any) -> str:
     """A plain-text description of the layout of ``x``: global dtype and shape,
     mesh, placements, PartitionSpec, and per device (in mesh order) its id, mesh
-    coordinates and the slices of the global array it holds.
+    coordinates and the slices of the global array it holds. For a
+    :class:`~jlocalmap.inspect.Region` (from :func:`~jlocalmap.inspect.regions`): its name,
+    mesh and operands, as ``region.pretty(jaxprs=False)`` prints them.
 
     Example:
         >>> import jax, numpy as np, jlocalmap as jlm
@@ -130,6 +133,8 @@ def describe(x: Any) -> str:
              6  dp=1 tp=2    [0:4, 4:6] partial summand
              7  dp=1 tp=3    [0:4, 6:8] partial summand
     """
+    if isinstance(x, Region):
+        return x.pretty(jaxprs=False)
     x = _check(x)
     rows = _rows(x)
     width = max(len(_COLUMNS[1]), *(len(r[1]) for r in rows))

@@ -20,8 +20,8 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import sub_jaxprs
-from jlocalmap.region.record import RegionCall, aval_text, body_of
+from jlocalmap._jax_compat import primitive_name, sub_jaxprs
+from jlocalmap.region.record import RegionSettings, aval_text, body_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,7 +61,7 @@ def _producer(jaxpr, var) -> tuple:
     eqn = next((e for e in jaxpr.eqns if var in e.outvars), None)
     if eqn is None:
         return ("op", "constant")
-    name = eqn.primitive.name
+    name = primitive_name(eqn)
     if name in ("pvary", "pcast") and len(eqn.invars) == 1:
         return _producer(jaxpr, eqn.invars[0])
     if name == "reduce_precision" and _is_noop_rounding(eqn):
@@ -91,7 +91,7 @@ def _is_noop_rounding(eqn) -> bool:
             and eqn.params.get("mantissa_bits") == info.nmant)
 
 
-def residuals(forward, readers: Sequence, settings: RegionCall, exact: bool,
+def residuals(forward, readers: Sequence, settings: RegionSettings, exact: bool,
               pieces: dict) -> tuple[Residual, ...]:
     """What the backward (and recompute) equations read of the forward pass
     (``forward``, ``readers`` and ``pieces``: region_inspection's occurrences of
@@ -127,7 +127,7 @@ def residuals(forward, readers: Sequence, settings: RegionCall, exact: bool,
     return tuple(found)
 
 
-def _input_label(k: int, eqn, settings: RegionCall, exact: bool) -> str:
+def _input_label(k: int, eqn, settings: RegionSettings, exact: bool) -> str:
     """Operand ``k`` of a forward equation as ``input <leaf index>``: directly
     where the equation is the call as staged, else by a unique match of its
     shape and dtype among the call's inputs; ``operand <k>`` otherwise."""

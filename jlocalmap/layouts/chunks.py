@@ -12,13 +12,13 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
+from jlocalmap._caches import cached
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes
 from jlocalmap.layouts.placements import Placement, Shard
@@ -95,7 +95,7 @@ def padded_shape(shape: Sequence[int], placements: Sequence[Placement],
     return tuple(out)
 
 
-@functools.lru_cache(maxsize=256)
+@cached(256)
 def padding_index(size: int, splits: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(gather, valid): ``gather[p]`` is the logical row at padded position p
     (``size`` for padding); ``valid`` lists the padded positions of rows 0..size-1."""

@@ -55,6 +55,39 @@ def dtype_of(x: Any) -> Any:
     return as_dtype(x.dtype) if hasattr(x, "dtype") else np.result_type(x)
 
 
+def random_like(x: Any, shape: tuple, rng: np.random.Generator) -> Any:
+    """Random host data of ``shape`` and ``x``'s dtype: normal numbers for
+    inexact dtypes, 0 and 1 for the others, random keys of ``x``'s
+    implementation for PRNG keys.
+
+    Example:
+        >>> import jax, numpy as np
+        >>> random_like(jax.random.key(0), (3,), np.random.default_rng(0)).shape
+        (3,)
+    """
+    dtype = dtype_of(x)
+    if is_key(dtype):
+        impl = jax.random.key_impl(x)
+        words = jax.random.key_data(jax.random.key(0, impl=impl))
+        bits = rng.integers(0, 2 ** 32, tuple(shape) + words.shape, dtype=np.uint32)
+        return jax.random.wrap_key_data(jax.numpy.asarray(bits), impl=impl)
+    data = (rng.standard_normal(shape) if np.issubdtype(dtype, np.inexact)
+            else rng.integers(0, 2, shape))
+    return data.astype(dtype)
+
+
+def as_numbers(x: Any) -> Any:
+    """``x``, or for an array of PRNG keys its key data (unsigned words, one more
+    dim): what numpy can hold and compare.
+
+    Example:
+        >>> import jax
+        >>> as_numbers(jax.random.split(jax.random.key(0), 3)).shape
+        (3, 2)
+    """
+    return jax.random.key_data(x) if is_key(dtype_of(x)) else x
+
+
 def check_partial_dtype(dtype: Any, reduce_op: str, axis: str, what: str) -> None:
     """Refuse ``Partial(reduce_op)`` on mesh ``axis`` where ``dtype`` has no such
     reduction (``what`` names the argument in the error).

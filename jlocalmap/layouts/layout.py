@@ -29,6 +29,7 @@ import jax
 import numpy as np
 from jax.sharding import PartitionSpec
 
+from jlocalmap._caches import LRU
 from jlocalmap.layouts.chunks import UnevenDim, dim_splits, padded_shape, uneven_dims
 from jlocalmap.layouts.dtypes import as_dtype, check_partial_dtype
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes, check_mesh
@@ -40,8 +41,7 @@ from jlocalmap.layouts.specs import (
     placements_to_spec,
 )
 
-_VALIDATED: dict = {}      # (mesh, placements, shape, dtype) -> Layout, valid ones only
-_VALIDATED_SIZE = 4096
+_VALIDATED: LRU = LRU(4096)   # (mesh, placements, shape, dtype) -> Layout, valid ones only
 
 
 def _key(mesh: Any, placements: Any, shape: Sequence[Any], dtype: Any) -> Optional[tuple]:
@@ -89,9 +89,7 @@ class Layout:
             return known
         layout = cls._validate(mesh, placements, shape, dtype, what)
         if key is not None:
-            if len(_VALIDATED) >= _VALIDATED_SIZE:
-                _VALIDATED.clear()
-            _VALIDATED[key] = layout
+            _VALIDATED.put(key, layout)
         return layout
 
     @classmethod

@@ -46,7 +46,7 @@ def pad(x: jax.Array, layout: Layout, fill: float = 0.0) -> jax.Array:
     return x
 
 
-def unpad(x: jax.Array, layout: Layout) -> jax.Array:
+def unpad(x: Any, layout: Layout) -> jax.Array:
     """The logical value of padded ``x`` (the inverse of :func:`pad`)."""
     for d, size, _, splits in layout.uneven:
         _, valid = padding_index(size, splits)

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jlocalmap._caches import cached
+from jlocalmap._jax_compat import scalar_like
 from jlocalmap.layouts.layout import Layout, is_empty
 from jlocalmap.layouts.meshes import AnyMesh, axis_sizes, is_explicit, mesh_context
 from jlocalmap.layouts.placements import Replicate
@@ -59,7 +61,7 @@ def relayout(x: Any, src: Optional[Layout], dst: Layout, *,
     return x
 
 
-@functools.lru_cache(maxsize=256)
+@cached(256)
 def _jitted_relayout(src: Optional[Layout], dst: Layout):
     return jax.jit(functools.partial(relayout, src=src, dst=dst))
 
@@ -129,7 +131,7 @@ def _partition(x: jax.Array, mesh: AnyMesh, spec: PartitionSpec,
     def split(v):
         v = jax.lax.pcast(v[0] if partial_already else v, axes, to="varying")
         if jnp.issubdtype(v.dtype, jnp.inexact):
-            summand = v / jnp.asarray(n, v.dtype)
+            summand = v / scalar_like(n, v)
         else:  # integers cannot be split evenly: the first device keeps the value
             summand = jnp.where(jax.lax.axis_index(axes) == 0, v, jnp.zeros_like(v))
         all_partial = tuple(a for a in mesh.axis_names if a in set(axes) | set(partial_already))

@@ -13,7 +13,6 @@ error into one naming the region, the argument, the declared and the actual
 placement, and the fix; JAX's message is kept as its cause.
 
 Example:
-    >>> import re
     >>> from jlocalmap.region.custom_rules import parse_rule_error
     >>> parse_rule_error("Custom VJP bwd rule must produce an output with the same type as "
     ...     "the args tuple of the primal function, but at output[1] the bwd rule produced "
@@ -24,36 +23,31 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Optional
 
 import numpy as np
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import custom_rule_type_error, primitive_name, sub_jaxprs
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.placements import Partial
 
 _VJP_RULES = ("custom_vjp_call", "custom_vjp_call_jaxpr")
-_RULE_ERROR = re.compile(
-    r"Custom VJP bwd rule.*must produce an output with the same type.*?"
-    r"of type (\w+)\[([\d, ]*)\](?:\{V:([^}]*)\})? corresponding to an input of type "
-    r"\w+\[[\d, ]*\](?:\{V:([^}]*)\})?", re.S)
 
 
 def has_custom_vjp(jaxpr) -> bool:
     """Whether a jaxpr (or one nested in it) calls a ``jax.custom_vjp`` rule."""
-    return any(eqn.primitive.name in _VJP_RULES or any(map(has_custom_vjp, sub_jaxprs(eqn)))
+    return any(primitive_name(eqn) in _VJP_RULES or any(map(has_custom_vjp, sub_jaxprs(eqn)))
                for eqn in jaxpr.eqns)
 
 
 def parse_rule_error(text: str) -> Optional[tuple[str, tuple, tuple]]:
     """(dtype, local shape, mesh axes the rule's output varies over and its input
     does not) from JAX's custom-rule type error, or None for another error."""
-    m = _RULE_ERROR.search(text)
-    if m is None:
+    groups = custom_rule_type_error(text)
+    if groups is None:
         return None
-    dtype, dims, produced, expected = m.groups()
+    dtype, dims, produced, expected = groups
     shape = tuple(int(d) for d in dims.replace(" ", "").split(",") if d)
     axes = lambda s: [a.strip() for a in (s or "").strip("()").split(",") if a.strip()]
     return dtype, shape, tuple(a for a in axes(produced) if a not in axes(expected))

@@ -27,7 +27,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import (
+    aligned_sub_jaxprs,
+    primitive_name,
+    scalar_like,
+    varying_of,
+)
 from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.meshes import AnyMesh
 from jlocalmap.layouts.placements import Placement
@@ -63,7 +68,7 @@ def _scale_cotangent_bwd(axes, power, _, ct):
     n = 1
     for axis in axes:
         n *= jax.lax.axis_size(axis)
-    return (ct * jnp.asarray(float(n) ** power, ct.dtype),)
+    return (ct * scalar_like(float(n) ** power, ct),)
 
 
 _scale_cotangent.defvjp(_scale_cotangent_fwd, _scale_cotangent_bwd)
@@ -75,9 +80,7 @@ def _is_var(v) -> bool:
 
 
 def _vma(var) -> frozenset:
-    aval = getattr(var, "aval", None)
-    mat = getattr(aval, "mat", None)
-    return frozenset(mat.varying if mat is not None else getattr(aval, "vma", ()))
+    return varying_of(getattr(var, "aval", None))
 
 
 _NO_GRADIENT = {"stop_gradient"}  # outputs that carry no cotangent back
@@ -109,12 +112,12 @@ def _taint_hits(jaxpr, tainted: set, axis: str, flow: _Flow) -> set:
     tainted = set(tainted)
     for eqn in jaxpr.eqns:
         ins = [v for v in eqn.invars if _is_var(v) and v in tainted]
-        name = eqn.primitive.name
+        name = primitive_name(eqn)
         if not ins or name in _NO_GRADIENT:
             continue
         flow.custom |= name in _CUSTOM_RULES
         flow.callback |= name in _CALLBACKS
-        subs = [] if name in _CUSTOM_RULES else sub_jaxprs(eqn)
+        subs = [] if name in _CUSTOM_RULES else aligned_sub_jaxprs(eqn)
         new = _sub_taint(eqn, subs, tainted, axis, flow) if subs else set(eqn.outvars)
         for out in eqn.outvars:
             if axis in _vma(out):
@@ -127,8 +130,8 @@ def _taint_hits(jaxpr, tainted: set, axis: str, flow: _Flow) -> set:
 def _sub_taint(eqn, subs, tainted: set, axis: str, flow: _Flow) -> set:
     """The outputs of a higher-order equation (jit, scan, cond...) that carry taint."""
     outs_tainted = set()
-    for sub in subs:
-        sub_taint = _map_in(eqn, sub, tainted)
+    for sub, positions in subs:
+        sub_taint = _map_in(eqn, sub, positions, tainted)
         for _ in range(2):  # loops feed their carry back once more
             sub_out = _taint_hits(sub, sub_taint, axis, flow)
             back = _carry_feedback(eqn, sub, sub_out)
@@ -139,17 +142,16 @@ def _sub_taint(eqn, subs, tainted: set, axis: str, flow: _Flow) -> set:
     return outs_tainted
 
 
-def _map_in(eqn, sub, tainted: set) -> set:
-    n = len(sub.invars)
-    outer = eqn.invars[len(eqn.invars) - n:] if len(eqn.invars) >= n else []
-    if len(outer) != n:  # an unusual signature: taint every input conservatively
+def _map_in(eqn, sub, positions, tainted: set) -> set:
+    if positions is None:  # an unusual signature: taint every input conservatively
         return set(sub.invars) if any(_is_var(v) and v in tainted for v in eqn.invars) else set()
-    return {s for s, o in zip(sub.invars, outer, strict=True) if _is_var(o) and o in tainted}
+    return {s for s, k in zip(sub.invars, positions, strict=True)
+            if _is_var(eqn.invars[k]) and eqn.invars[k] in tainted}
 
 
 def _carry_feedback(eqn, sub, sub_out: set) -> set:
     """Taint that a loop body's carry outputs feed back into its carry inputs."""
-    name = eqn.primitive.name
+    name = primitive_name(eqn)
     if name == "while":
         start = eqn.params["body_nconsts"]
         layouts = [(start, len(sub.outvars))] if len(sub.invars) == start + len(sub.outvars) else []

@@ -23,7 +23,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from jlocalmap._jax_compat import varying_axes
+from jlocalmap._jax_compat import scalar_like, varying_axes
+from jlocalmap.collectives.functional import extremum
 from jlocalmap.errors import PlacementTypeError, PlacementValueError
 from jlocalmap.layouts.chunks import dim_splits
 from jlocalmap.layouts.dtypes import check_partial_dtype
@@ -192,15 +193,6 @@ def _check_partial_dtype(dtype, p: Partial, axis: str, j: int) -> None:
     check_partial_dtype(dtype, p.reduce_op, axis, f"out_placements[{j}]")
 
 
-def _reduce_extreme(v: jax.Array, op: str, axis: str) -> jax.Array:
-    """pmax/pmin that propagate NaN like jnp.max (XLA's all-reduce max/min may not)."""
-    reduced = (jax.lax.pmax if op == "max" else jax.lax.pmin)(v, axis)
-    if not jnp.issubdtype(v.dtype, jnp.floating):
-        return reduced
-    any_nan = jax.lax.pmax(jnp.isnan(v).astype(jnp.int32), axis)
-    return jnp.where(any_nan > 0, jnp.asarray(jnp.nan, v.dtype), reduced)
-
-
 def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
                    j: int, marked_varying: Optional[Mapping[str, Sequence[int]]] = None,
                    checked: bool = True) -> tuple[jax.Array, PlacementList]:
@@ -234,7 +226,7 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
                 v = jax.lax.pcast(v, axis, to="varying")
             _check_partial_dtype(v.dtype, p, axis, j)
             if p.reduce_op in ("max", "min"):
-                v = _reduce_extreme(v, p.reduce_op, axis)
+                v = extremum(p.reduce_op, (axis,), v)
                 stored.append(Replicate())
                 continue
             scale *= sizes[axis] if p.reduce_op == "avg" else 1
@@ -243,7 +235,7 @@ def to_out_layout(v: jax.Array, placements: PlacementList, mesh: AnyMesh,
         else:
             stored.append(p)
     if summed:  # divide before the cast: JAX has no division of unreduced values
-        v = v / jnp.asarray(scale, v.dtype) if scale != 1 else v
+        v = v / scalar_like(scale, v) if scale != 1 else v
         v = (jax.lax.pcast(v, tuple(summed), to="unreduced") if checked
              else with_scaled_cotangent(v, tuple(summed), 1))
     return v, tuple(stored)

@@ -19,21 +19,21 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from jlocalmap._caches import LRU
 from jlocalmap._jax_compat import config_value
 from jlocalmap.call import padding
 from jlocalmap.call.call_plan import CallPlan
 from jlocalmap.call.input_plan import InputPlan
 from jlocalmap.call.settings import Settings
 from jlocalmap.errors import PlacementValueError
+from jlocalmap.layouts.dtypes import as_dtype
 from jlocalmap.layouts.grad_axes import reduced_axes
 from jlocalmap.movement.relayout import relayout, stack_summands
 from jlocalmap.region import record as region_record
@@ -45,7 +45,8 @@ from jlocalmap.region.gradients import (
 )
 from jlocalmap.region.names import region_name
 from jlocalmap.region.outputs import OutputFacts, finish_outputs
-from jlocalmap.region.record import Operand, RegionCall
+from jlocalmap.region.record import RegionArray, RegionSettings
+from jlocalmap.region.row_flow import check_padding_rows
 
 _MEMO_SIZE = 256
 
@@ -59,7 +60,7 @@ class Region:
     """The program of one local_map: runs planned calls, and remembers per call
     signature what the body's outputs are."""
     settings: Settings
-    _facts: collections.OrderedDict = dataclasses.field(default_factory=collections.OrderedDict)
+    _facts: LRU = dataclasses.field(default_factory=lambda: LRU(_MEMO_SIZE))
 
     def __call__(self, plan: CallPlan, *dyn: Any, pad_fill: float = 0.0
                  ) -> tuple[tuple, OutputFacts]:
@@ -71,11 +72,8 @@ class Region:
             try:
                 return self._stage(plan, facts, laid_out, in_specs), facts
             except _StaleFacts:
-                del self._facts[key]
-        facts = self._probe(plan, laid_out, in_specs)
-        self._facts[key] = facts
-        while len(self._facts) > _MEMO_SIZE:
-            self._facts.popitem(last=False)
+                self._facts.pop(key)
+        facts = self._facts.put(key, self._probe(plan, laid_out, in_specs))
         return self._stage(plan, facts, laid_out, in_specs), facts
 
     def _body(self, plan: CallPlan, local: Sequence[Any], adapt: bool):
@@ -126,30 +124,39 @@ class Region:
                                                      p.dst.mesh), -1)
 
     def _probe(self, plan: CallPlan, laid_out: Sequence, in_specs: tuple) -> OutputFacts:
-        """Trace the body for its output facts (shapes only) and, where gradients
-        are declared, check them against the body's varying-axes typing."""
-        found = []
+        """Trace the body once for its output facts (shapes only) and its jaxpr:
+        gradient declarations are checked against its varying-axes typing, and
+        uneven inputs' padding rows followed through it (``row_flow``)."""
+        found: list = []
+
+        def body(*local):
+            values, facts = self._body(plan, local, adapt=False)
+            found.append(facts)
+            return values
 
         def probe(*local):
-            found.append(self._body(plan, local, adapt=False)[1])
+            # Inside the region (its axes manual): the body's own jaxpr, outputs included.
+            found.append(body(*local) if debugging else jax.make_jaxpr(body)(*local).jaxpr)
             return ()
+        debugging = config_value("jax_disable_jit")
         region = jax.shard_map(probe, mesh=plan.mesh, in_specs=in_specs, out_specs=(),
                                check_vma=self.settings.check_vma)
-        declared = [p for p in plan.operands if p.declared_grad is not None]
-        if config_value("jax_disable_jit"):
-            # Debugging: the body runs on concrete values (Python control flow on
-            # them works), so it is run, not traced; declarations are applied, not verified.
+        if debugging:
+            # The body runs on concrete values (Python control flow on them works),
+            # so it is run, not traced; declarations are applied, not verified.
             region(*laid_out)
-        elif self.settings.check_vma:
-            jaxpr = jax.make_jaxpr(region)(*laid_out)
-            if declared:
+            return found[0]
+        jax.eval_shape(region, *laid_out)
+        facts, jaxpr = found
+        if self.settings.check_vma:
+            if any(p.declared_grad is not None for p in plan.operands):
                 _verify(jaxpr, plan, self.settings.func_name)
-            if has_custom_vjp(jaxpr.jaxpr):
+            if has_custom_vjp(jaxpr):
                 check_custom_rules(lambda: self._trace_backward(plan, laid_out, in_specs), plan,
                                    self.settings.func_name)
-        else:
-            jax.eval_shape(region, *laid_out)
-        return found[-1]
+        if plan.uneven:
+            check_padding_rows(jaxpr, plan, facts)
+        return facts
 
     def _stage(self, plan: CallPlan, facts: OutputFacts, laid_out: Sequence,
                in_specs: tuple) -> tuple:
@@ -214,27 +221,23 @@ def _make_empty(layout) -> jax.Array:
     return relayout(jnp.zeros(layout.padded_shape, layout.dtype), None, layout.storage())
 
 
-def _verify(probe_jaxpr, plan: CallPlan, func_name: str) -> None:
-    body = probe_jaxpr.jaxpr.eqns[-1].params["jaxpr"]
-    body = body if hasattr(body, "eqns") else body.jaxpr
-    # Constants the body closes over (numpy arrays) come first, then the operands.
-    first = len(body.invars) - len(plan.operands)
-    for k, p in enumerate(plan.operands):
+def _verify(body, plan: CallPlan, func_name: str) -> None:
+    for k, p in enumerate(plan.operands):   # the body's inputs are the operands
         if p.declared_grad is not None:
             try:
-                verify_grad_placements(body, first + k, p.dst.placements, p.declared_grad, plan.mesh,
+                verify_grad_placements(body, k, p.dst.placements, p.declared_grad, plan.mesh,
                                        f"in_grad_placements[{p.index}]")
             except PlacementValueError as e:  # models have many regions: say which
                 raise PlacementValueError(f"{e} (in local_map[{func_name}])") from None
 
 
-def _operand(index: int, layout, local: tuple, dtype, grad=None) -> Operand:
-    return Operand(index, layout.placements, tuple(layout.shape), tuple(local),
-                   np.dtype(dtype), grad)
+def _operand(index: int, layout, local: tuple, dtype, grad=None) -> RegionArray:
+    return RegionArray(index, layout.placements, tuple(layout.shape), tuple(local),
+                       as_dtype(dtype), grad)
 
 
 def _region_call(func_name: str, plan: CallPlan, laid_out: Sequence,
-                 facts: OutputFacts) -> RegionCall:
+                 facts: OutputFacts) -> RegionSettings:
     """The region's settings, and its name from them."""
     operands: list[InputPlan] = list(plan.operands)
     ins = tuple(_operand(p.index, p.dst, p.dst.local_shape, x.dtype, p.declared_grad)
@@ -247,5 +250,5 @@ def _region_call(func_name: str, plan: CallPlan, laid_out: Sequence,
         in_sizes=[p.dst.shape if p.dst.is_uneven else None for p in operands],
         out_sizes=[o.layout.shape if o.layout.is_uneven else None
                    for o in facts.region_outputs])
-    return RegionCall(name, func_name, tuple(zip(plan.mesh.axis_names, plan.mesh.axis_sizes, strict=True)),
+    return RegionSettings(name, func_name, plan.mesh,
                       ins, outs)

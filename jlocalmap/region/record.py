@@ -1,5 +1,5 @@
 """Recording regions while tracing: the settings of each region local_map
-stages (:class:`RegionCall`, :class:`Operand`), kept by name, mesh and operand
+stages (:class:`RegionSettings`, :class:`RegionArray`), kept by name, mesh and operand
 types so that :func:`region_settings` and :func:`~jlocalmap.inspect.regions` can report
 them; where no record fits, the settings are read from the equation and its name.
 
@@ -25,6 +25,8 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
+from jlocalmap._jax_compat import name_stack, transposed
+from jlocalmap.layouts.meshes import AnyMesh
 from jlocalmap.layouts.placements import PlacementList, Shard, compact
 from jlocalmap.region.names import PREFIX, name_in, parse_name
 
@@ -35,7 +37,7 @@ _AMBIGUOUS = object()  # registry entry of a key recorded with different setting
 
 
 @dataclasses.dataclass(frozen=True)
-class Operand:
+class RegionArray:
     """One array input or output of a region.
 
     ``index`` is the leaf's position among the call's flattened arguments (or
@@ -67,7 +69,7 @@ class Operand:
 
 
 @dataclasses.dataclass(frozen=True)
-class RegionCall:
+class RegionSettings:
     """A region's settings: what ``local_map`` records when it stages one, or
     what the equation itself says (see :func:`region_settings`).
 
@@ -76,14 +78,15 @@ class RegionCall:
         >>> mesh = jax.sharding.AbstractMesh((4,), ("tp",))
         >>> f = jlm.local_map(jnp.tanh, [jlm.Shard(0)], ([jlm.Shard(0)],), device_mesh=mesh)
         >>> [r] = jlm.inspect.regions(jax.grad(lambda x: f(x).sum()), jax.ShapeDtypeStruct((8,), jnp.float32))
-        >>> r.settings.func_name, r.settings.mesh
-        ('tanh', (('tp', 4),))
+        >>> r.settings.func_name, dict(r.settings.mesh.shape)
+        ('tanh', {'tp': 4})
     """
     name: str
     func_name: str
-    mesh: tuple[tuple[str, int], ...]
-    inputs: tuple[Operand, ...]
-    outputs: tuple[Operand, ...]
+    mesh: AnyMesh      # a Mesh, or the AbstractMesh the program was traced on
+
+    inputs: tuple[RegionArray, ...]
+    outputs: tuple[RegionArray, ...]
 
 
 _REGISTRY: collections.OrderedDict = collections.OrderedDict()
@@ -93,11 +96,11 @@ _REGISTRY: collections.OrderedDict = collections.OrderedDict()
 _STAGED: contextvars.ContextVar = contextvars.ContextVar("jlocalmap_staged", default=None)
 
 
-def record(call: RegionCall, staged_avals: Sequence[Any]) -> None:
+def record(call: RegionSettings, staged_avals: Sequence[Any]) -> None:
     """Remember a staged region by its name, mesh and the avals of the arrays it
     was staged with, so :func:`regions` and :func:`region_settings` can report
     its settings (a key recorded with different settings is ambiguous)."""
-    key = (call.name, call.mesh, _avals_key(staged_avals))
+    key = (call.name, _mesh_key(call.mesh), _avals_key(staged_avals))
     known = _REGISTRY.get(key)
     _REGISTRY[key] = call if known is None or known == call else _AMBIGUOUS
     _REGISTRY.move_to_end(key)
@@ -112,10 +115,12 @@ def _avals_key(avals: Sequence[Any]) -> tuple:
     return tuple((tuple(a.shape), str(a.dtype)) for a in avals)
 
 
+def _mesh_key(mesh) -> tuple:
+    return tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+
+
 def eqn_key(name: str, eqn) -> tuple:
-    mesh = eqn.params["mesh"]
-    return (name, tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True)),
-            _avals_key([v.aval for v in eqn.invars]))
+    return (name, _mesh_key(eqn.params["mesh"]), _avals_key([v.aval for v in eqn.invars]))
 
 
 @contextlib.contextmanager
@@ -134,13 +139,13 @@ def lookup(key: tuple) -> Any:
     return _REGISTRY.get(key)
 
 
-def recorded(name: str, eqn) -> Optional[RegionCall]:
+def recorded(name: str, eqn) -> Optional[RegionSettings]:
     """The settings recorded for a region equation, where one record fits."""
     call = _REGISTRY.get(eqn_key(name, eqn))
-    return call if isinstance(call, RegionCall) else None
+    return call if isinstance(call, RegionSettings) else None
 
 
-def region_settings(eqn: Any) -> Optional[RegionCall]:
+def region_settings(eqn: Any) -> Optional[RegionSettings]:
     """The settings of the ``local_map`` region a jaxpr equation stages (name,
     function, mesh, operands with placements and shapes), or None for any other
     equation: how tools walking their own jaxprs find every region.
@@ -163,14 +168,14 @@ def region_settings(eqn: Any) -> Optional[RegionCall]:
     """
     if getattr(getattr(eqn, "primitive", None), "name", None) != "shard_map":
         return None
-    stack = str(eqn.source_info.name_stack)
+    stack = name_stack(eqn)
     name = name_in(stack)
-    if name is None or "transpose(" in stack:
+    if name is None or transposed(stack):
         return None
     return recorded(name, eqn) or settings_from_equation(name, eqn)
 
 
-def settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
+def settings_from_equation(name: str, eqn) -> Optional[RegionSettings]:
     """Settings from the equation and its name, where local_map's record is
     missing or ambiguous (a call staged by another trace with other static
     arguments, a region JAX rewrote under vmap or scan): None when the
@@ -192,7 +197,7 @@ def settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
         entries = tuple(spec) if spec is not None else ()
         if summed and entries and entries[0] in (summed, summed[0] if len(summed) == 1 else None):
             shape, local = shape[1:], local[1:]  # a Partial input's stacked summands
-        return Operand(None, placements, logical or shape, local, outer.aval.dtype, grad)
+        return RegionArray(None, placements, logical or shape, local, outer.aval.dtype, grad)
 
     inputs = []
     for (placements, logical), grad, outer, inner, spec in zip(
@@ -210,7 +215,7 @@ def settings_from_equation(name: str, eqn) -> Optional[RegionCall]:
         picked = list(zip(outs, eqn.outvars[first:first + n], body.outvars[first:first + n], strict=True))
         if all(_fits(p, o.aval.shape, i.aval.shape, mesh) for (p, _), o, i in picked):
             outputs = [operand(p, logical, o, i) for (p, logical), o, i in picked]
-            return RegionCall(name, func_name, tuple(sizes.items()), tuple(inputs),
+            return RegionSettings(name, func_name, mesh, tuple(inputs),
                               tuple(outputs))
     return None
 
@@ -232,17 +237,16 @@ def _fits(placements: PlacementList, global_shape: tuple, local: tuple, mesh) ->
                for e, n in zip(expected, local, strict=True))
 
 
-def unknown_settings(name: str, eqn) -> RegionCall:
+def unknown_settings(name: str, eqn) -> RegionSettings:
     """Shapes only, for an equation whose name and operands say no more (a
     digest name recorded by another process)."""
     mesh = eqn.params["mesh"]
     body = body_of(eqn)
 
     def ops(outer, inner):
-        return tuple(Operand(None, (), tuple(o.aval.shape), tuple(i.aval.shape), o.aval.dtype)
+        return tuple(RegionArray(None, (), tuple(o.aval.shape), tuple(i.aval.shape), o.aval.dtype)
                      for o, i in zip(outer, inner, strict=True))
-    return RegionCall(name, name[len(PREFIX):name.index("]")],
-                      tuple(zip(mesh.axis_names, mesh.axis_sizes, strict=True)),
+    return RegionSettings(name, name[len(PREFIX):name.index("]")], mesh,
                       ops(eqn.invars, body.invars), ops(eqn.outvars, body.outvars))
 
 

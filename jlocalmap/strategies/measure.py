@@ -7,7 +7,8 @@ else ``~/.cache/jlocalmap/strategies.json`` (``cache_dir=`` of
 the call's signature (shapes, dtypes, placements), the mesh (axis names and
 sizes, device kind and count), what was timed (forward or training step) and the
 alternatives' names; its values are seconds per call, by alternative. Delete the
-file (or the entry) to measure again.
+file (or the entry) to measure again. In a multi-process job every process
+takes process 0's choice (:func:`agreed`).
 
 Example:
     >>> import tempfile
@@ -29,6 +30,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Optional
 
 import jax
+import numpy as np
 
 CACHE_FILE = "strategies.json"
 
@@ -67,6 +69,23 @@ class MeasureCache:
         scratch = self.path.with_suffix(f".{os.getpid()}.tmp")
         scratch.write_text(json.dumps(entries, indent=1, sort_keys=True))
         scratch.replace(self.path)  # atomic: a concurrent reader sees old or new
+
+
+def agreed(chosen: str, names: Sequence[str]) -> str:
+    """Process 0's choice, on every process of a multi-process job: each
+    process times its own devices (and reads its own cache file), and
+    processes that chose differently would run different collectives and hang.
+
+    Example:
+        >>> from jlocalmap.strategies.measure import agreed
+        >>> agreed("fsdp", ["tp", "fsdp"])     # one process: its own choice
+        'fsdp'
+    """
+    if jax.process_count() == 1:
+        return chosen
+    from jax.experimental import multihost_utils   # multi-process jobs only
+    index = multihost_utils.broadcast_one_to_all(np.int32(list(names).index(chosen)))
+    return names[int(index)]
 
 
 def time_programs(programs: dict[str, Callable], args: Sequence[Any], rounds: int = 7,

@@ -18,6 +18,7 @@ from typing import Any, Optional
 
 import jax
 
+from jlocalmap._caches import LRU
 from jlocalmap.errors import LocalMapTypeError, LocalMapValueError
 from jlocalmap.strategies.alternatives import (
     Alternative,
@@ -27,10 +28,12 @@ from jlocalmap.strategies.alternatives import (
 )
 from jlocalmap.strategies.choice import Choice, TableRow
 from jlocalmap.strategies.cost_model import CostModel, estimate
-from jlocalmap.strategies.measure import MeasureCache, mesh_key, time_programs
+from jlocalmap.strategies.measure import MeasureCache, agreed, mesh_key, time_programs
 from jlocalmap.strategies.signature import Signature
 from jlocalmap.strategies.target import Target, current
 from jlocalmap.strategies.verify import verify as verify_alternatives
+
+_CACHE_SIZE = 64  # signatures whose choice and program a strategy region keeps
 
 CHOOSE = ("cost", "measure")
 
@@ -86,8 +89,8 @@ class StrategyRegion:
             if isinstance(self.mesh, jax.sharding.Mesh) else CostModel.h200_nvlink())
         self.out_placements, self.name = out_placements, name
         self.cache = MeasureCache(cache_dir)
-        self._choices: dict = {}
-        self._jitted: dict = {}
+        self._choices: LRU = LRU(_CACHE_SIZE)
+        self._jitted: LRU = LRU(_CACHE_SIZE)
 
     def __repr__(self) -> str:
         names = [a.name for a in self.alternatives]
@@ -105,7 +108,7 @@ class StrategyRegion:
             return alt(*args)
         program = self._jitted.get(sig)
         if program is None:
-            program = self._jitted[sig] = jax.jit(sig.over_arrays(alt))
+            program = self._jitted.put(sig, jax.jit(sig.over_arrays(alt)))
         with on_mesh(self.mesh):
             return program(*sig.arrays(args))
 
@@ -137,7 +140,7 @@ class StrategyRegion:
                 alt.check_arity(len(sig.args))
             if self.verify:
                 verify_alternatives(self.alternatives, self.out_placements, sig, self.mesh)
-            found = self._choices[sig] = self._decide(sig)
+            found = self._choices.put(sig, self._decide(sig))
         return found
 
     def _choice_for(self, target: Target, sig: Signature) -> Choice:
@@ -150,8 +153,8 @@ class StrategyRegion:
                          alt.placed(self.out_placements), sig.differentiable, self.train)),
                          abstract)) for alt in self.alternatives)
             chosen = min(rows, key=lambda r: r.estimate.seconds).name
-            found = self._choices[(sig, target.key)] = Choice(
-                chosen, "cost", str(sig), target.name, rows)
+            found = self._choices.put((sig, target.key), Choice(
+                chosen, "cost", str(sig), target.name, rows))
         target.choices.append((self.name, found))
         return found
 
@@ -175,6 +178,8 @@ class StrategyRegion:
         measured = self._measured(sig, programs) if self.choose == "measure" else {}
         rows = tuple(TableRow(n, e, measured.get(n)) for n, e in estimates.items())
         chosen = min(estimates, key=lambda n: measured[n] if measured else estimates[n].seconds)
+        if self.choose == "measure":   # timings differ by process: process 0 decides
+            chosen = agreed(chosen, list(estimates))
         return Choice(chosen, self.choose, str(sig), self.cost_model.name, rows)
 
     def _measure_key(self, sig: Signature) -> str:
@@ -210,7 +215,8 @@ def strategy_region(alternatives: Any, *, choose: str = "cost", verify: bool = T
     (values and gradients) with ``train=True`` or the forward only;
     ``choose="measure"`` times the compiled programs and caches the seconds in
     ``cache_dir/strategies.json`` (default ``$JLOCALMAP_CACHE_DIR``, else
-    ``~/.cache/jlocalmap``). ``verify=True`` first checks, once per signature,
+    ``~/.cache/jlocalmap``); in a multi-process job every process takes process
+    0's choice. ``verify=True first checks, once per signature,
     that every alternative's values and gradients equal the first one's on a
     random input of that signature, and refuses one that differs by name.
     ``region.describe(*args)`` prints the cost table and the choice.
