@@ -81,11 +81,24 @@ def agreed(chosen: str, names: Sequence[str]) -> str:
         >>> agreed("fsdp", ["tp", "fsdp"])     # one process: its own choice
         'fsdp'
     """
+    index = from_process_0(np.array([list(names).index(chosen)], np.int32))
+    return names[int(index[0])]
+
+
+def from_process_0(values: np.ndarray) -> np.ndarray:
+    """Process 0's ``values`` on every process of a multi-process job (one
+    process: its own), so that every process runs the same collectives.
+
+    Example:
+        >>> import numpy as np
+        >>> from jlocalmap.strategies.measure import from_process_0
+        >>> from_process_0(np.array([3, 5], np.int32))
+        array([3, 5], dtype=int32)
+    """
     if jax.process_count() == 1:
-        return chosen
+        return values
     from jax.experimental import multihost_utils   # multi-process jobs only
-    index = multihost_utils.broadcast_one_to_all(np.int32(list(names).index(chosen)))
-    return names[int(index)]
+    return np.asarray(multihost_utils.broadcast_one_to_all(values))
 
 
 def time_programs(programs: dict[str, Callable], args: Sequence[Any], rounds: int = 7,
@@ -100,6 +113,10 @@ def time_programs(programs: dict[str, Callable], args: Sequence[Any], rounds: in
         jax.block_until_ready(program(*args))
         iters[name] = max(1, min(100, round(min_round_s / max(time.perf_counter() - start,
                                                                1e-6))))
+    # Each process calls each program the same number of times: programs with
+    # collectives hang (or gloo aborts) when one process runs more calls.
+    counts = from_process_0(np.array(list(iters.values()), np.int32))
+    iters = dict(zip(iters, counts.tolist(), strict=True))
     times: dict[str, list] = {name: [] for name in programs}
     for _ in range(rounds):
         for name, program in programs.items():
