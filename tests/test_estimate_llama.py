@@ -1,6 +1,7 @@
 """jlm.estimate on the llama programs of examples/llama_programs.py: the
 collectives of a small llama's training step on 8 simulated CPU devices equal
-the compiled program's, its memory is within 15% of XLA's (validation 1 of
+the compiled program's, the memory of medium-size steps (donated or not, three
+checkpointing policies, three meshes) is within 15% of XLA's (validation 1 of
 docs/estimates.md), and a Llama 3 405B-shaped 126-layer step on 16,384 abstract
 devices estimates in under 60 s (issue 27's speed requirement; the scan over
 layers is walked once)."""
@@ -32,20 +33,45 @@ SMALL = [({"fsdp": 2, "cp": 2, "tp": 2}, llama.Plan(remat="selective", attention
 
 
 @pytest.mark.parametrize("sizes,plan", SMALL, ids=["fsdp-cp-tp", "dp-fsdp-tp"])
-def test_small_llama_collectives_and_memory_match_the_compiled_program(sizes, plan):
+def test_small_llama_collectives_match_the_compiled_program(sizes, plan):
     mesh = llama.make_mesh(sizes)
     plan = dataclasses.replace(plan, compute_dtype="float32")
     step, args, _, _ = llama.build(llama.PRESETS["tiny"], mesh, batch=4, seq=32, plan=plan)
     est = jlm.estimate(step, *args, hardware=jlm.Hardware.preset("cpu"))
     with jax.set_mesh(mesh):
-        lowered = jax.jit(step).lower(*args)
-        combined, issued = lowered.compile(), lowered.compile(compiler_options=UNCOMBINED)
+        issued = jax.jit(step).lower(*args).compile(compiler_options=UNCOMBINED)
     assert estimated_collectives(est) == compiled_collectives(issued.as_text(), mesh)
-    stats = combined.memory_analysis()
+
+
+# Memory against XLA's buffer assignment, on steps large enough that activations,
+# gradients and optimizer state dominate (at the tiny preset's 100 KB, attention's
+# score temporaries and small buffers do), none of them used to design the model:
+# 4 layers of width 256, batch 8 x 256, float32 (XLA's CPU backend stores bfloat16
+# values as float32).
+MEDIUM = dataclasses.replace(llama.PRESETS["llama3-8b"], n_layers=4, dim=256, n_heads=4,
+                             n_kv_heads=2, ffn_dim=768, vocab=4096)
+MEMORY_CASES = [({}, "selective", True), ({"dp": 2, "fsdp": 2, "cp": 2}, "none", True),
+                ({"fsdp": 4, "tp": 2}, "full", False)]
+
+
+@pytest.mark.parametrize("sizes,remat,donate", MEMORY_CASES,
+                         ids=["one-device-selective-donated", "dp-fsdp-cp-none-donated",
+                              "fsdp-tp-full-kept"])
+def test_memory_is_within_15_percent_of_xla(sizes, remat, donate):
+    mesh = llama.make_mesh(sizes)
+    plan = llama.Plan(remat=remat, attention="blocked", attention_block=128,
+                      compute_dtype="float32")
+    step, args, _, _ = llama.build(MEDIUM, mesh, batch=8, seq=256, plan=plan)
+    jitted = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+    est = jlm.estimate(jitted, *args, hardware=jlm.Hardware.preset("cpu"))
+    with jax.set_mesh(mesh):
+        stats = jitted.lower(*args).compile().memory_analysis()
     measured = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                + stats.temp_size_in_bytes)
+                + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
     assert est.memory.arguments == stats.argument_size_in_bytes
-    assert abs(est.peak_bytes / measured - 1) <= MEMORY_TOLERANCE, (est.memory, measured)
+    if donate:  # everything but the loss is written into the donated buffers
+        assert est.memory.outputs == 4
+    assert abs(est.peak_bytes / measured - 1) <= MEMORY_TOLERANCE, (est.memory, stats)
 
 
 def test_a_405b_step_on_16384_devices_estimates_in_under_a_minute():

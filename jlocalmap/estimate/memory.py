@@ -5,11 +5,15 @@ temporaries, by a liveness pass over the program in its traced order.
 A value occupies memory from the operation that writes it to its last reader;
 fused elementwise values (see :mod:`jlocalmap.estimate.walk`) never do. A
 body (``scan``, ``shard_map``, ``jit``) adds its own peak while it runs; a
-``scan``'s stacked outputs are whole from its start. The outputs are held
-from their writing to the end, and their buffers hold temporaries until then,
-as XLA assigns them: the peak beside the arguments is the larger of the
-outputs and the liveness peak (an input donated to ``jax.jit`` gives its
-buffer to an output of its size). Saved activations are the values the forward equations
+``scan``'s stacked outputs are whole from its start. The step's outputs are
+buffers of their own, as XLA assigns them: an input donated to ``jax.jit``
+gives its buffer to an output of its size, written in place (the updated
+parameters and optimizer state); the other outputs' buffers host, until the
+output is written, temporaries that fit (largest first, one at a time, into
+the smallest buffer that is free for the temporary's whole life: XLA's
+``BufferAssigner`` reusing a live-out allocation). Every other temporary, the
+saved activations and the gradients among them, adds to the peak beside the
+arguments and outputs. Saved activations are the values the forward equations
 write and the backward ones (JAX's ``transpose(...)`` of them) read: a region's
 own (inside regions) or the rest of the program's (outside).
 
@@ -40,9 +44,9 @@ from jlocalmap.estimate.walk import live_eqns, materialized, region_of
 class Memory:
     """Per-device bytes of one step: ``arguments``, ``outputs`` (less what
     donated arguments give back), ``temporaries`` (the peak of what lives
-    beside them, less the outputs' buffers, which hold temporaries until the
-    outputs are written), activations saved for the backward pass, inside
-    regions and outside them."""
+    beside them outside the outputs' buffers: saved activations, gradients,
+    the backward's work space), activations saved for the backward pass,
+    inside regions and outside them (part of the temporaries)."""
     arguments: int
     outputs: int
     temporaries: int
@@ -92,21 +96,57 @@ def _last_reads(eqns: Sequence[Any]) -> dict:
     return last
 
 
-def peak_of(jaxpr: Any) -> int:
-    """Peak bytes of the values ``jaxpr`` writes (its inputs not counted; its
-    outputs held to the end)."""
-    eqns = live_eqns(jaxpr)
-    kept, last = materialized(jaxpr), _last_reads(eqns)
+def lifetimes(jaxpr: Any, eqns: Sequence[Any], in_place: frozenset = frozenset()) -> dict:
+    """{value: (bytes, index of its writer, index of its last reader)} of the
+    values of ``jaxpr`` that reach memory; its outputs live to the end, and
+    ``in_place`` (outputs written into a donated input's buffer) not at all."""
+    kept, last = materialized(jaxpr) - in_place, _last_reads(eqns)
     held = {v for v in jaxpr.outvars if isinstance(v, jcore.Var)}
-    live, peak, sizes = 0, 0, {}
+    return {v: (var_bytes(eqn, j), i, len(eqns) if v in held else last.get(v, i))
+            for i, eqn in enumerate(eqns) for j, v in enumerate(eqn.outvars) if v in kept}
+
+
+def in_output_buffers(lives: dict, outputs: Sequence[Any]) -> set:
+    """The temporaries that XLA's buffer assignment places in the outputs'
+    buffers: largest first, each into the smallest output buffer of at least
+    its size that no value assigned there, nor the output itself (from its
+    writing on), uses during its life."""
+    busy = sorted(([lives[v][0], [(lives[v][1], lives[v][2])]] for v in outputs if v in lives),
+                  key=lambda slot: slot[0])
+    placed = set()
+    for v, (size, first, last) in sorted(lives.items(), key=lambda kv: -kv[1][0]):
+        if v in outputs:
+            continue
+        for slot_size, used in busy:
+            if slot_size >= size and all(last < a or first > b for a, b in used):
+                used.append((first, last))
+                placed.add(v)
+                break
+    return placed
+
+
+def peak_of(jaxpr: Any, in_place: frozenset = frozenset(), outputs_apart: bool = False) -> int:
+    """Peak bytes of the values ``jaxpr`` writes (its inputs not counted; its
+    outputs held to the end; ``in_place``: outputs written into a donated
+    input's buffer, counted with the inputs). With ``outputs_apart`` the
+    outputs and the temporaries their buffers host are left out (the step's
+    own outputs, counted apart)."""
+    eqns = live_eqns(jaxpr)
+    lives = lifetimes(jaxpr, eqns, in_place)
+    if outputs_apart:
+        outputs = [v for v in jaxpr.outvars if isinstance(v, jcore.Var)]
+        for v in in_output_buffers(lives, outputs) | set(outputs):
+            lives.pop(v, None)
+    delta = [0] * (len(eqns) + 2)   # live bytes before each equation, as differences
+    written = [0] * len(eqns)
+    for size, first, last in lives.values():
+        delta[first + 1] += size
+        delta[last + 1] -= size
+        written[first] += size
+    live, peak = 0, 0
     for i, eqn in enumerate(eqns):
-        written = {v: var_bytes(eqn, j) for j, v in enumerate(eqn.outvars) if v in kept}
-        peak = max(peak, live + _while_running(eqn, sum(written.values())))
-        sizes.update(written)
-        live += sum(written.values())
-        for v in {v for v in eqn.invars if isinstance(v, jcore.Var)}:
-            if last.get(v) == i and v in sizes and v not in held:
-                live -= sizes.pop(v)
+        live += delta[i]
+        peak = max(peak, live + _while_running(eqn, written[i]))
     return peak
 
 
@@ -166,16 +206,15 @@ def memory_of(jaxpr: Any, argument_bytes: Sequence[int] = ()) -> Memory:
     shardings; else read from the types)."""
     body, donated = step_body(jaxpr)
     args = list(argument_bytes) or [local_bytes(v.aval) for v in body.invars]
-    outs = [local_bytes(v.aval) for v in body.outvars if isinstance(v, jcore.Var)]
     given_back = sorted((b for b, d in zip(args, donated, strict=False) if d), reverse=True)
-    out_total = sum(outs)
-    for size in sorted(outs, reverse=True):  # a donated buffer serves an output of its size
-        if size in given_back:
+    in_place = set()
+    for v in body.outvars:  # a donated buffer serves an output of its size
+        size = local_bytes(v.aval)
+        if isinstance(v, jcore.Var) and size in given_back and v not in in_place:
             given_back.remove(size)
-            out_total -= size
+            in_place.add(v)
+    out_total = sum(local_bytes(v.aval) for v in set(body.outvars) - in_place
+                    if isinstance(v, jcore.Var))
     inside, outside = saved(body)
-    # XLA places temporaries in an output's buffer until the output is written
-    # (a step's outputs, the updated parameters, come last): the outputs are a
-    # floor of what lives beside the arguments, not an addition to it.
-    temporaries = max(0, peak_of(body) - sum(outs))
+    temporaries = peak_of(body, frozenset(in_place), outputs_apart=True)
     return Memory(sum(args), out_total, temporaries, inside, outside)
