@@ -12,8 +12,10 @@ the last varying fastest over devices (tensor parallelism inside a node):
 
 * ``dp`` and ``fsdp`` split the batch; ``fsdp`` also splits every weight (ZeRO-3,
   torchtitan's FSDP2, MaxText's ``fsdp``): a layer's weights are cast to the
-  compute dtype and all-gathered where they are used (``jlm.redistribute``);
-  their gradients are summed at the regions' boundaries (see ``COLUMN_GRAD``);
+  compute dtype and enter the regions that use them as their fsdp shards, which
+  the region all-gathers; the gather's transpose reduce-scatters their gradients
+  over fsdp, as FSDP does, and the rest of the sum (over dp and cp) is an
+  all-reduce at the region's boundary (see ``COLUMN_GRAD``);
 * ``cp`` splits the sequence (context parallelism: k and v gathered over cp);
 * ``tp`` is Megatron tensor parallelism with sequence parallelism: column-parallel
   wq/wk/wv/w1/w3 and LM head, row-parallel wo/w2, the vocabulary of the embedding
@@ -224,7 +226,6 @@ class Ops:
     column: Callable      # (h, *weights) -> h @ w for each weight, outputs split over tp
     row: Callable         # (x, w) -> x @ w onto the stream (a sum over tp)
     loss: Callable        # (h, head, labels) -> the mean cross-entropy
-    weight: Callable      # w -> w whole over fsdp (FSDP's gather)
 
 
 def rms_norm(x, weight, *, eps: float):
@@ -280,7 +281,7 @@ def block_forward(layer: dict, x, ops: Ops, cfg: LlamaConfig):
     """One transformer block: x + attention(norm(x)), then + SwiGLU(norm(.)).
     Matrices are cast to the stream's dtype where they are used."""
     def w(name):
-        return ops.weight(layer[name].astype(x.dtype))
+        return layer[name].astype(x.dtype)
     b, s = x.shape[:2]
     projected = ops.column(ops.norm(x, layer["attention_norm"]), w("wq"), w("wk"), w("wv"))
     q, k, v = (checkpoint_name(y.reshape(b, s, -1, cfg.head_dim), "qkv_proj") for y in projected)
@@ -300,11 +301,11 @@ REMAT_POLICIES = {
 def loss_fn(params: dict, tokens, labels, ops: Ops, cfg: LlamaConfig, plan: Plan):
     """Mean next-token cross-entropy; the layers a scan over the stacked weights."""
     dtype = jnp.dtype(plan.compute_dtype)
-    x = ops.embed(ops.weight(params["tok_embeddings"].astype(dtype)), tokens)
+    x = ops.embed(params["tok_embeddings"].astype(dtype), tokens)
     layer = jax.checkpoint(functools.partial(block_forward, ops=ops, cfg=cfg),
                            policy=REMAT_POLICIES[plan.remat])
     x, _ = jax.lax.scan(lambda x, weights: (layer(weights, x), None), x, params["layers"])
-    head = ops.weight(params["output"].astype(dtype))
+    head = params["output"].astype(dtype)
     return ops.loss(ops.norm(x, params["norm"]), head, labels)
 
 
@@ -350,7 +351,7 @@ def reference_ops(cfg: LlamaConfig, plan: Plan) -> Ops:
                attention=functools.partial(attend, q_offset=0, theta=cfg.rope_theta,
                                            block=_block(plan), causal_keys=True),
                column=lambda h, *ws: tuple(_matmul(plan)(h, w) for w in ws),
-               row=_matmul(plan), loss=dense_loss, weight=lambda w: w)
+               row=_matmul(plan), loss=dense_loss)
 
 
 def _matmul(plan: Plan) -> Callable:
@@ -362,24 +363,20 @@ def _block(plan: Plan) -> int | None:
 
 
 # -- the sharded pieces: local_map regions ------------------------------------------
-# A weight enters a region whole over fsdp (gathered by ``fsdp_gather``) and split
-# over tp. Its cotangent in the region sums this (dp, fsdp, cp) rank's tokens
-# only: Partial there, which jlocalmap all-reduces over dp, fsdp and cp at the
-# region's boundary; the transpose of the gather then keeps this rank's fsdp
-# shard. (FSDP reduce-scatters instead, half the bytes: XLA may fuse the
-# all-reduce and the slice into one, as it does for some on the CPU.)
-WHOLE_COLUMN, WHOLE_ROW = [R, R, R, S1], [R, R, R, S0]
-COLUMN_GRAD, ROW_GRAD = [P, P, P, S1], [P, P, P, S0]
+# A weight enters a region as its fsdp shard, split over tp, and the body
+# all-gathers it over fsdp (FSDP2's pre-forward gather; MaxText's, which XLA
+# places). Its cotangent in the body sums this (dp, fsdp, cp) rank's tokens: the
+# gather's transpose reduce-scatters it over fsdp (FSDP's gradient
+# reduce-scatter), and the rest is Partial over dp and cp, which jlocalmap
+# all-reduces at the region's boundary (HSDP's all-reduce across replicas).
+COLUMN_GRAD, ROW_GRAD = [P, S0, P, S1], [P, S1, P, S0]
 
 
-def fsdp_gather(mesh) -> Callable:
-    """A weight all-gathered over fsdp (FSDP2's pre-forward gather, as a placement
-    change); named, so that no checkpoint policy saves it."""
-    def gather(w):
-        whole = [R if axis == "fsdp" else p
-                 for axis, p in zip(AXES, jlm.placements_of(w), strict=True)]
-        return checkpoint_name(jlm.redistribute(w, mesh, whole), "gathered_weight")
-    return gather
+def gather_weight(w, dim: int):
+    """Body: a weight's fsdp shard all-gathered on ``dim``; named, so that no
+    checkpoint policy saves it (the backward gathers it again)."""
+    return checkpoint_name(jax.lax.all_gather(w, "fsdp", axis=dim, tiled=True),
+                           "gathered_weight")
 
 
 def gather_stream(x):
@@ -395,9 +392,9 @@ def make_column(mesh, matmul: Callable) -> Callable:
     def region(n: int):
         def body(h, *weights):
             h = gather_stream(h)
-            return tuple(matmul(h, w) for w in weights)
+            return tuple(matmul(h, gather_weight(w, 0)) for w in weights)
         return jlm.local_map(body, out_placements=(HIDDEN,) * n,
-                             in_placements=(STREAM,) + (WHOLE_COLUMN,) * n,
+                             in_placements=(STREAM,) + (COLUMN,) * n,
                              in_grad_placements=(STREAM,) + (COLUMN_GRAD,) * n,
                              device_mesh=mesh)
     return lambda h, *weights: region(len(weights))(h, *weights)
@@ -405,17 +402,19 @@ def make_column(mesh, matmul: Callable) -> Callable:
 
 def make_row(mesh, matmul: Callable) -> Callable:
     """Row-parallel x @ w: a ``Partial`` sum over tp, reduce-scattered onto the stream."""
-    local_product = jlm.local_map(matmul, out_placements=[S0, S0, S1, P],
-                                  in_placements=(HIDDEN, WHOLE_ROW),
+    local_product = jlm.local_map(lambda x, w: matmul(x, gather_weight(w, 1)),
+                                  out_placements=[S0, S0, S1, P],
+                                  in_placements=(HIDDEN, ROW),
                                   in_grad_placements=(HIDDEN, ROW_GRAD), device_mesh=mesh)
     return lambda x, w: jlm.redistribute(local_product(x, w), mesh, STREAM)
 
 
 def make_embedding(mesh) -> Callable:
     """Vocab-parallel lookup: a ``Partial`` sum over tp, reduce-scattered onto the stream."""
-    @jlm.local_map(out_placements=[S0, S0, S1, P], in_placements=(WHOLE_ROW, TOKENS),
+    @jlm.local_map(out_placements=[S0, S0, S1, P], in_placements=(ROW, TOKENS),
                    in_grad_placements=(ROW_GRAD, None), device_mesh=mesh)
     def vocab_parallel_embedding(table, tokens):
+        table = gather_weight(table, 1)
         local = tokens - jax.lax.axis_index("tp") * table.shape[0]
         here = (local >= 0) & (local < table.shape[0])
         rows = table[jnp.clip(local, 0, table.shape[0] - 1)]
@@ -429,10 +428,11 @@ def make_loss(mesh, n_tokens: int) -> Callable:
     """Vocab-parallel cross-entropy of the stream gathered over tp: max, sum of
     exponentials and target logit reduced over tp in the body; the mean a sum
     over dp, fsdp and cp."""
-    @jlm.local_map(out_placements=[P, P, P, R], in_placements=(STREAM, WHOLE_COLUMN, TOKENS),
+    @jlm.local_map(out_placements=[P, P, P, R], in_placements=(STREAM, COLUMN, TOKENS),
                    in_grad_placements=(STREAM, COLUMN_GRAD, None), device_mesh=mesh)
     def vocab_parallel_cross_entropy(h, head, labels):
-        logits = jnp.matmul(gather_stream(h), head, preferred_element_type=jnp.float32)
+        logits = jnp.matmul(gather_stream(h), gather_weight(head, 0),
+                            preferred_element_type=jnp.float32)
         top = jax.lax.pmax(jax.lax.stop_gradient(jnp.max(logits, -1)), "tp")
         total = jax.lax.psum(jnp.sum(jnp.exp(logits - top[..., None]), -1), "tp")
         local = labels - jax.lax.axis_index("tp") * logits.shape[-1]
@@ -468,7 +468,7 @@ def sharded_ops(mesh, cfg: LlamaConfig, plan: Plan, n_tokens: int) -> Ops:
                          device_mesh=mesh)
     return Ops(embed=make_embedding(mesh), norm=norm, attention=make_attention(mesh, cfg, plan),
                column=make_column(mesh, _matmul(plan)), row=make_row(mesh, _matmul(plan)),
-               loss=make_loss(mesh, n_tokens), weight=fsdp_gather(mesh))
+               loss=make_loss(mesh, n_tokens))
 
 
 # -- the step ------------------------------------------------------------------------------

@@ -61,6 +61,23 @@ def test_a_psum_is_one_all_reduce_of_the_local_bytes_on_its_axis(mesh2x4, rng):
     assert row.seconds == pytest.approx(link.latency + 2 * 3 / 4 * 64 / link.bandwidth)
 
 
+def test_a_psum_scatter_is_one_reduce_scatter_of_its_operand_on_its_axis(mesh2x4, rng):
+    body = lambda x: jax.lax.psum_scatter(x, "tp", scatter_dimension=0, tiled=True)  # noqa: E731
+    f = jlm.local_map(body, [Shard(0), Shard(0)], ([Shard(0), Replicate()],),
+                      device_mesh=mesh2x4)
+    x = jlm.distribute_tensor(rng.standard_normal((8, 16)).astype(np.float32), mesh2x4,
+                              [Shard(0), Replicate()])
+    est = jlm.estimate(f, x, hardware=H100)
+    # count_collectives' convention: the operand, the whole local (4, 16) block
+    assert est.collectives() == {"tp": {"reduce-scatter": {"count": 1, "bytes": 4 * 16 * 4}}}
+    compiled = jlm.inspect.count_collectives(f, x)
+    assert compiled.counts["reduce-scatter"] == 1 and compiled.bytes["reduce-scatter"] == 256
+    # a ring reduce-scatter sends (n-1)/n of its operand: half an all-reduce's bytes
+    link = H100.nvlink
+    [row] = est.comms
+    assert row.seconds == pytest.approx(link.latency + 3 / 4 * 256 / link.bandwidth)
+
+
 def test_a_regions_saved_activations_are_its_residuals():
     mesh = abstract_mesh((4,), ("tp",))
     f = jlm.local_map(jnp.exp, [Shard(0)], ([Shard(0)],), device_mesh=mesh)

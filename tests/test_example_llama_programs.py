@@ -41,18 +41,22 @@ def test_step_without_remat_equals_the_unsharded_step():
     assert max(max(h["loss_diff"], h["param_diff"]) for h in history) < lp.TOL
 
 
-def test_fsdp_is_placements_outside_the_regions():
-    """FSDP is a placement change (FSDP2's DTensor params): weights are resharded
-    (gathered) outside the regions and enter them whole over fsdp; their
-    gradients, Partial in the regions, are all-reduced over dp, fsdp and cp at
-    the boundaries (one per weight matrix: 7 a layer, the embedding, the head)."""
+def test_fsdp_gathers_in_the_regions_and_reduce_scatters_the_gradients():
+    """FSDP as the frameworks run it: weights enter the regions as their fsdp
+    shards and are all-gathered there (once a use, again in the backward where
+    checkpointing drops them: the 7 matrices of a layer); their gradients are
+    reduce-scattered over fsdp (one per weight matrix: 7 a layer, the embedding,
+    the head) and all-reduced over dp and cp at the regions' boundaries."""
     mesh = lp.make_abstract_mesh({"fsdp": 8})
     step, args, _, _ = lp.build(TINY, mesh, batch=8, seq=16, plan=lp.Plan(attention="dense"))
     jaxpr = str(jax.make_jaxpr(step)(*args))
     gathers = re.findall(r"all_gather\[[^\]]*axis_name=\(([^)]*)\)", jaxpr)
-    assert gathers and all("fsdp" not in axes for axes in gathers)   # in regions: tp only
+    assert gathers.count("'fsdp',") == 9 + 7
+    scatters = re.findall(r"reduce_scatter\[[^\]]*axis_name=\(([^)]*)\)", jaxpr)
+    assert scatters.count("'fsdp',") == 9
     sums = re.findall(r"psum\w*\[[^\]]*axes=\(([^)]*)\)", jaxpr)
-    assert sums.count("'dp', 'fsdp', 'cp'") == 9 and jaxpr.count("reshard") >= 9
+    assert sums.count("'dp', 'cp'") == 9 and not any("'fsdp'" in axes and "'tp'" not in axes
+                                                     for axes in sums)
 
 
 @pytest.mark.parametrize("model, sizes, batch", [
