@@ -42,7 +42,9 @@ model, a stand-in for pricing a fused attention kernel apart, see
 benchmarks/estimate_validation.py); precision ``bf16`` or ``fp8``: the
 projection matmuls (not attention, not the LM head, as Transformer Engine)
 take float8 operands,
-e4m3 forward and e5m2 gradients, with no scaling factors modelled.
+e4m3 forward and e5m2 gradients, with no scaling factors modelled; microbatches:
+gradient accumulation, a scan over slices of the batch (Megatron's and NeMo's
+microbatches: the activations of one slice at a time).
 
     >>> import jax
     >>> mesh = make_abstract_mesh({"fsdp": 64, "tp": 8})
@@ -132,6 +134,7 @@ class Plan:
     attention: str = "blocked"      # dense | blocked | none
     attention_block: int = 1024
     precision: str = "bf16"         # bf16 | fp8 (projection matmuls)
+    microbatches: int = 1           # gradient accumulation: a scan over batch slices
     compute_dtype: str = "bfloat16"
     lr: float = 3e-4
 
@@ -477,10 +480,35 @@ def make_step(ops: Ops, cfg: LlamaConfig, plan: Plan) -> tuple[Callable, optax.G
     optimizer = optax.adamw(plan.lr, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1)
 
     def step(params, opt_state, tokens, labels):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens, labels, ops, cfg, plan)
+        loss, grads = accumulated_grads(params, tokens, labels, ops, cfg, plan)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss
     return step, optimizer
+
+
+def microbatched(a, n: int):
+    """(batch, ...) -> (n, batch / n, ...): microbatch i takes row i of each
+    device's rows, so that the split moves no data (each device keeps its rows)."""
+    sharding = jax.typeof(a).sharding
+    target = None if sharding.mesh.empty else NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        sharding.spec[0], None, *sharding.spec[1:]))
+    split = jnp.reshape(a, (a.shape[0] // n, n, *a.shape[1:]), out_sharding=target)
+    return jnp.moveaxis(split, 1, 0)
+
+
+def accumulated_grads(params, tokens, labels, ops: Ops, cfg: LlamaConfig, plan: Plan):
+    """(loss, grads) of the whole batch: the mean over ``plan.microbatches``
+    slices of it, each slice's mean loss and gradients summed in a scan."""
+    grad_fn = jax.value_and_grad(loss_fn)
+    if plan.microbatches == 1:
+        return grad_fn(params, tokens, labels, ops, cfg, plan)
+
+    def one(total, batch):
+        value = grad_fn(params, *batch, ops, cfg, plan)
+        return jax.tree.map(lambda t, v: t + v / plan.microbatches, total, value), None
+    zero = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+    slices = (microbatched(tokens, plan.microbatches), microbatched(labels, plan.microbatches))
+    return jax.lax.scan(one, zero, slices)[0]
 
 
 def model_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
@@ -492,10 +520,10 @@ def model_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
     return float(batch * seq * (dense + attention))
 
 
-def check_divisible(cfg: LlamaConfig, mesh, batch: int, seq: int) -> None:
+def check_divisible(cfg: LlamaConfig, mesh, batch: int, seq: int, microbatches: int = 1) -> None:
     """Refuse sizes the mesh does not divide, naming the size and the axes."""
     size = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
-    checks = (("batch", batch, "dp*fsdp", size["dp"] * size["fsdp"]),
+    checks = (("batch", batch, "dp*fsdp*microbatches", size["dp"] * size["fsdp"] * microbatches),
               ("seq", seq, "cp*tp", size["cp"] * size["tp"]),
               ("n_kv_heads", cfg.n_kv_heads, "tp", size["tp"]),
               ("ffn_dim", cfg.ffn_dim, "tp", size["tp"]), ("vocab", cfg.vocab, "tp", size["tp"]),
@@ -510,8 +538,9 @@ def build(cfg: LlamaConfig, mesh, *, batch: int, seq: int, plan: Plan = Plan()):
     """(step_fn, args, model_flops, tokens_per_step) of a training step on ``mesh``
     (a Mesh or AbstractMesh with the axes ``AXES``). ``args`` are abstract
     (ShapeDtypeStructs with NamedShardings): params and AdamW state float32."""
-    check_divisible(cfg, mesh, batch, seq)
-    step, optimizer = make_step(sharded_ops(mesh, cfg, plan, batch * seq), cfg, plan)
+    check_divisible(cfg, mesh, batch, seq, plan.microbatches)
+    step, optimizer = make_step(sharded_ops(mesh, cfg, plan, batch * seq // plan.microbatches),
+                                cfg, plan)
     shapes, placements = param_layout(cfg)
     params = abstract(mesh, shapes, placements)
     with jax.sharding.use_abstract_mesh(abstract_of(mesh)):

@@ -159,6 +159,25 @@ def test_weights_gathers_overlap_and_activation_reductions_are_exposed():
     assert rows[("tp", "all-reduce")].exposed_s == rows[("tp", "all-reduce")].seconds > 0
 
 
+def test_a_gradient_accumulated_over_microbatches_is_not_waited_for():
+    """A scan over microbatches carries the summed gradient: the next
+    microbatch only adds to it, so its reduce-scatter overlaps; the layer
+    scan's carried activations stay waited for."""
+    mesh = abstract_mesh((4,), ("fsdp",))
+    layer = jlm.local_map(lambda x, w: jnp.tanh(x @ jax.lax.all_gather(w, "fsdp", tiled=True)),
+                          [Shard(0)], ([Shard(0)], [Shard(0)]), device_mesh=mesh)
+    grad = jax.grad(lambda w, x: jnp.sum(layer(layer(x, w), w)))
+
+    def accumulated(w, xs):
+        return jax.lax.scan(lambda total, x: (total + grad(w, x), None), jnp.zeros_like(w),
+                            xs)[0]
+
+    w, xs = spec((64, 64), mesh, "fsdp"), spec((8, 32, 64), mesh, None, "fsdp")
+    rows = {(r.axes, r.kind): r for r in jlm.estimate(accumulated, w, xs, hardware=H100).comms}
+    assert rows[("fsdp", "reduce-scatter")].count == 8 * 2
+    assert rows[("fsdp", "reduce-scatter")].exposed_s == 0
+
+
 def test_hardware_links_follow_the_mesh_order_and_numbers_cite_sources():
     links = H100.axis_links({"dp": 2, "fsdp": 4, "tp": 2})
     assert links == {"dp": H100.network, "fsdp": H100.nvlink, "tp": H100.nvlink}

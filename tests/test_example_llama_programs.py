@@ -41,6 +41,16 @@ def test_step_without_remat_equals_the_unsharded_step():
     assert max(max(h["loss_diff"], h["param_diff"]) for h in history) < lp.TOL
 
 
+def test_gradient_accumulation_equals_the_unsharded_step():
+    """Two microbatches accumulated in a scan, dp and fsdp splitting each."""
+    plan = lp.Plan(remat="full", attention="blocked", attention_block=8, microbatches=2,
+                   compute_dtype="float32", lr=1e-2)
+    with jax.default_matmul_precision("highest"):
+        history = lp.run_and_compare(TINY, lp.make_mesh({"dp": 2, "fsdp": 2, "tp": 2}),
+                                     batch=8, seq=16, plan=plan)
+    assert max(max(h["loss_diff"], h["param_diff"]) for h in history) < lp.TOL
+
+
 def test_fsdp_gathers_in_the_regions_and_reduce_scatters_the_gradients():
     """FSDP as the frameworks run it: weights enter the regions as their fsdp
     shards and are all-gathered there (once a use, again in the backward where

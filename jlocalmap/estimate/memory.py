@@ -170,7 +170,9 @@ def _from_region(eqn: Any, index: int) -> bool:
 
 
 def saved(jaxpr: Any) -> tuple[int, int]:
-    """(inside regions, outside) bytes of the forward values the backward reads."""
+    """(inside regions, outside) bytes of the forward values the backward reads
+    (where a forward and its backward both run inside a body, gradient
+    accumulation's scan over microbatches: one run's)."""
     eqns = live_eqns(jaxpr)
     producers = {v: (eqn, j) for eqn in eqns if not _is_backward(eqn)
                  for j, v in enumerate(eqn.outvars)}
@@ -178,6 +180,10 @@ def saved(jaxpr: Any) -> tuple[int, int]:
     seen: set = set()
     for eqn in eqns:
         if not _is_backward(eqn):
+            for body in sub_jaxprs(eqn)[:1]:
+                if any(_is_backward(e) for e in body.eqns):
+                    inside, outside = (a + b for a, b in zip((inside, outside), saved(body),
+                                                             strict=True))
             continue
         for v in eqn.invars:
             if isinstance(v, jcore.Var) and v in producers and v not in seen:

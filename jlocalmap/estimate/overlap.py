@@ -9,8 +9,10 @@ A collective is **exposed** when both hold:
   early: XLA's latency-hiding scheduler issues its collective ahead, as FSDP
   prefetches the next layer's weights;
 - its result is *waited for*: a matmul reads it (through any chain of other
-  operations), or it is carried to the next iteration, or a waited output of
-  the program or of the enclosing body is made from it. A result only written
+  operations), or it is carried to the next iteration of a ``scan`` that
+  waits for it there (a layer's activations; not a gradient accumulated over
+  microbatches, which only adds up), or a waited output of the program or of
+  the enclosing body is made from it. A result only written
   out (a layer's weight gradient reduced and stacked for the optimizer) trails
   behind the compute.
 
@@ -107,12 +109,28 @@ def waited_inputs(eqn: Any, waited: set) -> tuple[set, list[tuple[Any, set]]]:
     bodies, needed = [], set()
     for body, ins, outs in body_inputs(eqn):
         marked = {k for k, j in enumerate(outs) if j < 0 or j in outs_waited}
+        if eqn.primitive.name == "scan":
+            marked = _waited_carry(eqn, body, outs_waited)
         bodies.append((body, marked))
         inner = waited_values(body, marked)
         needed |= {ins[k] for k, v in enumerate(body.invars) if v in inner and ins[k] >= 0}
     if not bodies and outs_waited:
         needed = set(range(len(eqn.invars)))
     return needed, bodies
+
+
+def _waited_carry(eqn: Any, body: Any, marked: set) -> set:
+    """A scan body's waited outputs: those of the scan's ``marked`` outputs
+    (a body's outputs are the scan's, in order), and each carry the next
+    iteration waits for (its carry input reaches what is waited: a layer's
+    activations, not an accumulated gradient that only adds up)."""
+    start, carry = scan_counts(eqn)   # a scan's outputs: its carry, then its stacked ys
+    while True:
+        inner = waited_values(body, marked)
+        more = {k for k in range(carry) if body.invars[start + k] in inner} - marked
+        if not more:
+            return marked
+        marked = marked | more
 
 
 def waited_values(jaxpr: Any, waited_out: Sequence[int] | AbstractSet[int]) -> set:
