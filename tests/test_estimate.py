@@ -181,6 +181,12 @@ def test_a_gradient_accumulated_over_microbatches_is_not_waited_for():
 def test_hardware_links_follow_the_mesh_order_and_numbers_cite_sources():
     links = H100.axis_links({"dp": 2, "fsdp": 4, "tp": 2})
     assert links == {"dp": H100.network, "fsdp": H100.nvlink, "tp": H100.nvlink}
+    # a group with 8 GPUs in each node crosses nodes on their 8 NICs (NVLink-bound);
+    # one with 4, on 4; one with 1 (the others inside the node), on its own NIC
+    links = H100.axis_links({"dp": 16, "fsdp": 128})
+    assert links["fsdp"].bandwidth == H100.nvlink.bandwidth and links["dp"] == H100.network
+    links = H100.axis_links({"fsdp": 64, "tp": 2})
+    assert links["fsdp"].bandwidth == 4 * H100.network.bandwidth
     for name in ("h100-sxm", "h200", "cpu"):
         hw = jlm.Hardware.preset(name)
         numbers = {f.name for f in dataclasses.fields(hw)} - {"name", "sources"}

@@ -5,13 +5,19 @@ the mesh.
 Mesh axis ``i`` runs inside a node when the product of the sizes of axes
 ``i..last`` fits in ``gpus_per_node``: the last mesh axis varies fastest over
 the devices (``jax.make_mesh``'s order), so the trailing axes stay within a
-node. Other axes cross the network.
+node. Other axes cross the network: a group along such an axis that has ``k``
+GPUs in each node (``gpus_per_node`` over the product of the later axes'
+sizes) crosses it on ``k`` NICs at once, as NCCL runs one ring per NIC
+through the node's GPUs (a rail-optimised DGX/HGX fabric), up to NVLink's
+bandwidth; with one GPU a node, on its own NIC.
 
 Example:
     >>> from jlocalmap.estimate.hardware import Hardware
     >>> h100 = Hardware.preset("h100-sxm")
     >>> h100.axis_links({"dp": 64, "tp": 8})["dp"] == h100.network, h100.hbm_bytes / 2**30
     (True, 80.0)
+    >>> h100.axis_links({"fsdp": 64})["fsdp"].bandwidth / 1e9   # 8 NICs a node, NVLink-bound
+    360.0
 """
 
 from __future__ import annotations
@@ -33,7 +39,9 @@ _NCCL = ("NVLink 4: 900 GB/s per GPU both directions (datasheet); 360 GB/s is th
          "bandwidth nccl-tests reach on 8 H100/H200 (the figure of "
          "jlocalmap.strategies.CostModel.h200_nvlink)")
 _IB = ("400 Gb/s InfiniBand NDR, one NIC per GPU (DGX H100/H200): 50 GB/s per direction; "
-       "latency 20 us per collective across nodes (NCCL's ring start-up over IB)")
+       "latency 20 us per collective across nodes (NCCL's ring start-up over IB); a group "
+       "with k GPUs in each node uses k NICs at once (NCCL builds a ring per NIC, "
+       "nccl-tests' bus bandwidth across nodes is the node's NICs' sum), at most NVLink's")
 _MATMUL = ("measured here: one H200, jax 0.11.2, the five bf16 matmuls of the TP-MLP "
            "step at T=8192, d=4096, ffn=14336 reach 674 TFLOP/s = 0.68 of 989 "
            "(/work/shared/REFERENCE.md section 8, docs/benchmarks.md)")
@@ -106,10 +114,18 @@ class Hardware:
 
     def axis_links(self, axis_sizes: Mapping[str, int]) -> dict[str, Link]:
         """Each mesh axis's link: NVLink when it and the axes after it fit in a
-        node, else the network."""
-        names = list(axis_sizes)
-        return {a: self.nvlink if math.prod(axis_sizes[b] for b in names[i:])
-                <= self.gpus_per_node else self.network for i, a in enumerate(names)}
+        node, else the network, on as many NICs at once as a group along the
+        axis has GPUs in each node (NCCL's rings, one per NIC, each through
+        the node's GPUs over NVLink), up to NVLink's own bandwidth."""
+        names, links = list(axis_sizes), {}
+        for i, a in enumerate(names):
+            inner = math.prod(axis_sizes[b] for b in names[i + 1:])
+            rails = min(axis_sizes[a], self.gpus_per_node // inner)
+            links[a] = (self.nvlink if inner * axis_sizes[a] <= self.gpus_per_node
+                        else self.network if rails <= 1 else dataclasses.replace(
+                            self.network, bandwidth=min(rails * self.network.bandwidth,
+                                                        self.nvlink.bandwidth)))
+        return links
 
     def cost_model(self, axis_sizes: Mapping[str, int]) -> CostModel:
         """The strategies' :class:`~jlocalmap.strategies.CostModel` for this hardware on a

@@ -200,7 +200,7 @@ class Estimate:
 def link_name(hardware: Hardware, axis_sizes: Mapping[str, int], axes: tuple) -> str:
     """"network" where any of ``axes`` crosses nodes, else "nvlink"."""
     links = hardware.axis_links(axis_sizes)
-    return "network" if any(links[a] is hardware.network for a in axes
+    return "network" if any(links[a] is not hardware.nvlink for a in axes
                             if a in links) else "nvlink"
 
 
