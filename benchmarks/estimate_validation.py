@@ -126,10 +126,15 @@ def device_programs() -> list[tuple[str, str, dict]]:
                  {"tokens": 8192, "d_model": 4096, "d_ff": 14336})]
     for part, donate in (("llama", True), ("llama-kept", False)):
         spec = {**dev.LLAMA, "n_layers": dev.LAYERS[part][0], "donate": donate}
-        programs.append((f"Llama 3 8B layer x {spec['n_layers']}, batch {spec['batch']} x "
-                         f"{spec['seq']}, {spec['remat']} remat, "
-                         + ("donated" if donate else "not donated"), part, spec))
+        programs.append((llama_name(spec), part, spec))
     return programs
+
+
+def llama_name(spec: dict) -> str:
+    """A device llama's row name, from the sizes it ran (or will run) at."""
+    model = "Llama 3 8B" if spec["model"] == "llama3-8b" else spec["model"]
+    return (f"{model} layer x {spec['n_layers']}, batch {spec['batch']} x {spec['seq']}, "
+            f"{spec['remat']} remat, " + ("donated" if spec["donate"] else "not donated"))
 
 
 def device_rows(measured: dict, hardware: jlm.Hardware) -> list[dict]:
@@ -139,9 +144,13 @@ def device_rows(measured: dict, hardware: jlm.Hardware) -> list[dict]:
     for name, part, spec in device_programs():
         run = measured.get(part)
         if part == "mlp":
-            est = estimate_mlp((run or {}).get("size", spec), hardware)
+            size = (run or {}).get("size", spec)
+            name = (f"MLP workload step (jlocalmap), T={size['tokens']} d={size['d_model']} "
+                    f"ffn={size['d_ff']}")
+            est = estimate_mlp(size, hardware)
         else:
             spec = {**run["spec"], "donate": run["donate"]} if run else spec
+            name = llama_name(spec)
             cfg = dataclasses.replace(lp.PRESETS[spec["model"]], n_layers=spec["n_layers"])
             plan = lp.Plan(remat=spec["remat"], attention=spec["attention"],
                            attention_block=spec["attention_block"])

@@ -25,9 +25,11 @@ the last varying fastest over devices (tensor parallelism inside a node):
 vocab-parallel embedding (a ``Partial`` lookup), the RMSNorm under sequence
 parallelism (its weight gradient ``Partial``), the inner attention (RoPE and
 causal GQA softmax attention on local heads, k and v gathered over cp), the
-row-parallel matmuls (a ``Partial`` product reduce-scattered onto the sequence)
-and the vocab-parallel cross-entropy. Column projections are plain JAX on
-Explicit-axis shardings. Layers are a ``jax.lax.scan`` over stacked weights.
+row-parallel matmuls (a ``Partial`` product reduce-scattered onto the sequence),
+the column projections (the stream gathered over tp, outputs split over tp) and
+the vocab-parallel cross-entropy. Each weight enters its region as its
+fsdp shard, which the body all-gathers. Layers are a ``jax.lax.scan`` over
+stacked weights.
 
 Options (:class:`Plan`): activation checkpointing ``none`` (save everything but
 the gathered weights), ``selective`` (save the outputs of the projection
