@@ -101,6 +101,19 @@ def aligned_sub_jaxprs(eqn) -> list[tuple[Any, Optional[list]]]:
     return found
 
 
+def loop_carry(eqn, sub) -> Optional[tuple[int, int]]:
+    """(position of the first carry among ``sub``'s inputs, number of carries)
+    where ``sub`` is the body of a loop equation (``while``: its
+    ``body_nconsts``; ``scan``: :func:`scan_counts`), else None."""
+    name = primitive_name(eqn)
+    if name == "while":
+        start = eqn.params["body_nconsts"]
+        return (start, len(sub.outvars)) if len(sub.invars) == start + len(sub.outvars) else None
+    if name == "scan":
+        return scan_counts(eqn)
+    return None
+
+
 def collective_axes(eqn) -> tuple:
     """The mesh axes a collective equation works over (``axes`` of psum, pmax,
     pmin, pcast; ``axis_name`` of ppermute, all_gather, all_to_all,
@@ -115,6 +128,19 @@ def shard_map_parts(eqn) -> tuple[Any, Any, tuple]:
     body = eqn.params["jaxpr"]
     body = body.jaxpr if isinstance(body, jcore.ClosedJaxpr) else body
     return eqn.params["mesh"], body, tuple(eqn.params["in_specs"])
+
+
+def shard_map_out_specs(eqn) -> Optional[tuple]:
+    """The ``out_specs`` of a ``shard_map`` equation, or None for other equations."""
+    return tuple(eqn.params["out_specs"]) if eqn.primitive.name == "shard_map" else None
+
+
+def jit_parts(eqn) -> Optional[tuple[Any, tuple]]:
+    """(open body jaxpr, donated flags of its inputs) of a ``jax.jit`` equation
+    (named ``pjit`` up to jax 0.10, ``jit`` from 0.11), or None for others."""
+    if eqn.primitive.name not in ("pjit", "jit"):
+        return None
+    return sub_jaxprs(eqn)[0], tuple(eqn.params.get("donated_invars", ()))
 
 
 def name_stack(eqn) -> str:
