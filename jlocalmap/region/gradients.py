@@ -80,10 +80,6 @@ def _is_var(v) -> bool:
     return type(v).__name__ != "Literal"
 
 
-def _vma(var) -> frozenset:
-    return varying_of(getattr(var, "aval", None))
-
-
 _NO_GRADIENT = {"stop_gradient"}  # outputs that carry no cotangent back
 _CUSTOM_RULES = ("custom_vjp_call", "custom_jvp_call", "custom_vjp_call_jaxpr",
                  "custom_jvp_call_jaxpr", "custom_lin")
@@ -121,7 +117,7 @@ def _taint_hits(jaxpr, tainted: set, axis: str, flow: _Flow) -> set:
         subs = [] if name in _CUSTOM_RULES else aligned_sub_jaxprs(eqn)
         new = _sub_taint(eqn, subs, tainted, axis, flow) if subs else set(eqn.outvars)
         for out in eqn.outvars:
-            if axis in _vma(out):
+            if axis in varying_of(out.aval):
                 flow.hit |= not subs and name not in _CUSTOM_RULES
             elif out in new and _differentiable(out):
                 tainted.add(out)
