@@ -1,6 +1,10 @@
-"""The JAX internals jlocalmap reads, in one place: jaxpr equation parameters,
-name stacks, aval typing and the text of one JAX error. Each says which JAX
-versions it covers; tests run on jax 0.10.2 and the newest (0.12).
+"""The JAX internals jlocalmap reads, in one place: the parameters of
+higher-order and collective equations (shard_map, jit, scan, while, custom
+rules, hijax forms), name stacks, aval typing and the text of one JAX error.
+Each says which JAX versions it covers; tests run on jax 0.10.2 and the newest
+(0.12). The parameters of plain ``jax.lax`` primitives (a dot's dimension
+numbers, a reduction's axes, a slice's bounds), which are the arguments of the
+documented ``jax.lax`` functions, are read where they are used.
 
 Example:
     >>> import jax, jax.numpy as jnp
