@@ -47,7 +47,7 @@ class Alternative:
     @classmethod
     def of(cls, name: Any, fn: Any, index: int) -> "Alternative":
         what = f"alternatives[{index}] ({name!r})"
-        missing = [a for a in ("in_placements", "out_placements", "device_mesh")
+        missing = [a for a in ("settings", "in_placements", "out_placements", "device_mesh")
                    if not hasattr(fn, a)]
         if missing or not callable(fn):
             raise LocalMapTypeError(
