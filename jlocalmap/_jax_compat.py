@@ -152,6 +152,49 @@ def name_stack(eqn) -> str:
     return str(eqn.source_info.name_stack)
 
 
+def transforms_in(stack: str) -> str:
+    """JAX's transformations in a name stack, outermost first (``jvp``,
+    ``transpose(jvp)``), without user scopes: a label, never an identity."""
+    names = re.findall(r"\b(jvp|transpose|vmap)\(", stack)
+    return "".join(f"{n}(" for n in names) + ")" * len(names) if names else ""
+
+
+def register_identity_rules(prim: Any, jvp: Callable, transpose: Callable,
+                            dce: Callable, partial_eval: Callable) -> None:
+    """Make ``prim`` an identity on its operands for every JAX interpreter:
+    evaluation (also inside an eager ``shard_map``), abstract evaluation,
+    lowering (to nothing), batching, and the given JVP, transpose, DCE and
+    partial-evaluation (``jax.checkpoint``) rules (jax 0.10-0.12)."""
+    from jax._src import shard_map as _shard_map
+    from jax.interpreters import ad, batching, mlir
+    from jax.interpreters import partial_eval as pe
+    prim.multiple_results = True
+    prim.def_impl(lambda *xs, **_: list(xs))
+    prim.def_abstract_eval(lambda *avals, **_: list(avals))
+    mlir.register_lowering(prim, lambda ctx, *xs, **_: list(xs))
+    batching.primitive_batchers[prim] = lambda xs, dims, **p: (prim.bind(*xs, **p), dims)
+    _shard_map.eager_rules[prim] = lambda mesh, *xs, **_: list(xs)
+    ad.primitive_jvps[prim] = jvp
+    ad.primitive_transposes[prim] = transpose
+    pe.dce_rules[prim] = dce
+    pe.partial_eval_jaxpr_custom_rules[prim] = partial_eval
+
+
+def is_zero_tangent(t: Any) -> bool:
+    """Whether an AD tangent or cotangent is JAX's symbolic zero."""
+    from jax.interpreters import ad
+    return type(t) is ad.Zero
+
+
+def saved_by_policy(saveable: Callable, eqn: Any) -> bool:
+    """Whether a ``jax.checkpoint`` policy saves an equation's outputs (rather
+    than recomputing them in the backward pass)."""
+    from jax._src.interpreters import partial_eval as _pe
+    policy = _pe.ensure_enum(saveable(eqn.primitive, *[v.aval for v in eqn.invars],
+                                      **eqn.params))
+    return not isinstance(policy, _pe.RecomputeType)
+
+
 def rematerialized(stack: str) -> bool:
     """Whether a name stack is the part ``jax.checkpoint`` reruns in the
     backward pass (JAX names it ``rematted_computation``, jax 0.10-0.12)."""

@@ -453,10 +453,11 @@ def test_shared_jit_calls_linearize_and_user_scopes(mesh2x4):
     assert [s is not None for s in settings] == [True, False]
 
 
-def test_settings_read_from_the_equation_when_no_record_fits(mesh2x4):
-    """Calls whose record does not fit (the same name and operand types staged
-    with the static argument in another position) are described from the
-    equation and its name: placements and shapes, leaf indices unknown."""
+def test_a_region_reads_the_same_after_unrelated_traces(mesh2x4):
+    """Settings come from the program itself: a call of the same name, mesh and
+    operand types staged before with other settings (the static argument in
+    another position) does not change what the region says (#28: a process-wide
+    registry made the leaf index unknown here)."""
     def body(*args):
         return tuple(a * 2 for a in args if not isinstance(a, str))
     f = jlm.local_map(body, ([S(0), Partial()],), ([S(0), Partial()], None),
@@ -464,11 +465,47 @@ def test_settings_read_from_the_equation_when_no_record_fits(mesh2x4):
     g = jlm.local_map(body, ([S(0), Partial()],), (None, [S(0), Partial()]),
                       device_mesh=mesh2x4)
     x = jax.ShapeDtypeStruct((8, 4), jnp.float32)
+    [fresh] = jlm.inspect.regions(lambda x: g("a", x), x)
     jax.make_jaxpr(lambda x: f(x, "a"))(x)
     [r] = jlm.inspect.regions(lambda x: g("a", x), x)  # same name, mesh and operands
+    assert r.settings == fresh.settings
     assert r.name == "local_map[body](S(0)P(sum) -> S(0)P(sum))"
     [op] = r.inputs
     assert (op.index, op.placements, op.global_shape, op.local_shape) == (
-        None, (S(0), Partial()), (8, 4), (4, 4))
-    assert str(op).startswith("[?] f32[8,4] S(0)P(sum) -> local f32[4,4]")
+        1, (S(0), Partial()), (8, 4), (4, 4))
+    assert str(op).startswith("[1] f32[8,4] S(0)P(sum) -> local f32[4,4]")
     assert r.outputs[0].placements == (S(0), Partial())
+
+
+_FRESH_PROGRAM = """
+import jax, jax.numpy as jnp, jlocalmap as jlm
+S, R = jlm.Shard, jlm.Replicate
+mesh = jax.sharding.AbstractMesh((2, 4), ("dp", "tp"))
+attn = jlm.local_map(lambda q, k: jax.lax.psum(jnp.tanh(q @ k.T), "tp"), [S(0), R()],
+                     ([S(0), S(1)], [R(), S(1)]), device_mesh=mesh)
+x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+for r in jlm.inspect.regions(jax.grad(lambda q, k: attn(q, k).sum(), (0, 1)), x, x):
+    print(r)
+"""
+
+
+def test_a_region_reads_the_same_in_a_fresh_process_and_after_other_traces():
+    """regions() in a fresh interpreter equals regions() here, after unrelated
+    traces of a same-named function with other placements (#28)."""
+    import subprocess
+    import sys
+    fresh = subprocess.run([sys.executable, "-c", _FRESH_PROGRAM], capture_output=True,
+                           text=True, check=True, timeout=120).stdout
+    mesh = AbstractMesh((2, 4), ("dp", "tp"))
+    other = jlm.local_map(lambda q, k: q * k, [R(), S(0)], ([R(), S(0)], [R(), S(0)]),
+                          device_mesh=mesh)
+    x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+    jax.make_jaxpr(jax.grad(lambda q, k: other(q, k).sum()))(x, x)
+    import contextlib
+    import io
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(_FRESH_PROGRAM, namespace)
+    assert "differentiated" in fresh and "residuals" in fresh
+    assert out.getvalue() == fresh

@@ -50,7 +50,7 @@ from jlocalmap.estimate.overlap import (
 )
 from jlocalmap.estimate.shapes import local_bytes, local_shape, mesh_sizes
 from jlocalmap.region.names import PREFIX, name_in
-from jlocalmap.region.record import region_settings
+from jlocalmap.region.marker import marker_of, region_p
 
 # Changes of a value's type only (unreduced / reduced / varying), by jax version.
 FREE_CASTS = ("vary_unreduced_cast_p", "reduced_vary_cast_p", "vary_unreduced_cast",
@@ -73,7 +73,7 @@ FUSING = ELEMENTWISE | frozenset(REDUCTIONS)
 # No arithmetic (types, casts between layouts of the same bytes).
 FREE = frozenset(("reshape", "squeeze", "expand_dims", "pvary", "pcast", "stop_gradient",
                   "name", "optimization_barrier", "axis_index",
-                  "broadcast_in_dim")) | frozenset(FREE_CASTS)
+                  "broadcast_in_dim", region_p.name)) | frozenset(FREE_CASTS)
 
 
 @dataclasses.dataclass
@@ -175,9 +175,9 @@ def traffic(eqns: Sequence[Any], kept: set) -> float:
 def region_of(eqn: Any) -> Optional[str]:
     """The name of the ``local_map`` region a ``shard_map`` equation is (its
     forward, or JAX's transpose of it), or None for another ``shard_map``."""
-    settings = region_settings(eqn)
-    if settings is not None:
-        return settings.func_name
+    marker = marker_of(eqn)
+    if marker is not None:
+        return marker.settings.func_name
     name = name_in(str(eqn.source_info.name_stack))
     return name[len(PREFIX):name.find("]", len(PREFIX))] if name else None
 

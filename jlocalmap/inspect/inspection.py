@@ -1,12 +1,14 @@
 """Regions: every ``local_map`` call in a traced program, as an inspectable unit.
 
 A ``local_map`` call is one ``shard_map`` equation of the outer jaxpr (global
-shapes outside, local shapes inside), staged under a ``jax.named_scope`` whose
-name identifies it and its placements, e.g.
-``local_map[attention](S(0)S(1)S(2), S(0)S(1)R -> S(0)S(1)S(2))``. That name is
-the equation's name: it survives ``jax.jit``, ``jax.grad``, ``jax.checkpoint``
-and ``jax.lax.scan`` (JAX wraps it as ``jvp(...)`` and ``transpose(jvp(...))``)
-and prefixes the HLO metadata of every operation of the region.
+shapes outside, local shapes inside) whose body ends with the region's marker
+(``region.marker``), an identity equation that holds the region's settings.
+JAX's transformations carry the marker and give it a role, so the forward
+pass of a differentiated region, its backward pass and what ``jax.checkpoint``
+recomputes are each known from the program itself. The region is also staged
+under a ``jax.named_scope`` that names it and its placements, e.g.
+``local_map[attention](S(0)S(1)S(2), S(0)S(1)R -> S(0)S(1)S(2))``, which
+prefixes the HLO metadata of every operation of the region, for profilers.
 
 :func:`regions` traces a function (concrete arrays or ``jax.ShapeDtypeStruct``\\ s,
 over a ``Mesh`` or an ``AbstractMesh`` of any size; no devices are needed) and
@@ -31,32 +33,22 @@ Example:
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import itertools
-import re
-from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from collections.abc import Callable
+from typing import Any, Optional, cast
 
 import jax
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import aligned_sub_jaxprs, name_stack, rematerialized, transposed
+from jlocalmap._jax_compat import aligned_sub_jaxprs, name_stack, transforms_in
 from jlocalmap.inspect.residuals import Residual, residuals
 from jlocalmap.layouts.meshes import mesh_context
 from jlocalmap.layouts.value_layout import mesh_of
+from jlocalmap.region.marker import Marker, marker_of, region_p
 from jlocalmap.region.names import name_in
-from jlocalmap.region.record import (
-    RegionSettings,
-    body_of,
-    eqn_key,
-    lookup,
-    recorded,
-    settings_from_equation,
-    staging,
-    unknown_settings,
-)
+from jlocalmap.region.record import RegionSettings, body_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,29 +146,32 @@ class Region:
 class _Occurrence:
     """A region equation found in the traced program, with data provenance:
     each value carries the set of tokens naming it at every jaxpr level it
-    passes through (a set, as ``cond`` branches may return different ones)."""
-    name: str
+    passes through (a set, as ``cond`` branches may return different ones).
+    ``marker`` is what the equation's body says it is; an unmarked equation
+    under a region's name is a piece JAX split off a region (``name``)."""
     eqn: Any
     context: str
     in_tokens: list
     out_tokens: list
-    staged: bool = False  # local_map staged it during this trace: a call
+    marker: Optional[Marker]
+    name: Optional[str] = None
 
     @property
     def role(self) -> str:
-        if self.staged:
-            return "forward"
-        if rematerialized(self.context):
-            return "recompute"
-        if transposed(self.context):
-            return "backward"
-        return "forward"
+        return self.marker.role if self.marker is not None else "piece"
+
+    @property
+    def settings(self) -> Optional[RegionSettings]:
+        return self.marker.settings if self.marker is not None else None
 
     def produced(self) -> set:
         return set().union(*self.out_tokens) if self.out_tokens else set()
 
+    def reads(self) -> set:
+        return set().union(*self.in_tokens) if self.in_tokens else set()
+
     def touched(self) -> set:
-        return self.produced().union(*self.in_tokens)
+        return self.produced() | self.reads()
 
 
 def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -> None:
@@ -188,10 +183,12 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
     for eqn in jaxpr.eqns:
         stack = name_stack(eqn)
         here = "/".join(s for s in (context, stack) if s)
+        marker = marker_of(eqn)
         name = name_in(stack) if eqn.primitive.name == "shard_map" else None
-        if name is not None:
-            found.append(_Occurrence(name, eqn, here, [tokens(v) for v in eqn.invars],
-                                     [frozenset({(visit, v)}) for v in eqn.outvars]))
+        if marker is not None or name is not None:
+            found.append(_Occurrence(eqn, here, [tokens(v) for v in eqn.invars],
+                                     [frozenset({(visit, v)}) for v in eqn.outvars],
+                                     marker, name))
             continue
         merged: dict = {}
         for sub, positions in aligned_sub_jaxprs(eqn):
@@ -208,71 +205,53 @@ def _collect(jaxpr, env: dict, context: str, visit: int, counter, found: list) -
         env.update(merged)
 
 
-def _transforms(context: str) -> str:
-    """JAX's transformations in a name stack, outermost first (``jvp``,
-    ``transpose(jvp)``), without user scopes."""
-    names = re.findall(r"\b(jvp|transpose|vmap)\(", context)
-    return "".join(f"{n}(" for n in names) + ")" * len(names) if names else ""
-
-
-def _assemble(found: list[_Occurrence], orphans: Sequence[tuple] = ()) -> list[Region]:
-    """Regions from the occurrences; ``orphans`` are keys of calls staged in
-    this trace that JAX rewrote (e.g. a scan body split by partial evaluation):
-    a rewritten forward takes the settings of the first of its name."""
-    forwards = [o for o in found if o.role == "forward"]
-    recomputes = [o for o in found if o.role == "recompute"]
-    # JAX's partial evaluation hoists loop-invariant pieces of a region out of
-    # a scan (constants, or work on closed-over inputs): an unstaged forward
-    # equation whose outputs only feed one of the same name is part of it.
+def _pieces(found: list[_Occurrence], forwards: list[_Occurrence]) -> dict:
+    """JAX's partial evaluation hoists loop-invariant pieces of a region out of
+    a scan (constants, or work on closed-over inputs): an unmarked equation
+    under a region's name whose outputs feed that region is part of it."""
     pieces: dict = {}
-    regions_ = []
-    orphans = list(orphans)
-    logged = {o.name for o in found if o.staged} | {key[0] for key in orphans}
-    adopted: dict = {}
-    for o in forwards:
-        fed = [f for f in forwards if f is not o and f.name == o.name
-               and o.produced() & set().union(*f.in_tokens)]
-        if not o.staged and (fed or not o.out_tokens):
-            if fed:
-                pieces.setdefault(id(fed[0]), []).append(o)
-            continue
-        if not o.staged and o.name in logged:
-            # A rewrite of a call of this trace: the first takes the call's
-            # settings; others (linearize's tangent pass) are not calls.
-            key = next((k for k in orphans if k[0] == o.name), None)
-            if key is None:
-                continue
-            orphans.remove(key)
-            adopted[id(o)] = lookup(key)
-        regions_.append(o)
-    order = {id(f): k for k, f in enumerate(regions_)}
+    for piece in (o for o in found if o.role == "piece"):
+        fed = [f for f in forwards if cast(RegionSettings, f.settings).name == piece.name
+               and piece.produced() & f.reads()]
+        if fed:
+            pieces.setdefault(id(fed[0]), []).append(piece)
+    return pieces
+
+
+def _pair_backwards(found: list[_Occurrence], forwards: list[_Occurrence]) -> dict:
+    """Each forward pass's backward pass, and the recomputations that feed it:
+    same settings, and data flow between them; without any, the latest
+    unpaired forward before it (backward passes run in reverse order)."""
+    recomputes = [o for o in found if o.role == "recompute"]
+    order = {id(f): k for k, f in enumerate(forwards)}
     paired: dict = {}
     for back in (o for o in found if o.role == "backward"):
-        feeding = [c for c in recomputes if c.name == back.name
-                   and c.produced() & set().union(*back.in_tokens)]
-        reads = set().union(*back.in_tokens, *(t for c in feeding for t in c.in_tokens))
-        candidates = [f for f in regions_ if f.name == back.name and id(f) not in paired]
-        if not candidates:
-            continue
-        # Data flow names the forward pass; without any, the latest unpaired
-        # forward before it (backward passes run in reverse order).
-        best = max(candidates, key=lambda f: (len(reads & f.touched()), order[id(f)]))
-        paired[id(best)] = (back, feeding)
+        feeding = [c for c in recomputes if c.settings == back.settings
+                   and c.produced() & back.reads()]
+        reads = back.reads().union(*(c.reads() for c in feeding))
+        candidates = [f for f in forwards if f.settings == back.settings and id(f) not in paired]
+        if candidates:
+            best = max(candidates, key=lambda f: (len(reads & f.touched()), order[id(f)]))
+            paired[id(best)] = (back, feeding)
+    return paired
+
+
+def _assemble(found: list[_Occurrence]) -> list[Region]:
+    """One region per forward occurrence (a call), with its backward pass,
+    recomputation and residuals where JAX differentiated it."""
+    forwards = [o for o in found if o.role == "forward"]
+    pieces = _pieces(found, forwards)
+    paired = _pair_backwards(found, forwards)
     result = []
-    for fwd in regions_:
-        call = recorded(fwd.name, fwd.eqn)
-        exact = call is not None
-        call = call if exact else adopted.get(id(fwd))
-        settings = (call if isinstance(call, RegionSettings) else
-                    settings_from_equation(fwd.name, fwd.eqn)
-                    or unknown_settings(fwd.name, fwd.eqn))
+    for fwd in forwards:
+        settings = cast(RegionSettings, fwd.settings)
         back, feeding = paired.get(id(fwd), (None, []))
         result.append(Region(
-            settings=settings, jaxpr=body_of(fwd.eqn), transform=_transforms(fwd.context),
+            settings=settings, jaxpr=body_of(fwd.eqn), transform=transforms_in(fwd.context),
             eqn=fwd.eqn,
             backward=body_of(back.eqn) if back is not None else None,
             recompute=body_of(feeding[0].eqn) if len(feeding) == 1 else None,
-            residuals=(residuals(fwd, [back, *feeding], settings, exact, pieces)
+            residuals=(residuals(fwd, [back, *feeding], settings, pieces)
                        if back is not None else None)))
     return result
 
@@ -287,8 +266,10 @@ def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
     ``args`` may be arrays or ``jax.ShapeDtypeStruct``\\ s (with a
     ``NamedSharding`` on a ``Mesh`` or an ``AbstractMesh`` where the mesh's axes
     are Explicit). Nothing runs: only tracing, so a 256-device ``AbstractMesh``
-    works on one CPU. A region inside a scan body is reported once, like the
-    body. Higher-order derivatives report each call once, with its first
+    works on one CPU. Each region is read from the program itself (its
+    marker, see ``region.marker``): the answer does not depend on what the
+    process traced before. A region inside a scan body is reported once, like
+    the body. Higher-order derivatives report each call once, with its first
     backward pass.
 
     Example:
@@ -303,31 +284,11 @@ def regions(fn: Callable, *args: Any, **kwargs: Any) -> list[Region]:
     mesh = next((m for m in map(_mesh_of_spec, jax.tree_util.tree_leaves((args, kwargs)))
                  if m is not None), None)
     context = _mesh_scope(mesh) if mesh is not None else contextlib.nullcontext()
-    with staging() as staged, context:
+    with context:
         closed = jax.make_jaxpr(fn)(*args, **kwargs)
     found: list[_Occurrence] = []
     _collect(closed.jaxpr, {}, "", 0, itertools.count(1), found)
-    # Equations local_map staged in this trace are calls, whatever JAX's name
-    # stack says (a custom_vjp backward is traced under transpose(...)). The
-    # rest are JAX's rewrites of them (or calls traced before, inside a cached
-    # jax.jit): their name stacks tell.
-    remaining = collections.Counter(staged)
-    for occurrence in found:
-        key = eqn_key(occurrence.name, occurrence.eqn)
-        if remaining[key] > 0:
-            remaining[key] -= 1
-            occurrence.staged = True
-    # One staged equation reached twice (a jitted function called twice shares
-    # its jaxpr) is two calls.
-    staged_eqns = {id(o.eqn) for o in found if o.staged}
-    for occurrence in found:
-        occurrence.staged = occurrence.staged or id(occurrence.eqn) in staged_eqns
-    orphans = []  # staged, but no equation of the trace is the call as staged
-    for key in staged:
-        if remaining[key] > 0:
-            remaining[key] -= 1
-            orphans.append(key)
-    return _assemble(found, orphans)
+    return _assemble(found)
 
 
 def _mesh_of_spec(leaf: Any):
@@ -344,8 +305,10 @@ def _mesh_scope(mesh):
 
 
 def _summary(jaxpr) -> str:
+    """The body's equations by primitive (the region's marker left out)."""
     counts: dict[str, int] = {}
     for eqn in jaxpr.eqns:
-        counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
+        if eqn.primitive is not region_p:
+            counts[eqn.primitive.name] = counts.get(eqn.primitive.name, 0) + 1
     ops = ", ".join(f"{n} {p}" if n > 1 else p for p, n in counts.items())
-    return f"{len(jaxpr.eqns)} equations ({ops})"
+    return f"{sum(counts.values())} equations ({ops})"

@@ -21,6 +21,7 @@ import numpy as np
 from jax.extend import core as jcore
 
 from jlocalmap._jax_compat import primitive_name, sub_jaxprs
+from jlocalmap.region.marker import region_p
 from jlocalmap.region.record import RegionSettings, aval_text, body_of
 
 
@@ -64,6 +65,8 @@ def _producer(jaxpr, var) -> tuple:
     name = primitive_name(eqn)
     if name in ("pvary", "pcast") and len(eqn.invars) == 1:
         return _producer(jaxpr, eqn.invars[0])
+    if eqn.primitive is region_p:  # the region's marker: an identity
+        return _producer(jaxpr, eqn.invars[eqn.outvars.index(var)])
     if name == "reduce_precision" and _is_noop_rounding(eqn):
         # jax.checkpoint marks the values it saves with a rounding to their own
         # precision (against CSE): the value is the operand's.
@@ -91,7 +94,7 @@ def _is_noop_rounding(eqn) -> bool:
             and eqn.params.get("mantissa_bits") == info.nmant)
 
 
-def residuals(forward, readers: Sequence, settings: RegionSettings, exact: bool,
+def residuals(forward, readers: Sequence, settings: RegionSettings,
               pieces: dict) -> tuple[Residual, ...]:
     """What the backward (and recompute) equations read of the forward pass
     (``forward``, ``readers`` and ``pieces``: region_inspection's occurrences of
@@ -121,19 +124,31 @@ def residuals(forward, readers: Sequence, settings: RegionSettings, exact: bool,
             jaxpr, var, owner = hit
             kind, what = _producer(jaxpr, var)
             if kind == "input":
-                what = (_input_label(what, forward.eqn, settings, exact)
+                what = (_input_label(what, forward.eqn, settings)
                         if owner is forward else "loop-invariant input")
             found.append(Residual(tuple(var.aval.shape), var.aval.dtype, what))
     return tuple(found)
 
 
-def _input_label(k: int, eqn, settings: RegionSettings, exact: bool) -> str:
+def _input_label(k: int, eqn, settings: RegionSettings) -> str:
     """Operand ``k`` of a forward equation as ``input <leaf index>``: directly
-    where the equation is the call as staged, else by a unique match of its
-    shape and dtype among the call's inputs; ``operand <k>`` otherwise."""
-    if exact:
+    where the equation's operands are the call's, else (JAX split the region,
+    as a scan's partial evaluation does) by a unique match of its shape and
+    dtype among the call's inputs; ``operand <k>`` otherwise."""
+    if _operands_are_the_calls(eqn, settings):
         return f"input {settings.inputs[k].index}"
     aval = eqn.invars[k].aval
-    matches = [op for op in settings.inputs if op.index is not None and
-               tuple(op.global_shape) == tuple(aval.shape) and op.dtype == aval.dtype]
+    matches = [op for op in settings.inputs
+               if tuple(op.global_shape) == tuple(aval.shape) and op.dtype == aval.dtype]
     return f"input {matches[0].index}" if len(matches) == 1 else f"operand {k}"
+
+
+def _operands_are_the_calls(eqn, settings: RegionSettings) -> bool:
+    """Whether the body's inputs are the call's operands, in order (a Partial
+    input's body value has its stacked summands' leading dim)."""
+    body = body_of(eqn)
+    if len(body.invars) != len(settings.inputs):
+        return False
+    return all(tuple(v.aval.shape) in (op.local_shape, (1, *op.local_shape))
+               and v.aval.dtype == op.dtype
+               for v, op in zip(body.invars, settings.inputs, strict=True))

@@ -1,6 +1,7 @@
 """Region names: the ``jax.named_scope`` a local_map region is staged under,
-which holds the function, each array operand's placements in DTensor's short
-notation and the gradient declarations, and reading them back.
+for people and profilers (HLO metadata): the function, each array operand's
+placements in DTensor's short notation and the gradient declarations. The
+region's identity is its marker (``region.marker``), not its name.
 
 Example:
     >>> import jlocalmap as jlm
@@ -13,18 +14,10 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Sequence
-from typing import Optional, cast
+from typing import Optional
 
-from jlocalmap.layouts.placements import (
-    Partial,
-    PlacementList,
-    ReduceOp,
-    Replicate,
-    Shard,
-    compact,
-)
+from jlocalmap.layouts.placements import PlacementList, compact
 
 _NAME_LIMIT = 160      # longer names are shortened to func name + digest
 
@@ -83,46 +76,6 @@ def name_in(name_stack: str) -> Optional[str]:
     elif name_stack.startswith("#", end):
         end += 1 + DIGEST_CHARS
     return name_stack[start:end]
-
-_PLACEMENT = re.compile(r"S\((-?\d+)\)|P\((sum|avg|max|min)\)|R")
-
-def _parse_placements(text: str) -> Optional[tuple]:
-    """``S(0)RP(sum)[7,4]`` -> (placements, logical shape or None)."""
-    text = text.strip()
-    sizes = None
-    if text.endswith("]"):
-        text, _, inner = text[:-1].partition("[")
-        sizes = tuple(int(n) for n in inner.split(","))
-    found, pos = [], 0
-    while pos < len(text):
-        m = _PLACEMENT.match(text, pos)
-        if m is None:
-            return None
-        found.append(Shard(int(m.group(1))) if m.group(1) is not None
-                     else Partial(cast(ReduceOp, m.group(2))) if m.group(2) is not None else Replicate())
-        pos = m.end()
-    return tuple(found), sizes
-
-def parse_name(name: str) -> Optional[tuple]:
-    """(func name, inputs, outputs, grads) of a readable region name, or None
-    (a digest name, or not one of jlocalmap's)."""
-    end = _balanced_end(name, len(PREFIX) - 1, "[", "]")
-    func_name, rest = name[len(PREFIX):end - 1], name[end:]
-    if not rest.startswith("(") or not rest.endswith(")"):
-        return None
-    body, _, grads = rest[1:-1].partition("; grad ")
-    ins, arrow, outs = body.partition(" -> ")
-    if not arrow:
-        return None
-    def operands(text):
-        return [_parse_placements(t) for t in text.split(", ")] if text.strip() else []
-    parsed_in, parsed_out = operands(ins), operands(outs)
-    parsed_grads = [None if g.strip() == "-" else _parse_placements(g)
-                    for g in grads.split(", ")] if grads else [None] * len(parsed_in)
-    if any(p is None for p in parsed_in + parsed_out):
-        return None
-    return (func_name, parsed_in, parsed_out,
-            [None if g is None else g[0] for g in parsed_grads])
 
 def _balanced_end(text: str, open_at: int, opening: str, closing: str) -> int:
     depth = 0

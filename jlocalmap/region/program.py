@@ -36,13 +36,13 @@ from jlocalmap.errors import PlacementValueError
 from jlocalmap.layouts.dtypes import as_dtype
 from jlocalmap.layouts.grad_axes import reduced_axes
 from jlocalmap.movement.relayout import relayout, stack_summands
-from jlocalmap.region import record as region_record
 from jlocalmap.region.custom_rules import check_custom_rules, has_custom_vjp
 from jlocalmap.region.gradients import (
     verify_grad_placements,
     with_grad_reductions,
     with_scaled_cotangent,
 )
+from jlocalmap.region.marker import mark
 from jlocalmap.region.names import region_name
 from jlocalmap.region.outputs import OutputFacts, finish_outputs
 from jlocalmap.region.record import RegionArray, RegionSettings
@@ -160,22 +160,22 @@ class Region:
 
     def _stage(self, plan: CallPlan, facts: OutputFacts, laid_out: Sequence,
                in_specs: tuple) -> tuple:
+        call = _region_call(self.settings.func_name, plan, laid_out, facts)
+
         def body(*local):
             values, found = self._body(plan, local, adapt=True)
             if not found.matches(facts):
                 raise _StaleFacts()
-            return values
+            return tuple(mark(values, call))  # the region's identity, in the program itself
         body.__name__ = f"local_map[{self.settings.func_name}]"
         region = jax.shard_map(body, mesh=plan.mesh, in_specs=in_specs,
                                out_specs=facts.out_specs, check_vma=self.settings.check_vma)
-        call = _region_call(self.settings.func_name, plan, laid_out, facts)
-        with jax.named_scope(call.name):  # the region's name, in jaxprs and HLO metadata
+        with jax.named_scope(call.name):  # the region's name, for profilers (HLO metadata)
             try:
                 out = iter(region(*laid_out))
             except NotImplementedError:  # JAX batching what it cannot: say what and why
                 check_batchable(facts)
                 raise
-        region_record.record(call, laid_out)
         return tuple(next(out) if o.in_region else _make_empty(o.layout)
                      for o in facts.arrays)
 
