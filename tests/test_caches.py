@@ -140,5 +140,4 @@ def test_clear_caches_leaves_no_entry_in_any_container(mesh4, rng):
     assert len(_filled_containers(f)) > len(before)
     jlm.clear_caches()
     left = {k: n for k, n in _filled_containers(f).items() if n > before.get(k, 0)}
-    # The one exception, to go with regions found by structure (#28), then: left == {}.
-    assert set(left) == {"jlocalmap.region.record._REGISTRY"}, left
+    assert left == {}, left
