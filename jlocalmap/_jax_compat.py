@@ -176,8 +176,15 @@ def register_identity_rules(prim: Any, jvp: Callable, transpose: Callable,
     _shard_map.eager_rules[prim] = lambda mesh, *xs, **_: list(xs)
     ad.primitive_jvps[prim] = jvp
     ad.primitive_transposes[prim] = transpose
-    pe.dce_rules[prim] = dce
+    # jax 0.12 passes DCE rules (used_outputs, live_inputs, eqn); 0.10-0.11 (used_outputs, eqn)
+    pe.dce_rules[prim] = lambda used_outputs, *rest: dce(used_outputs, rest[-1])
     pe.partial_eval_jaxpr_custom_rules[prim] = partial_eval
+
+
+def is_high(x: Any) -> bool:
+    """Whether a traced value has one of JAX's "hijax" types (jax 0.12's
+    unreduced arrays), which a plain primitive cannot take; False before."""
+    return bool(getattr(jax.typeof(x), "is_high", False))
 
 
 def is_zero_tangent(t: Any) -> bool:
