@@ -234,7 +234,7 @@ def main(argv=None) -> float:
         parser.error(f"--hidden must be a multiple of tp={tp} and --batch of dp={dp}")
     mesh = jax.make_mesh((dp, tp), ("dp", "tp"), devices=devices)
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
-          f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}")
+          f"mesh: {dict(mesh.shape)}")
     rng = np.random.default_rng(0)
     x = rng.standard_normal((args.batch, args.dim)).astype(np.float32)
     y = np.sin(x @ rng.standard_normal((args.dim, args.out))).astype(np.float32)

@@ -173,7 +173,7 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> jax.sharding.Mesh:
 
 
 def axis_size(mesh, name: str) -> int:
-    return dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[name]
+    return mesh.shape[name]
 
 
 # -- weights ----------------------------------------------------------------------
@@ -524,7 +524,7 @@ def model_flops(cfg: LlamaConfig, batch: int, seq: int) -> float:
 
 def check_divisible(cfg: LlamaConfig, mesh, batch: int, seq: int, microbatches: int = 1) -> None:
     """Refuse sizes the mesh does not divide, naming the size and the axes."""
-    size = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    size = dict(mesh.shape)
     checks = (("batch", batch, "dp*fsdp*microbatches", size["dp"] * size["fsdp"] * microbatches),
               ("seq", seq, "cp*tp", size["cp"] * size["tp"]),
               ("n_kv_heads", cfg.n_kv_heads, "tp", size["tp"]),
@@ -643,7 +643,7 @@ def main(argv=None) -> float:
                 compute_dtype="float32", lr=1e-2)
     mesh = make_mesh(args.mesh)
     print(f"devices: {len(jax.devices())} x {jax.devices()[0].device_kind}; mesh "
-          f"{dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}; remat {args.remat}, "
+          f"{dict(mesh.shape)}; remat {args.remat}, "
           f"attention {args.attention}; float32, AdamW lr 1e-2")
     with jax.default_matmul_precision("highest"):
         history = run_and_compare(PRESETS["tiny"], mesh, batch=args.batch, seq=args.seq,

@@ -251,7 +251,7 @@ def main():
     mesh = make_mesh(parser, args)
     cfg = MoEConfig(args.experts, 2, args.capacity_factor)
     group = args.tokens // mesh.size
-    print(f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}; {args.experts} experts, "
+    print(f"mesh: {dict(mesh.shape)}; {args.experts} experts, "
           f"top-{cfg.top_k}, capacity {cfg.capacity(group)} slots per expert per "
           f"{group}-token group")
 

@@ -269,7 +269,7 @@ def worker(args) -> int:
     mesh = global_mesh()
     check.say(f"process {jax.process_index()} of {jax.process_count()}: "
               f"{jax.local_device_count()} local / {jax.device_count()} global devices, "
-              f"mesh {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}")
+              f"mesh {dict(mesh.shape)}")
     rng = np.random.default_rng(0)          # the same seed: the same global host data
     X = rng.standard_normal((8, 16)).astype(np.float32)
     W = rng.standard_normal((16, 4)).astype(np.float32)

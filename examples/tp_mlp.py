@@ -85,7 +85,7 @@ def main():
         parser.error(f"--hidden must be a multiple of tp={tp} and --batch of dp={dp}")
     mesh = jax.make_mesh((dp, tp), ("dp", "tp"), devices=devices)
     print(f"devices: {n} x {devices[0].device_kind} ({devices[0].platform})")
-    print(f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))}")
+    print(f"mesh: {dict(mesh.shape)}")
 
     rng = np.random.default_rng(0)
     host = {"w1": rng.standard_normal((D_IN, args.hidden)) / np.sqrt(D_IN),

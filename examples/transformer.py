@@ -445,7 +445,7 @@ def main(argv=None) -> float:
     check_sizes(parser, cfg, *shape, overlap=args.overlap)
     mesh = jax.make_mesh(shape, ("dp", "cp", "tp"), devices=devices[:int(np.prod(shape))])
     print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform}); "
-          f"mesh: {dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))} ({mesh.axis_types[0].name} "
+          f"mesh: {dict(mesh.shape)} ({mesh.axis_types[0].name} "
           f"axes); attention: {args.attention}"
           + ("; tp projections: all_gather_matmul / matmul_reduce_scatter rings (--overlap)"
              if args.overlap else ""))

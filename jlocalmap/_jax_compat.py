@@ -1,6 +1,10 @@
-"""The JAX internals jlocalmap reads, in one place: jaxpr equation parameters,
-name stacks, aval typing and the text of one JAX error. Each says which JAX
-versions it covers; tests run on jax 0.10.2 and the newest (0.12).
+"""The JAX internals jlocalmap reads, in one place: the parameters of
+higher-order and collective equations (shard_map, jit, scan, while, custom
+rules, hijax forms), name stacks, aval typing and the text of one JAX error.
+Each says which JAX versions it covers; tests run on jax 0.10.2 and the newest
+(0.12). The parameters of plain ``jax.lax`` primitives (a dot's dimension
+numbers, a reduction's axes, a slice's bounds), which are the arguments of the
+documented ``jax.lax`` functions, are read where they are used.
 
 Example:
     >>> import jax, jax.numpy as jnp
@@ -101,6 +105,19 @@ def aligned_sub_jaxprs(eqn) -> list[tuple[Any, Optional[list]]]:
     return found
 
 
+def loop_carry(eqn, sub) -> Optional[tuple[int, int]]:
+    """(position of the first carry among ``sub``'s inputs, number of carries)
+    where ``sub`` is the body of a loop equation (``while``: its
+    ``body_nconsts``; ``scan``: :func:`scan_counts`), else None."""
+    name = primitive_name(eqn)
+    if name == "while":
+        start = eqn.params["body_nconsts"]
+        return (start, len(sub.outvars)) if len(sub.invars) == start + len(sub.outvars) else None
+    if name == "scan":
+        return scan_counts(eqn)
+    return None
+
+
 def collective_axes(eqn) -> tuple:
     """The mesh axes a collective equation works over (``axes`` of psum, pmax,
     pmin, pcast; ``axis_name`` of ppermute, all_gather, all_to_all,
@@ -115,6 +132,19 @@ def shard_map_parts(eqn) -> tuple[Any, Any, tuple]:
     body = eqn.params["jaxpr"]
     body = body.jaxpr if isinstance(body, jcore.ClosedJaxpr) else body
     return eqn.params["mesh"], body, tuple(eqn.params["in_specs"])
+
+
+def shard_map_out_specs(eqn) -> Optional[tuple]:
+    """The ``out_specs`` of a ``shard_map`` equation, or None for other equations."""
+    return tuple(eqn.params["out_specs"]) if eqn.primitive.name == "shard_map" else None
+
+
+def jit_parts(eqn) -> Optional[tuple[Any, tuple]]:
+    """(open body jaxpr, donated flags of its inputs) of a ``jax.jit`` equation
+    (named ``pjit`` up to jax 0.10, ``jit`` from 0.11), or None for others."""
+    if eqn.primitive.name not in ("pjit", "jit"):
+        return None
+    return sub_jaxprs(eqn)[0], tuple(eqn.params.get("donated_invars", ()))
 
 
 def name_stack(eqn) -> str:
@@ -146,8 +176,15 @@ def register_identity_rules(prim: Any, jvp: Callable, transpose: Callable,
     _shard_map.eager_rules[prim] = lambda mesh, *xs, **_: list(xs)
     ad.primitive_jvps[prim] = jvp
     ad.primitive_transposes[prim] = transpose
-    pe.dce_rules[prim] = dce
+    # jax 0.12 passes DCE rules (used_outputs, live_inputs, eqn); 0.10-0.11 (used_outputs, eqn)
+    pe.dce_rules[prim] = lambda used_outputs, *rest: dce(used_outputs, rest[-1])
     pe.partial_eval_jaxpr_custom_rules[prim] = partial_eval
+
+
+def is_high(x: Any) -> bool:
+    """Whether a traced value has one of JAX's "hijax" types (jax 0.12's
+    unreduced arrays), which a plain primitive cannot take; False before."""
+    return bool(getattr(jax.typeof(x), "is_high", False))
 
 
 def is_zero_tangent(t: Any) -> bool:

@@ -150,3 +150,17 @@ def test_a_row_whose_own_check_fails_shows_no_figure_and_fails_its_target():
                       "mlp/jlocalmap: its own check passes"}
     # no comparison is made with an invalid row
     assert not any("faster than" in t["target"] for t in result["targets"])
+
+
+def test_first_call_reports_one_compile_and_bounded_caches(capsys):
+    """benchmarks/first_call.py (the core refactor's before/after figures): one XLA
+    compile for an even and an uneven first call, the wrapper's cache at its bound."""
+    from benchmarks import first_call
+
+    assert first_call.main(["--signatures", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "first call eager        : XLA compiles even 1, uneven 1" in out, out
+    assert "first call under jax.jit: XLA compiles even 1, uneven 1" in out, out
+    assert out.count("grew: f._cache holds 64") == 2, out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("max |sharded - unsharded| = ") and float(last.split("=")[1]) < 1e-5

@@ -2,6 +2,7 @@
 safe under threads, emptied by jlm.clear_caches()."""
 
 import gc
+import sys
 import threading
 
 import jax
@@ -79,3 +80,64 @@ def test_clear_caches_leaves_no_entry(mesh4, rng):
     assert cache_sizes() == 0
     np.testing.assert_array_equal(np.asarray(jlm.full_tensor(f(x))),
                                   np.asarray(jlm.full_tensor(y)))   # and calls work after
+
+
+def test_ten_thousand_eager_signatures_keep_the_caches_bounded(mesh4, rng):
+    """A Python number laid out by its entry is part of an eager call's signature
+    (not of its program): before #28 each value added a cache entry no insertion
+    evicted (10,000 calls: 10,000 entries)."""
+    f = jlm.local_map(lambda x, k: x * k, [jlm.Shard(0)], ([jlm.Shard(0)], [jlm.Replicate()]),
+                      device_mesh=mesh4)
+    X = rng.standard_normal(8).astype(np.float32)
+    x = jlm.distribute_tensor(X, mesh4, [jlm.Shard(0)])
+    for i in range(1000):
+        f(x, float(i))
+    gc.collect()   # earlier tests' wrappers die here, not between the counts
+    held, before = cache_sizes(), len(gc.get_objects())
+    for i in range(1000, 10000):
+        y = f(x, float(i))
+    gc.collect()
+    grown = len(gc.get_objects()) - before
+    assert cache_sizes() <= held <= 400, (held, cache_sizes())
+    assert grown < 5000, f"{grown} more Python objects after 9,000 more signatures"
+    np.testing.assert_allclose(np.asarray(jlm.full_tensor(y)), X * 9999.0, rtol=1e-6)
+
+
+def _filled_containers(*owners) -> dict:
+    """name -> entries of each non-empty dict, set, list or LRU among jlocalmap's
+    module globals and the attributes of ``owners`` (and of their regions)."""
+    found = {}
+    places = [(name, vars(m)) for name, m in list(sys.modules.items())
+              if name.startswith("jlocalmap") and m is not None]
+    places += [(f"owner{i}", vars(o)) for i, o in enumerate(owners)]
+    places += [(f"owner{i}._region", vars(o._region)) for i, o in enumerate(owners)]
+    for where, attrs in places:
+        for attr, value in list(attrs.items()):
+            held = getattr(value, "cache", value)   # a @cached function's LRU
+            if isinstance(held, (dict, set, list, LRU)) and len(held):
+                found[f"{where}.{attr}"] = len(held)
+    return found
+
+
+def test_clear_caches_leaves_no_entry_in_any_container(mesh4, rng):
+    """Not only the LRUs: every container jlocalmap fills on eager, jitted,
+    differentiated, uneven, padding-checked and inspected calls is empty after."""
+    before = _filled_containers()
+    f = jlm.local_map(lambda x: jnp.sin(x) * 2, [jlm.Shard(0)], ([jlm.Shard(0)],),
+                      device_mesh=mesh4, check_padding=True)
+
+    def loss(v):
+        return jlm.full_tensor(f(v)).sum()
+    for rows in (8, 7):
+        X = rng.standard_normal(rows).astype(np.float32)
+        x = jlm.distribute_tensor(X, mesh4, [jlm.Shard(0)])
+        np.testing.assert_allclose(np.asarray(jlm.full_tensor(f(x))), np.sin(X) * 2, rtol=1e-6)
+        with jax.set_mesh(mesh4):
+            jax.jit(f)(x)
+            np.testing.assert_allclose(np.asarray(jlm.full_tensor(jax.grad(loss)(x))),
+                                       np.cos(X) * 2, rtol=1e-6)
+            jlm.inspect.regions(jax.grad(loss), x)
+    assert len(_filled_containers(f)) > len(before)
+    jlm.clear_caches()
+    left = {k: n for k, n in _filled_containers(f).items() if n > before.get(k, 0)}
+    assert left == {}, left

@@ -20,13 +20,13 @@ def local_of(X, mesh, placements, coords):
     """Device ``coords``' local value of global ``X`` (mesh-order nested splits)."""
     for axis, p in zip(mesh.axis_names, placements, strict=True):
         if p.is_shard():
-            X = jnp.split(X, dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))[axis], p.dim)[coords[axis]]
+            X = jnp.split(X, dict(mesh.shape)[axis], p.dim)[coords[axis]]
     return X
 
 
 def groups(mesh, axes):
     """For each device in mesh order: its group's devices' coords in rank order, and its rank."""
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    sizes = dict(mesh.shape)
     out = []
     for idx in np.ndindex(*mesh.axis_sizes):
         coords = dict(zip(mesh.axis_names, idx, strict=True))

@@ -277,24 +277,27 @@ def test_partial_gradients_reduced_once_per_step(mesh4, rng, k):
     assert_close(once, every, rtol=1e-5)
 
 
-@pytest.mark.parametrize("loop", [
-    lambda x, w: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=2)[0],
-    lambda x, w: jax.lax.fori_loop(0, 2, lambda i, c: (c[0] @ c[1], c[1] * 1.0), (x, w))[0],
-    lambda x, w: jax.lax.scan(lambda c, xs: (c + xs @ w, c.sum()), x, jnp.stack([x, x]))[0],
+@pytest.mark.parametrize("loop, carries", [
+    (lambda x, w: jax.lax.scan(lambda c, _: (jnp.tanh(c @ w), None), x, None, length=2)[0], 1),
+    (lambda x, w: jax.lax.fori_loop(0, 2, lambda i, c: (c[0] @ c[1], c[1] * 1.0), (x, w))[0], 3),
+    (lambda x, w: jax.lax.scan(lambda c, xs: (c + xs @ w, c.sum()), x, jnp.stack([x, x]))[0], 1),
+    (lambda x, w: jax.lax.while_loop(lambda c: c[1] < 2, lambda c: (c[0] @ w, c[1] + 1),
+                                     (x, 0))[0], 2),
 ])
-def test_scan_layout_from_types_matches_the_declared_one(loop):
-    """jax versions describe a scan's (consts, carry) split differently; the types
-    alone must give it back."""
-    from jlocalmap.region.gradients import _scan_layouts
+def test_loop_carry_gives_the_carries_on_every_jax_version(loop, carries):
+    """jax versions describe a scan's (consts, carry) split differently
+    (parameters up to 0.11, flat input trees after): _jax_compat reads both."""
+    from jlocalmap._jax_compat import loop_carry
 
     jaxpr = jax.make_jaxpr(loop)(jnp.ones((4, 4)), jnp.ones((4, 4)))
-    scans = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "scan"]
-    for eqn in scans:
-        sub = eqn.params["jaxpr"].jaxpr
-        layouts = _scan_layouts(eqn, sub)
-        if "num_consts" in eqn.params:
-            assert (eqn.params["num_consts"], eqn.params["num_carry"]) in layouts
-        assert layouts
+    [eqn] = [e for e in jaxpr.jaxpr.eqns if e.primitive.name in ("scan", "while")]
+    sub = eqn.params["jaxpr" if eqn.primitive.name == "scan" else "body_jaxpr"].jaxpr
+    start, count = loop_carry(eqn, sub)
+    assert count == carries
+    for k in range(count):  # each carry keeps its type through the body
+        assert sub.invars[start + k].aval == sub.outvars[k].aval
+    if "num_consts" in eqn.params:
+        assert (start, count) == (eqn.params["num_consts"], eqn.params["num_carry"])
 
 
 # -- no-gradient paths: integers, stop_gradient, unused inputs; custom_vjp bodies ------

@@ -125,6 +125,28 @@ def test_gradients_through_the_chosen_alternative_match_unsharded():
     np.testing.assert_allclose(np.asarray(region(xs, ws)), x @ w, rtol=1e-4, atol=1e-4)
 
 
+def test_inputs_and_outputs_move_as_local_map_moves_them():
+    """Alternatives' inputs are moved by their own call and out_placements is read
+    as local_map reads it: here a prefix of a dict output (the region's own
+    mover took one list per leaf only)."""
+    def body(x, w):
+        y = x @ w
+        return {"y": y, "norm": jax.lax.psum(jnp.sum(y * y), "tp")}
+    rows = jlm.local_map(body, {"y": [Shard(0)], "norm": [Replicate()]},
+                         ([Shard(0)], [Replicate()]), device_mesh=MESH)
+    cols = jlm.local_map(lambda x, w: {"y": x @ w, "norm": jax.lax.psum(
+        jnp.sum((x @ w) ** 2), "tp")}, {"y": [Shard(1)], "norm": [Replicate()]},
+        ([Replicate()], [Shard(1)]), device_mesh=MESH)
+    region = jlm.strategies.strategy_region(
+        {"rows": rows, "cols": cols}, out_placements={"y": [Replicate()], "norm": [Replicate()]})
+    (x, w), (xs, ws) = operands(64)
+    for chosen in ("rows", "cols"):
+        out = region.alternative(chosen)(xs, ws)
+        assert jlm.placements_of(out["y"]) == (Replicate(),), chosen
+        np.testing.assert_allclose(np.asarray(out["y"]), x @ w, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(float(out["norm"]), np.sum((x @ w) ** 2), rtol=1e-4)
+
+
 def test_measure_writes_the_cache_and_a_new_region_reads_it(tmp_path, monkeypatch):
     monkeypatch.setenv("JLOCALMAP_CACHE_DIR", str(tmp_path))
     args = operands(64)[1]

@@ -24,7 +24,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from jlocalmap._jax_compat import UNREDUCED_ALL_REDUCE_PER_AXIS
+from jlocalmap._jax_compat import UNREDUCED_ALL_REDUCE_PER_AXIS, collective_axes
 from jlocalmap.estimate.shapes import (
     local_bytes,
     local_shape,
@@ -57,11 +57,6 @@ class CommOp:
     bytes: int
 
 
-def _axes_param(params: Mapping[str, Any]) -> tuple:
-    names = params.get("axes", params.get("axis_name", ()))
-    return tuple(names) if isinstance(names, (tuple, list)) else (names,)
-
-
 def is_collective(eqn: Any) -> bool:
     """Whether ``eqn`` is a collective primitive (of a body)."""
     return eqn.primitive.name in _KINDS
@@ -75,7 +70,7 @@ def collective_ops(eqn: Any, sizes: Mapping[str, int]) -> list[CommOp]:
         return []
     # Axes of one device take no part (the compiled groups do not span them);
     # a collective over none of more stays in XLA's program, moving nothing.
-    axes = tuple(a for a in _axes_param(eqn.params) if isinstance(a, str) and sizes.get(a, 1) > 1)
+    axes = tuple(a for a in collective_axes(eqn) if sizes.get(a, 1) > 1)
     group = math.prod(sizes[a] for a in axes)
     if kind == "collective-permute":
         group = min(group, 2)

@@ -35,9 +35,17 @@ from typing import Any
 
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import (
+    jit_parts,
+    name_stack,
+    shard_map_out_specs,
+    shard_map_parts,
+    sub_jaxprs,
+    transposed,
+)
 from jlocalmap.estimate.shapes import entries, local_bytes
 from jlocalmap.estimate.walk import live_eqns, materialized, region_of
+from jlocalmap.layouts.meshes import axis_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,11 +70,11 @@ def var_bytes(eqn: Any, index: int) -> int:
     """Per-device bytes of output ``index`` of ``eqn`` (a ``shard_map``'s from
     its ``out_specs``, which Auto axes leave out of the type)."""
     aval = eqn.outvars[index].aval
-    specs = eqn.params.get("out_specs") if eqn.primitive.name == "shard_map" else None
+    specs = shard_map_out_specs(eqn)
     if specs is None or not hasattr(aval, "shape"):
         return local_bytes(aval)
-    return local_bytes(aval, entries(specs[index], len(aval.shape)),
-                       dict(eqn.params["mesh"].shape))
+    mesh, _, _ = shard_map_parts(eqn)
+    return local_bytes(aval, entries(specs[index], len(aval.shape)), axis_sizes(mesh))
 
 
 def inner_peak(eqn: Any) -> int:
@@ -151,7 +159,7 @@ def peak_of(jaxpr: Any, in_place: frozenset = frozenset(), outputs_apart: bool =
 
 
 def _is_backward(eqn: Any) -> bool:
-    return "transpose(" in str(eqn.source_info.name_stack)
+    return transposed(name_stack(eqn))
 
 
 def _from_region(eqn: Any, index: int) -> bool:
@@ -200,10 +208,8 @@ def saved(jaxpr: Any) -> tuple[int, int]:
 def step_body(jaxpr: Any) -> tuple[Any, tuple]:
     """The program's body and the donated flags of its inputs: a jitted step
     traces as one ``jit`` equation, whose body is the step."""
-    if len(jaxpr.eqns) == 1 and jaxpr.eqns[0].primitive.name in ("pjit", "jit"):
-        eqn = jaxpr.eqns[0]
-        return sub_jaxprs(eqn)[0], tuple(eqn.params.get("donated_invars", ()))
-    return jaxpr, ()
+    parts = jit_parts(jaxpr.eqns[0]) if len(jaxpr.eqns) == 1 else None
+    return (jaxpr, ()) if parts is None else parts
 
 
 def memory_of(jaxpr: Any, argument_bytes: Sequence[int] = ()) -> Memory:

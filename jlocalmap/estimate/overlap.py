@@ -41,7 +41,7 @@ from typing import Any
 
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import scan_counts, sub_jaxprs
+from jlocalmap._jax_compat import aligned_sub_jaxprs, scan_counts, sub_jaxprs
 
 MATMULS = frozenset(("dot_general", "conv_general_dilated", "ragged_dot_general",
                      "ragged_dot"))
@@ -62,9 +62,9 @@ def body_inputs(eqn: Any) -> list[tuple[Any, list[int], list[int]]]:
     operand it receives (-1 for none), and per body output the equation's
     output index it becomes (-1: a scan's carry, read by the next iteration)."""
     found = []
-    for body in sub_jaxprs(eqn):
+    for body, positions in aligned_sub_jaxprs(eqn):
         n_in, n_out = len(body.invars), len(body.outvars)
-        ins = list(range(len(eqn.invars) - n_in, len(eqn.invars)))
+        ins = [-1] * n_in if positions is None else positions
         outs = list(range(n_out)) if n_out == len(eqn.outvars) else [-1] * n_out
         if eqn.primitive.name == "scan":
             carry = scan_counts(eqn)[1]

@@ -32,6 +32,7 @@ from jlocalmap.estimate.memory import memory_of
 from jlocalmap.estimate.report import Estimate, StrategyRow, comm_rows
 from jlocalmap.estimate.timing import times
 from jlocalmap.estimate.walk import Tally, auto_axes, walk
+from jlocalmap.layouts.meshes import axis_sizes
 from jlocalmap.strategies.choice import Choice
 from jlocalmap.strategies.cost_model import CostEstimate as Cost
 from jlocalmap.strategies.target import Target, pricing_for
@@ -156,13 +157,13 @@ def estimate(fn: Callable, *args: Any, hardware: Hardware, model_flops: Optional
             f"jlm.Hardware.preset('h100-sxm'), 'h200' or 'cpu'.")
     start = time.perf_counter()
     mesh = mesh_of_args(jax.tree_util.tree_leaves((args, kwargs)))
-    axis_sizes = dict(mesh.shape) if mesh is not None else {}
-    target = Target(f"{hardware.name} on ({', '.join(f'{a}={n}' for a, n in axis_sizes.items())})",
-                    (repr(hardware), tuple(axis_sizes.items())),
-                    lambda f, abstract: price(f, abstract, hardware, axis_sizes))
+    sizes = axis_sizes(mesh) if mesh is not None else {}
+    target = Target(f"{hardware.name} on ({', '.join(f'{a}={n}' for a, n in sizes.items())})",
+                    (repr(hardware), tuple(sizes.items())),
+                    lambda f, abstract: price(f, abstract, hardware, sizes))
     jaxpr, arg_bytes = _trace(fn, args, kwargs, target, mesh)
     tally = walk(jaxpr)
-    return _report(tally, jaxpr, arg_bytes, hardware, axis_sizes, target,
+    return _report(tally, jaxpr, arg_bytes, hardware, sizes, target,
                    model_flops, tokens_per_step, start)
 
 

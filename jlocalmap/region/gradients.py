@@ -29,12 +29,13 @@ import jax.numpy as jnp
 
 from jlocalmap._jax_compat import (
     aligned_sub_jaxprs,
+    loop_carry,
     primitive_name,
     scalar_like,
     varying_of,
 )
 from jlocalmap.errors import PlacementValueError
-from jlocalmap.layouts.meshes import AnyMesh
+from jlocalmap.layouts.meshes import AnyMesh, axis_sizes
 from jlocalmap.layouts.placements import Placement
 
 
@@ -79,10 +80,6 @@ def _is_var(v) -> bool:
     return type(v).__name__ != "Literal"
 
 
-def _vma(var) -> frozenset:
-    return varying_of(getattr(var, "aval", None))
-
-
 _NO_GRADIENT = {"stop_gradient"}  # outputs that carry no cotangent back
 _CUSTOM_RULES = ("custom_vjp_call", "custom_jvp_call", "custom_vjp_call_jaxpr",
                  "custom_jvp_call_jaxpr", "custom_lin")
@@ -120,7 +117,7 @@ def _taint_hits(jaxpr, tainted: set, axis: str, flow: _Flow) -> set:
         subs = [] if name in _CUSTOM_RULES else aligned_sub_jaxprs(eqn)
         new = _sub_taint(eqn, subs, tainted, axis, flow) if subs else set(eqn.outvars)
         for out in eqn.outvars:
-            if axis in _vma(out):
+            if axis in varying_of(out.aval):
                 flow.hit |= not subs and name not in _CUSTOM_RULES
             elif out in new and _differentiable(out):
                 tainted.add(out)
@@ -151,45 +148,11 @@ def _map_in(eqn, sub, positions, tainted: set) -> set:
 
 def _carry_feedback(eqn, sub, sub_out: set) -> set:
     """Taint that a loop body's carry outputs feed back into its carry inputs."""
-    name = primitive_name(eqn)
-    if name == "while":
-        start = eqn.params["body_nconsts"]
-        layouts = [(start, len(sub.outvars))] if len(sub.invars) == start + len(sub.outvars) else []
-    elif name == "scan" and "num_consts" in eqn.params:
-        layouts = [(eqn.params["num_consts"], eqn.params["num_carry"])]
-    elif name == "scan":  # read (consts, carry) from the types: jax versions differ
-        layouts = _scan_layouts(eqn, sub)
-    else:
+    carry = loop_carry(eqn, sub)
+    if carry is None:
         return set()
-    return {sub.invars[start + k] for start, count in layouts for k in range(count)
-            if sub.outvars[k] in sub_out}
-
-
-def _scan_layouts(eqn, sub) -> list[tuple[int, int]]:
-    """Every (number of consts, number of carries) that fits a scan's types:
-    carries keep their type through the body and the loop, xs and ys gain the
-    leading length dim."""
-    def shape(v):
-        return tuple(getattr(v.aval, "shape", ()))
-
-    def kind(v):
-        return shape(v), getattr(v.aval, "dtype", None)
-
-    length = eqn.params.get("length")
-    fits = []
-    for consts in range(len(sub.invars) + 1):
-        for carry in range(min(len(sub.outvars), len(sub.invars) - consts) + 1):
-            same = all(kind(sub.invars[consts + k]) == kind(sub.outvars[k]) for k in range(carry))
-            xs = sub.invars[consts + carry:]
-            outer_xs = eqn.invars[consts + carry:]
-            stacked = len(xs) == len(outer_xs) and all(
-                shape(o) == (length,) + shape(x) for o, x in zip(outer_xs, xs, strict=True))
-            ys = sub.outvars[carry:]
-            stacked_ys = all(shape(o) == (length,) + shape(y)
-                             for o, y in zip(eqn.outvars[carry:], ys, strict=True))
-            if same and stacked and stacked_ys:
-                fits.append((consts, carry))
-    return fits
+    start, count = carry
+    return {sub.invars[start + k] for k in range(count) if sub.outvars[k] in sub_out}
 
 
 def cotangent_flows(body_jaxpr, index: int, axes: Sequence[str]) -> dict:
@@ -238,7 +201,7 @@ def verify_grad_placements(body_jaxpr, index: int, input_placements: Sequence[Pl
         return  # no cotangent: any declaration is vacuous
     replicated = [a for a, p in zip(mesh.axis_names, input_placements, strict=True) if p.is_replicate()]
     flows = cotangent_flows(body_jaxpr, index, replicated)
-    sizes = dict(zip(mesh.axis_names, mesh.axis_sizes, strict=True))
+    sizes = axis_sizes(mesh)
     for axis, g in zip(mesh.axis_names, grad_placements, strict=True):
         flow = flows.get(axis)
         if flow is None:

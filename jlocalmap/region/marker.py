@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from jax.extend import core as jcore
 
 from jlocalmap._jax_compat import (
+    is_high,
     is_zero_tangent,
     register_identity_rules,
     saved_by_policy,
@@ -77,9 +78,15 @@ region_p = jcore.Primitive("local_map_region")
 
 def mark(values: Sequence[Any], settings: RegionSettings) -> list:
     """``values`` (a region body's outputs, one per ``settings.outputs``), marked
-    as the region's: call inside the body, last."""
-    return region_p.bind(*values, tag=RegionTag(settings), role="forward",
-                         positions=tuple(range(len(values))))
+    as the region's: call inside the body, last. Values of JAX's hijax types
+    (jax 0.12's unreduced Partial outputs) pass unmarked."""
+    positions = tuple(k for k, v in enumerate(values) if not is_high(v))
+    out = list(values)
+    marked = region_p.bind(*[values[k] for k in positions], tag=RegionTag(settings),
+                           role="forward", positions=positions)
+    for k, v in zip(positions, marked, strict=True):
+        out[k] = v
+    return out
 
 
 def _bind_live(values: Sequence[Any], role: str, tag: RegionTag,

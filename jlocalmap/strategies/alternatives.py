@@ -1,7 +1,8 @@
-"""One alternative of a strategy region: a named ``local_map`` function, its
-inputs moved to its ``in_placements`` before the call (and, where the region
-states ``out_placements``, its outputs moved to them after), and the program
-that prices it: the call with the gradients of every floating-point input.
+"""One alternative of a strategy region: a named ``local_map`` function whose
+call moves its inputs to its ``in_placements`` (``redistribute_inputs=True``;
+and, where the region states ``out_placements``, its outputs moved to them
+after, entries read as ``local_map`` reads its own), and the program that
+prices it: the call with the gradients of every floating-point input.
 
 Example:
     >>> import jax, numpy as np, jlocalmap as jlm
@@ -20,17 +21,18 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from jlocalmap.errors import LocalMapTypeError, LocalMapValueError, PlacementValueError
-from jlocalmap.layouts.entries import is_placement_list
+from jlocalmap.layouts.entries import assign_placements, is_placement_list
 from jlocalmap.layouts.value_layout import placements_of
 from jlocalmap.local_map import LocalMapped
-from jlocalmap.movement.distribute import distribute_tensor, redistribute
+from jlocalmap.movement.distribute import redistribute
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Alternative:
     @classmethod
     def of(cls, name: Any, fn: Any, index: int) -> "Alternative":
         what = f"alternatives[{index}] ({name!r})"
-        missing = [a for a in ("in_placements", "out_placements", "device_mesh")
+        missing = [a for a in ("settings", "in_placements", "out_placements", "device_mesh")
                    if not hasattr(fn, a)]
         if missing or not callable(fn):
             raise LocalMapTypeError(
@@ -74,40 +76,38 @@ class Alternative:
                 f"arguments; every alternative takes the region's arguments, one "
                 f"in_placements entry each.")
 
+    @functools.cached_property
+    def moving(self) -> LocalMapped:
+        """``fn`` with ``redistribute_inputs=True``: the call moves each argument
+        to its ``in_placements`` (arrays on no mesh are laid out there), as any
+        ``local_map`` call does."""
+        return LocalMapped(dataclasses.replace(self.fn.settings, redistribute_inputs=True))
+
     def placed(self, out_placements: Any) -> Callable:
-        """The alternative on global values: each argument moved to its
-        ``in_placements`` (arrays on no mesh are placed there), the call, and its
-        array outputs moved to ``out_placements`` when given."""
+        """The alternative on global values: :attr:`moving` called, and its array
+        outputs moved to ``out_placements`` when given (entries assigned to the
+        output leaves as ``local_map`` assigns its own)."""
         def call(*args):
-            moved = [_move(x, entry, self.mesh) for x, entry in zip(args, self.fn.in_placements, strict=True)]
-            out = self.fn(*moved)
+            out = self.moving(*args)
             return out if out_placements is None else _move_outputs(out, out_placements,
                                                                     self.mesh)
         call.__name__ = self.name.replace("-", "_").replace(" ", "_")
         return call
 
 
-def _move(x: Any, placements: Optional[Sequence], mesh) -> Any:
-    if placements is None or not hasattr(x, "shape"):  # a static argument
-        return x
-    try:
-        current = tuple(placements_of(x, mesh))
-    except PlacementValueError:  # on no mesh: a global value, placed
-        return distribute_tensor(x, mesh, placements)
-    return x if current == tuple(placements) else redistribute(x, mesh, placements)
-
-
 def _move_outputs(out: Any, out_placements: Any, mesh) -> Any:
     leaves, tree = jax.tree_util.tree_flatten(out)
-    entries = ([out_placements] * len(leaves) if is_placement_list(out_placements)
-               else list(out_placements))
-    if len(entries) != len(leaves):
-        raise PlacementValueError(
-            f"out_placements: expected one placement list per output leaf "
-            f"({len(leaves)}), found {len(entries)}; pass one list for all outputs, "
-            f"or one per output.")
+    entries = assign_placements(out_placements, out, len(leaves), mesh, "out_placements",
+                                "outputs")
     return jax.tree_util.tree_unflatten(
-        tree, [_move(x, p, mesh) for x, p in zip(leaves, entries, strict=True)])
+        tree, [_move(x, entry, mesh) for x, entry in zip(leaves, entries, strict=True)])
+
+
+def _move(x: Any, placements: Any, mesh) -> Any:
+    """A distributed output ``x`` redistributed to ``placements`` (None: as it is)."""
+    if placements is None or tuple(placements_of(x, mesh)) == tuple(placements):
+        return x
+    return redistribute(x, mesh, placements)
 
 
 def on_mesh(mesh: jax.sharding.Mesh) -> contextlib.AbstractContextManager:
