@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import sub_jaxprs
+from jlocalmap._jax_compat import name_stack, sub_jaxprs
 from jlocalmap.estimate.comm import (
     REDUCTIONS,
     CommOp,
@@ -178,7 +178,7 @@ def region_of(eqn: Any) -> Optional[str]:
     marker = marker_of(eqn)
     if marker is not None:
         return marker.settings.func_name
-    name = name_in(str(eqn.source_info.name_stack))
+    name = name_in(name_stack(eqn))
     return name[len(PREFIX):name.find("]", len(PREFIX))] if name else None
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.extend import core as jcore
 
-from jlocalmap._jax_compat import primitive_name, sub_jaxprs
+from jlocalmap._jax_compat import aligned_sub_jaxprs, primitive_name
 from jlocalmap.region.marker import region_p
 from jlocalmap.region.record import RegionSettings, aval_text, body_of
 
@@ -76,11 +76,11 @@ def _producer(jaxpr, var) -> tuple:
     if name in ("broadcast_in_dim", "convert_element_type", "reshape") and \
             _producer(jaxpr, eqn.invars[0]) == ("op", "constant"):
         return ("op", "constant")
-    for sub in sub_jaxprs(eqn):
-        if len(sub.outvars) == len(eqn.outvars) and len(sub.invars) <= len(eqn.invars):
+    for sub, positions in aligned_sub_jaxprs(eqn):
+        if len(sub.outvars) == len(eqn.outvars) and positions is not None:
             kind, what = _producer(sub, sub.outvars[eqn.outvars.index(var)])
             if kind == "input":
-                return _producer(jaxpr, eqn.invars[len(eqn.invars) - len(sub.invars) + what])
+                return _producer(jaxpr, eqn.invars[positions[what]])
             return kind, what
     return ("op", name)
 
