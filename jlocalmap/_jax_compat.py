@@ -202,12 +202,6 @@ def saved_by_policy(saveable: Callable, eqn: Any) -> bool:
     return not isinstance(policy, _pe.RecomputeType)
 
 
-def rematerialized(stack: str) -> bool:
-    """Whether a name stack is the part ``jax.checkpoint`` reruns in the
-    backward pass (JAX names it ``rematted_computation``, jax 0.10-0.12)."""
-    return "rematted_computation" in stack
-
-
 def transposed(stack: str) -> bool:
     """Whether a name stack is of a transposed (backward) equation."""
     return "transpose(" in stack
