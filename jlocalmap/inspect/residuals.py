@@ -114,6 +114,7 @@ def residuals(forward, readers: Sequence, settings: RegionSettings,
         for j, ts in enumerate(piece.out_tokens):
             for t in ts:
                 sources[t] = (piece_body, piece_body.outvars[j], piece)
+    exact = _operands_are_the_calls(forward.eqn, settings)
     seen, found = set(), []
     for reader in readers:
         for ts in reader.in_tokens:
@@ -124,18 +125,18 @@ def residuals(forward, readers: Sequence, settings: RegionSettings,
             jaxpr, var, owner = hit
             kind, what = _producer(jaxpr, var)
             if kind == "input":
-                what = (_input_label(what, forward.eqn, settings)
+                what = (_input_label(what, forward.eqn, settings, exact)
                         if owner is forward else "loop-invariant input")
             found.append(Residual(tuple(var.aval.shape), var.aval.dtype, what))
     return tuple(found)
 
 
-def _input_label(k: int, eqn, settings: RegionSettings) -> str:
+def _input_label(k: int, eqn, settings: RegionSettings, exact: bool) -> str:
     """Operand ``k`` of a forward equation as ``input <leaf index>``: directly
-    where the equation's operands are the call's, else (JAX split the region,
-    as a scan's partial evaluation does) by a unique match of its shape and
-    dtype among the call's inputs; ``operand <k>`` otherwise."""
-    if _operands_are_the_calls(eqn, settings):
+    where the equation's operands are the call's (``exact``), else (JAX split
+    the region, as a scan's partial evaluation does) by a unique match of its
+    shape and dtype among the call's inputs; ``operand <k>`` otherwise."""
+    if exact:
         return f"input {settings.inputs[k].index}"
     aval = eqn.invars[k].aval
     matches = [op for op in settings.inputs
